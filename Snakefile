@@ -1,0 +1,21 @@
+# mcibi: download -> verify -> prepare -> train -> evaluate (ss, flip, ms+flip) -> results/<dataset> tables.
+# Wiring only; every rule calls the `mcibi` CLI. Usage: snakemake --cores all results/demo
+from snakemake.utils import min_version
+
+min_version("9.19")
+
+
+configfile: "workflow/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        expand("results/{dataset}", dataset=config["default_datasets"]),
+    default_target: True

@@ -1,0 +1,67 @@
+"""Checkpoints: atomic save, safe (``weights_only``) and strict load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mcibi.files import atomic_path
+from mcibi.params import ExperimentParams, params_from_dict, to_dict
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable or does not match the params it is used with."""
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, params: ExperimentParams, **extra: Any) -> None:
+    """Write model weights and buffers (memory included), the params and ``extra`` (plain data) atomically."""
+    state = {
+        "format_version": FORMAT_VERSION,
+        "params": to_dict(params),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        **extra,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint without executing pickled code (``weights_only=True``)."""
+    file = Path(path)
+    if not file.is_file():
+        raise CheckpointError(f"{file}: no such checkpoint. Train the experiment first (snakemake ... or mcibi train).")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupted or foreign files: say which file
+        raise CheckpointError(f"{file}: cannot be read as an mcibi checkpoint ({exc}). Delete it and retrain.") from exc
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{file}: not an mcibi checkpoint of format {FORMAT_VERSION}.")
+    return state
+
+
+def checkpoint_params(state: dict[str, Any], path: str | Path) -> ExperimentParams:
+    """The params a checkpoint was trained with."""
+    return params_from_dict(state["params"], path)
+
+
+def load_weights(model: nn.Module, state: dict[str, Any], path: str | Path) -> None:
+    """Load weights strictly: a missing or unexpected tensor, or a shape mismatch, is an error naming it."""
+    own = model.state_dict()
+    theirs = state["state_dict"]
+    missing = sorted(set(own) - set(theirs))
+    unexpected = sorted(set(theirs) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}."
+        )
+    for key, value in theirs.items():
+        if own[key].shape != value.shape:
+            raise CheckpointError(
+                f"{path}: tensor '{key}' has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}."
+            )
+    model.load_state_dict(theirs, strict=True)

@@ -1,0 +1,196 @@
+"""The ``mcibi`` console script: every workflow step is one subcommand, also runnable by hand."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("mcibi")
+
+
+def _cmd_download(a: argparse.Namespace) -> None:
+    from mcibi.data.download import download
+    from mcibi.files import write_json
+
+    paths = download(a.dataset, a.dest or Path("downloads") / a.dataset)
+    for path in paths:
+        log.info("have %s (%d bytes)", path, path.stat().st_size)
+    if a.record:
+        write_json(a.record, {"dataset": a.dataset, "archives": {p.name: p.stat().st_size for p in paths}})
+
+
+def _cmd_verify_archives(a: argparse.Namespace) -> None:
+    from mcibi.data.download import verify_archives
+    from mcibi.files import write_json
+
+    record = verify_archives(a.dataset, a.dest or Path("downloads") / a.dataset)
+    if a.report:
+        write_json(a.report, record)
+
+
+def _cmd_prepare(a: argparse.Namespace) -> None:
+    from mcibi.data.prepare import prepare
+
+    out = prepare(a.dataset, a.archives or Path("downloads") / a.dataset, a.out or Path("data") / a.dataset)
+    log.info("prepared %s", out)
+
+
+def _cmd_verify_data(a: argparse.Namespace) -> None:
+    from mcibi.data.prepare import verify_prepared
+    from mcibi.files import write_json
+
+    summary = verify_prepared(a.dataset, a.data or Path("data") / a.dataset)
+    if a.report:
+        write_json(a.report, summary)
+
+
+def _cmd_validate(a: argparse.Namespace) -> None:
+    from mcibi.params import load_params
+
+    for file in a.params:
+        p = load_params(file)
+        log.info("ok: %s (%s, %s, memory %s)", file, p.model.framework, p.model.backbone.name, p.model.memory.kind)
+
+
+def _cmd_mlflow_init(a: argparse.Namespace) -> None:
+    from mcibi.files import write_text
+    from mcibi.tracking import default_tracking_uri, ensure_experiment
+
+    uri = default_tracking_uri()
+    exp_id = ensure_experiment(a.dataset, uri)
+    log.info("MLflow experiment for %s: id %s at %s", a.dataset, exp_id, uri)
+    if a.out:
+        write_text(a.out, f"{exp_id}\n")
+
+
+def _cmd_train(a: argparse.Namespace) -> None:
+    from mcibi.params import load_params
+    from mcibi.tracking import default_tracking_uri
+    from mcibi.training import train
+
+    params = load_params(a.params)
+    out = a.out or Path("runs") / params.name
+    uri = None if a.no_mlflow else default_tracking_uri()
+    train(params, a.data_root, out, tracking_uri=uri, device=a.device, threads=a.threads)
+
+
+def _cmd_evaluate(a: argparse.Namespace) -> None:
+    import json
+
+    from mcibi.evaluation import evaluate, write_result
+    from mcibi.params import load_params
+    from mcibi.tracking import default_tracking_uri, log_evaluation
+    from mcibi.training import run_tags
+
+    params = load_params(a.params)
+    run_dir = Path(a.checkpoint).parent
+    out_json = a.out_json or run_dir / "eval" / f"{a.protocol}.json"
+    out_csv = a.out_csv or run_dir / "eval" / f"{a.protocol}_per_class.csv"
+    result = evaluate(params, a.checkpoint, a.protocol, a.data_root, device=a.device, threads=a.threads,
+                      limit=a.limit)
+    run_file = run_dir / "run.json"
+    parent = json.loads(run_file.read_text()).get("mlflow_run_id") if run_file.is_file() else None
+    result["mlflow_run_id"] = parent or ""
+    write_result(result, out_json, out_csv)
+    if parent and not a.no_mlflow:
+        tags = run_tags(params)
+        log_evaluation(default_tracking_uri(), parent, a.protocol, result, out_csv, tags)
+
+
+def _cmd_table(a: argparse.Namespace) -> None:
+    from mcibi.params import experiment_files, load_params
+    from mcibi.report import build_table, write_tables
+
+    exps = [load_params(f) for f in experiment_files(a.params_root, a.dataset)]
+    if a.experiments:
+        wanted = set(a.experiments)
+        exps = [e for e in exps if e.name.split("/")[-1] in wanted]
+    df = build_table(exps, Path(a.runs) / a.dataset)
+    md, csv = write_tables(df, a.out or Path("results") / a.dataset, title=a.dataset)
+    sys.stdout.write(md.read_text())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="mcibi", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("download", help="fetch a dataset's archives (demo: generate them)")
+    s.add_argument("dataset")
+    s.add_argument("--dest", type=Path, help="archive folder (default downloads/<dataset>)")
+    s.add_argument("--record", type=Path, help="write the list of archives and sizes here")
+    s.set_defaults(func=_cmd_download)
+
+    s = sub.add_parser("verify-archives", help="check downloaded archives against recorded checksums")
+    s.add_argument("dataset")
+    s.add_argument("--dest", type=Path)
+    s.add_argument("--report", type=Path, help="write the checksum record here")
+    s.set_defaults(func=_cmd_verify_archives)
+
+    s = sub.add_parser("prepare", help="convert archives to the prepared on-disk format")
+    s.add_argument("dataset")
+    s.add_argument("--archives", type=Path)
+    s.add_argument("--out", type=Path)
+    s.set_defaults(func=_cmd_prepare)
+
+    s = sub.add_parser("verify-data", help="check a prepared dataset (counts, label values, sizes)")
+    s.add_argument("dataset")
+    s.add_argument("--data", type=Path)
+    s.add_argument("--report", type=Path)
+    s.set_defaults(func=_cmd_verify_data)
+
+    s = sub.add_parser("validate", help="strictly validate params files")
+    s.add_argument("params", nargs="+", type=Path)
+    s.set_defaults(func=_cmd_validate)
+
+    s = sub.add_parser("mlflow-init", help="create the dataset's MLflow experiment (once, before parallel jobs)")
+    s.add_argument("dataset")
+    s.add_argument("--out", type=Path, help="write the experiment id here")
+    s.set_defaults(func=_cmd_mlflow_init)
+
+    for name, func, help_ in (("train", _cmd_train, "train one experiment"),
+                              ("evaluate", _cmd_evaluate, "evaluate a checkpoint under one protocol")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("params", type=Path)
+        s.add_argument("--data-root", type=Path, default=Path("data"))
+        s.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+        s.add_argument("--threads", type=int, help="torch intra-op threads")
+        s.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+        s.set_defaults(func=func)
+        if name == "train":
+            s.add_argument("--out", type=Path, help="run folder (default runs/<dataset>/<experiment>)")
+        else:
+            s.add_argument("--checkpoint", type=Path, required=True)
+            s.add_argument("--protocol", required=True, help="ss, flip or msflip")
+            s.add_argument("--out-json", type=Path)
+            s.add_argument("--out-csv", type=Path)
+            s.add_argument("--limit", type=int, help="evaluate only the first N images (smoke tests)")
+
+    s = sub.add_parser("table", help="write results/<dataset>/table.md and table.csv")
+    s.add_argument("dataset")
+    s.add_argument("--params-root", type=Path, default=Path("params"))
+    s.add_argument("--runs", type=Path, default=Path("runs"))
+    s.add_argument("--out", type=Path)
+    s.add_argument("--experiments", nargs="*", help="only these experiment names (file stems)")
+    s.set_defaults(func=_cmd_table)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as exc:
+        log.error("%s", exc.args[0] if exc.args else exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""MLflow adapter: one run per experiment, a child run per evaluation protocol, race-free experiment creation.
+
+The tracking store defaults to an SQLite file at the repository root (``sqlite:///<root>/mlflow.db``) and is
+overridden by ``MLFLOW_TRACKING_URI``. Everything goes through :class:`mlflow.MlflowClient` with explicit
+ids (no fluent ``set_experiment``, which silently files runs under "Default" when jobs race; tooling.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
+log = logging.getLogger(__name__)
+
+MAX_PARAM_LEN = 500
+
+
+def default_tracking_uri(root: str | Path = ".") -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else an absolute SQLite URI for ``<root>/mlflow.db``."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+
+
+def experiment_name(dataset: str) -> str:
+    """One MLflow experiment per dataset."""
+    return f"mcibi-{dataset}"
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _retry(fn, attempts: int = 5):
+    """Retry a store call a few times: concurrent SQLite writers may briefly see 'database is locked'."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - re-raised after the last attempt
+            if i == attempts - 1 or "locked" not in str(exc).lower():
+                raise
+            time.sleep(0.5 * (i + 1))
+    return None
+
+
+def ensure_experiment(dataset: str, uri: str) -> str:
+    """Get or create the dataset's experiment (creating the store's schema on first use); return its id.
+
+    Run once before parallel jobs start (the workflow's ``mlflow_experiment`` rule); jobs call it again, which
+    then only reads. A concurrent creator losing the race re-reads the winner's id.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = _client(uri)
+    name = experiment_name(dataset)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, tags={"dataset": dataset})
+    except MlflowException:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def git_commit(root: str | Path = ".") -> str:
+    """The repository's HEAD commit (with ``-dirty`` when the work tree has changes), or 'unknown'."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True)
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def hardware() -> str:
+    """Short description of the device the job runs on."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+    return f"cpu ({os.cpu_count()} cores, {platform.machine()})"
+
+
+class RunLogger:
+    """Logs one experiment's training run: params, tags, the loss curve, artifacts."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.uri = uri
+        self.run_id = run_id
+        self.client = _client(uri)
+
+    @classmethod
+    def start(cls, uri: str, dataset: str, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> RunLogger:
+        """Create the run in the dataset's experiment and log its params (flattened, dotted keys)."""
+        from mlflow.entities import Param, RunTag
+
+        exp_id = ensure_experiment(dataset, uri)
+        client = _client(uri)
+        run = _retry(lambda: client.create_run(exp_id, run_name=run_name, tags=tags))
+        items = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in sorted(params.items())]
+        for i in range(0, len(items), 100):
+            _retry(lambda chunk=items[i : i + 100]: client.log_batch(run.info.run_id, params=chunk))
+        _retry(lambda: client.log_batch(run.info.run_id, tags=[RunTag("mlflow.note.content", run_name)]))
+        return cls(uri, run.info.run_id)
+
+    def metrics(self, values: dict[str, float], step: int | None = None) -> None:
+        """Log several metrics at one step."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in values.items()]
+        _retry(lambda: self.client.log_batch(self.run_id, metrics=batch))
+
+    def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload one file."""
+        _retry(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Mark the run as finished (or FAILED)."""
+        _retry(lambda: self.client.set_terminated(self.run_id, status=status))
+
+
+def log_evaluation(
+    uri: str,
+    parent_run_id: str,
+    protocol: str,
+    result: dict[str, Any],
+    per_class_csv: str | Path,
+    tags: dict[str, str],
+) -> str:
+    """Record one protocol's evaluation: a child run tagged with the protocol, plus ``<metric>.<protocol>``
+    metrics on the experiment's run so the UI's compare view lines protocols up across runs."""
+    from mlflow.entities import Metric, Param
+
+    client = _client(uri)
+    parent = client.get_run(parent_run_id)
+    run_name = f"{parent.info.run_name}:{protocol}"
+    child = _retry(lambda: client.create_run(
+        parent.info.experiment_id, run_name=run_name,
+        tags={**tags, "protocol": protocol, "mlflow.parentRunId": parent_run_id},
+    ))
+    now = int(time.time() * 1000)
+    scalars = {k: float(result[k]) for k in ("mIoU", "aAcc", "mAcc")}
+    proto = {f"protocol.{k}": str(v) for k, v in result["protocol"].items()}
+    _retry(lambda: client.log_batch(
+        child.info.run_id,
+        metrics=[Metric(k, v, now, 0) for k, v in scalars.items()],
+        params=[Param(k, v[:MAX_PARAM_LEN]) for k, v in sorted(proto.items())]
+        + [Param("checkpoint", str(result["checkpoint"]))],
+    ))
+    _retry(lambda: client.log_artifact(child.info.run_id, str(per_class_csv), "evaluation"))
+    _retry(lambda: client.set_terminated(child.info.run_id))
+    _retry(lambda: client.log_batch(parent_run_id, metrics=[Metric(f"{k}.{protocol}", v, now, 0)
+                                                            for k, v in scalars.items()]))
+    _retry(lambda: client.log_artifact(parent_run_id, str(per_class_csv), f"evaluation/{protocol}"))
+    return child.info.run_id

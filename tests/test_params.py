@@ -1,0 +1,99 @@
+"""Strict params loading: complete files load, every kind of mistake names the file and the key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mcibi.params import ParamsError, experiment_files, load_params, params_from_dict, to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "params" / "demo"
+
+
+def _copy_demo(tmp_path: Path, experiment: dict) -> Path:
+    folder = tmp_path / "demo"
+    folder.mkdir()
+    (folder / "defaults.yaml").write_text((DEMO / "defaults.yaml").read_text())
+    file = folder / "exp.yaml"
+    file.write_text(yaml.safe_dump(experiment))
+    return file
+
+
+def test_every_demo_file_loads():
+    files = experiment_files(ROOT / "params", "demo")
+    assert {f.stem for f in files} >= {"upernet_baseline", "upernet_mcibipp"}
+    for f in files:
+        p = load_params(f)
+        assert p.name == f"demo/{f.stem}"
+        assert p.model.num_classes == 8
+        assert set(p.evaluate.protocols) == {"ss", "flip", "msflip"}
+
+
+def test_baseline_and_memory_differ_only_in_memory_kind():
+    base = load_params(DEMO / "upernet_baseline.yaml")
+    mem = load_params(DEMO / "upernet_mcibipp.yaml")
+    assert base.model.memory.kind == "none" and mem.model.memory.kind == "mcibi++"
+    assert base.train == mem.train and base.data == mem.data and base.evaluate == mem.evaluate
+
+
+def test_frozen_and_typed():
+    p = load_params(DEMO / "upernet_mcibipp.yaml")
+    with pytest.raises(AttributeError):
+        p.train.seed = 3  # type: ignore[misc]
+    assert isinstance(p.data.crop_size, tuple) and p.data.crop_size == (96, 96)
+    assert isinstance(p.train.optimizer.lr, float)
+
+
+def test_unknown_key_names_file_and_key(tmp_path):
+    file = _copy_demo(tmp_path, {"description": "x", "model": {"framework": "fcn", "memroy": {"kind": "none"}}})
+    with pytest.raises(ParamsError, match=r"exp\.yaml: unknown key 'model\.memroy'"):
+        load_params(file)
+
+
+def test_wrong_type_names_file_and_key(tmp_path):
+    file = _copy_demo(tmp_path, {"description": "x", "model": {"framework": "fcn"}, "train": {"epochs": "ten"}})
+    with pytest.raises(ParamsError, match=r"exp\.yaml: key 'train\.epochs': expected an integer"):
+        load_params(file)
+
+
+def test_bool_is_not_an_int(tmp_path):
+    file = _copy_demo(tmp_path, {"description": "x", "model": {"framework": "fcn"}, "train": {"seed": True}})
+    with pytest.raises(ParamsError, match="train.seed"):
+        load_params(file)
+
+
+def test_missing_key_names_file_and_key(tmp_path):
+    file = _copy_demo(tmp_path, {"description": "x"})  # model.framework is in no layer
+    with pytest.raises(ParamsError, match=r"exp\.yaml: missing required key 'model\.framework'"):
+        load_params(file)
+
+
+def test_literal_choices_are_listed(tmp_path):
+    file = _copy_demo(tmp_path, {"description": "x", "model": {"framework": "segformer"}})
+    with pytest.raises(ParamsError, match=r"model\.framework.*one of \['fcn', 'psnet', 'upernet', 'deeplabv3'\]"):
+        load_params(file)
+
+
+def test_num_classes_must_match_dataset(tmp_path):
+    file = _copy_demo(tmp_path, {"description": "x", "model": {"framework": "fcn", "num_classes": 5}})
+    with pytest.raises(ParamsError, match="has 8 classes"):
+        load_params(file)
+
+
+def test_slide_protocol_needs_crop(tmp_path):
+    proto = {"scales": [1.0], "flip": False, "mode": "slide", "crop": None, "stride": None, "probs_before_resize": False}
+    file = _copy_demo(tmp_path, {"description": "x", "model": {"framework": "fcn"},
+                                 "evaluate": {"protocols": {"ss": proto}}})
+    with pytest.raises(ParamsError, match="slide mode"):
+        load_params(file)
+
+
+def test_roundtrip_through_plain_dict():
+    p = load_params(DEMO / "upernet_mcibipp.yaml")
+    assert params_from_dict(to_dict(p), "checkpoint") == p
+
+
+def test_defaults_file_is_not_an_experiment():
+    with pytest.raises(ParamsError, match="defaults layer"):
+        load_params(DEMO / "defaults.yaml")

@@ -1,0 +1,44 @@
+# One training job per experiment; the dataset's MLflow experiment is created once, before any job logs to it.
+
+
+localrules:
+    mlflow_experiment,
+
+
+rule mlflow_experiment:
+    output:
+        "logs/mlflow/{dataset}.experiment",
+    log:
+        "logs/mlflow/{dataset}.log",
+    params:
+        py=PYTHON,
+    conda:
+        "../envs/mcibi.yaml"
+    shell:
+        "{params.py} -m mcibi mlflow-init {wildcards.dataset} --out {output} > {log} 2>&1"
+
+
+rule train:
+    input:
+        data=rules.verify_data.output,
+        params=experiment_params,
+        mlflow=rules.mlflow_experiment.output,
+    output:
+        checkpoint=f"{RUNS}/{{dataset}}/{{experiment}}/model.pt",
+        curve=f"{RUNS}/{{dataset}}/{{experiment}}/loss.csv",
+        run=f"{RUNS}/{{dataset}}/{{experiment}}/run.json",
+    log:
+        "logs/train/{dataset}/{experiment}.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    params:
+        py=PYTHON,
+        data=DATA,
+        out=lambda wc: f"{RUNS}/{wc.dataset}/{wc.experiment}",
+    conda:
+        "../envs/mcibi.yaml"
+    shell:
+        "{params.py} -m mcibi train {input.params[0]} --data-root {params.data} --out {params.out}"
+        " --threads {threads} > {log} 2>&1"
