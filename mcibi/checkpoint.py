@@ -59,9 +59,8 @@ def load_weights(model: nn.Module, state: dict[str, Any], path: str | Path) -> N
         raise CheckpointError(
             f"{path}: checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}."
         )
-    for key, value in theirs.items():
-        if own[key].shape != value.shape:
-            raise CheckpointError(
-                f"{path}: tensor '{key}' has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}."
-            )
+    wrong = [f"'{k}' {tuple(v.shape)} (model expects {tuple(own[k].shape)})"
+             for k, v in theirs.items() if own[k].shape != v.shape]
+    if wrong:
+        raise CheckpointError(f"{path}: tensor shapes do not match the model: {', '.join(wrong)}.")
     model.load_state_dict(theirs, strict=True)
