@@ -106,6 +106,7 @@ class ModelParams:
     use_self_attention: bool  # second self-attention between CWI features and memory output (non-FPN)
     fuse_memory_cwi_before_fpn: bool
     aux_head: bool
+    classifier_kernel: Literal[1, 3]  # first conv of decoder_cls (official: 3 for UperNet, 1 or 3 otherwise)
     dropout: float
     align_corners: bool
 

@@ -161,6 +161,8 @@ def log_evaluation(
         + [Param("checkpoint", str(result["checkpoint"]))],
     ))
     _retry(lambda: client.log_artifact(child.info.run_id, str(per_class_csv), "evaluation"))
+    table = {"class": list(result["IoU"]), "IoU": list(result["IoU"].values()), "Acc": list(result["Acc"].values())}
+    _retry(lambda: client.log_table(child.info.run_id, data=table, artifact_file="evaluation/per_class_iou.json"))
     _retry(lambda: client.set_terminated(child.info.run_id))
     _retry(lambda: client.log_batch(parent_run_id, metrics=[Metric(f"{k}.{protocol}", v, now, 0)
                                                             for k, v in scalars.items()]))

@@ -26,6 +26,7 @@ class DatasetSpec:
     flip_pairs: tuple[tuple[int, int], ...]  # class ids swapped by a horizontal flip (left/right parts)
     splits: dict[str, int]  # documented number of images per split
     image_ext: str
+    archives: dict[str, str | None]  # archive file name -> recorded sha256 (None: nothing published)
 
     @property
     def num_classes(self) -> int:
@@ -54,6 +55,7 @@ DEMO = DatasetSpec(
     flip_pairs=((2, 3),),
     splits={"train": 240, "val": 60},
     image_ext=".png",
+    archives={"demo.tar": "5cc1b203447fecd711a96ddd349d7b886f058d26c83f33f1939cc2c39de83e82"},
 )
 
 DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (DEMO,)}

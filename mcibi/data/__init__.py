@@ -1,0 +1,5 @@
+"""Datasets: specs, download, preparation, the demo generator, the Dataset class and transforms."""
+
+from mcibi.data.specs import DATASETS, IGNORE_INDEX, DatasetSpec, get_spec
+
+__all__ = ["DATASETS", "IGNORE_INDEX", "DatasetSpec", "get_spec"]

@@ -1,0 +1,165 @@
+"""Paired image/label transforms on numpy arrays (OpenCV), mirroring the official toolbox's semantics.
+
+Every random decision draws from a ``numpy.random.Generator`` passed in, so augmentation is reproducible
+per sample whatever the number of data-loader workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import cv2
+import numpy as np
+import torch
+
+from mcibi.data.specs import IGNORE_INDEX
+from mcibi.params import DataParams, ResizeParams
+
+MEAN = np.array([123.675, 116.28, 103.53], np.float32)  # ImageNet RGB statistics, as every official config
+STD = np.array([58.395, 57.12, 57.375], np.float32)
+
+Transform = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[torch.Tensor, torch.Tensor]]
+
+
+def rescale_size(h: int, w: int, target: tuple[int, int], keep_ratio: bool) -> tuple[int, int]:
+    """Output (h, w): with ``keep_ratio`` the mmcv 'rescale' rule (fit the long side to max(target) and the short
+    side to min(target), whichever is smaller, rounded), otherwise exactly ``target``."""
+    if not keep_ratio:
+        return target
+    scale = min(max(target) / max(h, w), min(target) / min(h, w))
+    return int(h * scale + 0.5), int(w * scale + 0.5)
+
+
+def resize(image: np.ndarray, label: np.ndarray | None, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Image bilinear, label nearest, to (h, w)."""
+    h, w = size
+    image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
+    if label is not None:
+        label = cv2.resize(label, (w, h), interpolation=cv2.INTER_NEAREST)
+    return image, label
+
+
+def random_resize(image, label, params: ResizeParams, rng: np.random.Generator):
+    """Resize with a random factor from ``ratio_range`` applied to the target size."""
+    th, tw = params.size
+    if params.ratio_range is not None:
+        s = rng.uniform(*params.ratio_range)
+        th, tw = int(th * s), int(tw * s)
+    return resize(image, label, rescale_size(*image.shape[:2], (th, tw), params.keep_ratio))
+
+
+def random_crop(image, label, crop: tuple[int, int], cat_max_ratio: float, rng: np.random.Generator):
+    """Random crop of at most ``crop``; retried (up to 10 times) while one class covers ≥ cat_max_ratio of the
+    labelled pixels or only one class is present, keeping the last try."""
+    h, w = label.shape
+    ch, cw = min(crop[0], h), min(crop[1], w)
+    for _ in range(10):
+        y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        lab = label[y : y + ch, x : x + cw]
+        if cat_max_ratio >= 1.0:
+            break
+        _, counts = np.unique(lab[lab != IGNORE_INDEX], return_counts=True)
+        if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+            break
+    return image[y : y + ch, x : x + cw], lab
+
+
+def flip_label_pairs(label: np.ndarray, flip_pairs: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Exchange the values of each left/right class pair (after a horizontal flip)."""
+    out = label.copy()
+    for a, b in flip_pairs:
+        out[label == a] = b
+        out[label == b] = a
+    return out
+
+
+def random_flip(image, label, prob: float, flip_pairs, rng: np.random.Generator):
+    """Horizontal flip with probability ``prob``; left/right class pairs are swapped in the label."""
+    if rng.random() < prob:
+        image = image[:, ::-1]
+        label = flip_label_pairs(label[:, ::-1], flip_pairs)
+    return image, label
+
+
+def random_rotation(image, label, prob: float, max_degrees: float, rng: np.random.Generator):
+    """Rotation about the centre by an integer angle in [-max, max): image bicubic (fill 0), label nearest
+    (fill ignore)."""
+    if max_degrees <= 0 or rng.random() >= prob:
+        return image, label
+    angle = float(rng.integers(-int(max_degrees), int(max_degrees)))
+    h, w = label.shape
+    m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
+    image = cv2.warpAffine(np.ascontiguousarray(image), m, (w, h), flags=cv2.INTER_CUBIC, borderValue=0)
+    label = cv2.warpAffine(np.ascontiguousarray(label), m, (w, h), flags=cv2.INTER_NEAREST,
+                           borderValue=IGNORE_INDEX)
+    return image, label
+
+
+def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """mmseg PhotoMetricDistortion on an RGB uint8 image: brightness ±32, contrast 0.5–1.5, saturation
+    0.5–1.5, hue ±18, each with probability 0.5, contrast before or after the HSV steps."""
+    img = image.astype(np.float32)
+    if rng.integers(2):
+        img = img + rng.uniform(-32, 32)
+    contrast_first = bool(rng.integers(2))
+    if contrast_first and rng.integers(2):
+        img = img * rng.uniform(0.5, 1.5)
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    if rng.integers(2) or rng.integers(2):
+        hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV).astype(np.float32)
+        if rng.integers(2):
+            hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(0.5, 1.5), 0, 255)
+        if rng.integers(2):
+            hsv[..., 0] = (hsv[..., 0] + rng.integers(-18, 18)) % 180
+        img = cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB)
+    if not contrast_first and rng.integers(2):
+        img = np.clip(img.astype(np.float32) * rng.uniform(0.5, 1.5), 0, 255).astype(np.uint8)
+    return img
+
+
+def normalize(image: np.ndarray) -> torch.Tensor:
+    """(x - mean) / std on RGB, HWC uint8 → CHW float32."""
+    x = (image.astype(np.float32) - MEAN) / STD
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+def pad_to(image: torch.Tensor, label: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad to ``size`` centred (as the official Padding): image with 0 (the mean colour), label with ignore."""
+    h, w = label.shape
+    ph, pw = max(size[0] - h, 0), max(size[1] - w, 0)
+    if ph == 0 and pw == 0:
+        return image, label
+    top, left = ph // 2, pw // 2
+    pads = (left, pw - left, top, ph - top)
+    image = torch.nn.functional.pad(image, pads, value=0.0)
+    label = torch.nn.functional.pad(label, pads, value=IGNORE_INDEX)
+    return image, label
+
+
+def build_train_transform(params: DataParams, flip_pairs: Sequence[tuple[int, int]]) -> Transform:
+    """Resize (random ratio) → crop (cat-max-ratio) → flip (pairs) → rotation → photometric → normalise → pad."""
+
+    def apply(image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
+        image, label = random_resize(image, label, params.train_resize, rng)
+        image, label = random_crop(image, label, params.crop_size, params.cat_max_ratio, rng)
+        image, label = random_flip(image, label, params.flip_prob, flip_pairs, rng)
+        image, label = random_rotation(image, label, params.rotation.prob, params.rotation.max_degrees, rng)
+        if params.photometric:
+            image = photometric_distortion(np.ascontiguousarray(image), rng)
+        tensor = normalize(image)
+        target = torch.from_numpy(np.ascontiguousarray(label)).long()
+        return pad_to(tensor, target, params.crop_size)
+
+    return apply
+
+
+def build_test_transform(params: DataParams) -> Transform:
+    """Resize the image only; the label stays at its original size, where predictions are scored."""
+
+    def apply(image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
+        del rng
+        size = rescale_size(*image.shape[:2], params.test_resize.size, params.test_resize.keep_ratio)
+        image, _ = resize(image, None, size)
+        return normalize(image), torch.from_numpy(np.ascontiguousarray(label)).long()
+
+    return apply

@@ -1,0 +1,164 @@
+"""MemorySegmentor: backbone + context-within-image head + optional MCIBI++ memory + classifiers + aux head.
+
+``forward`` only computes and returns a :class:`SegmentorOutput` of feature-resolution logits (callers
+upsample: the training step for the losses, inference per protocol) plus the pixel representations the
+training step updates the memory from. ``memory.kind == "none"`` builds the plain framework (the baseline):
+FCN, PSPNet, UperNet or DeepLabV3 without the memory branch and its extra classifiers.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mcibi.models.backbone import Backbone
+from mcibi.models.blocks import ASPP, PPM, ConvBNReLU, SelfAttention
+from mcibi.models.memory import DistributionMemory
+from mcibi.params import ModelParams
+
+CONTEXT_MODULES = {"fcn": None, "psnet": "ppm", "upernet": "ppm", "deeplabv3": "aspp"}
+
+
+@dataclass
+class SegmentorOutput:
+    """Feature-resolution logits (B, K, h, w) and what the training step needs."""
+
+    logits: torch.Tensor  # final prediction (decoder_cls)
+    logits_cwi: torch.Tensor | None = None  # context-within-image classifier (memory models with CWI)
+    logits_pr: torch.Tensor | None = None  # pixel-representation classifier (memory models)
+    logits_aux: torch.Tensor | None = None  # auxiliary head on backbone stage 3 (training only)
+    representations: torch.Tensor | None = None  # R, what the memory is updated from (memory models)
+
+
+def classifier(in_ch: int, hidden: int, num_classes: int, dropout: float, kernel_size: int = 1,
+               named: bool = True) -> nn.Sequential:
+    """CBR(kernel) → Dropout2d → Conv1×1 to the classes; layer names follow the official decoders
+    (conv1, bn1, act1, dropout, conv2) or, with ``named=False``, its auxiliary head (0..4)."""
+    layers = [
+        ("conv1", nn.Conv2d(in_ch, hidden, kernel_size, padding=kernel_size // 2, bias=False)),
+        ("bn1", nn.BatchNorm2d(hidden)),
+        ("act1", nn.ReLU(inplace=True)),
+        ("dropout", nn.Dropout2d(dropout)),
+        ("conv2", nn.Conv2d(hidden, num_classes, 1)),
+    ]
+    return nn.Sequential(OrderedDict(layers)) if named else nn.Sequential(*(m for _, m in layers))
+
+
+class MemorySegmentor(nn.Module):
+    """One of FCN / PSNet / UperNet / DeepLabV3, with or without the MCIBI++ memory."""
+
+    def __init__(self, params: ModelParams) -> None:
+        super().__init__()
+        self.params = params
+        p, ch, k = params, params.channels, params.num_classes
+        self.align_corners = p.align_corners
+        self.backbone = Backbone(p.backbone.name, p.backbone.pretrained, p.backbone.output_stride)
+        stage_ch = self.backbone.channels
+        top_ch = stage_ch[-1]
+        self.with_memory = p.memory.kind != "none"
+        self.is_fpn = p.framework == "upernet"
+
+        cwi = CONTEXT_MODULES[p.framework]
+        self.context_within_image_module: nn.Module | None = None
+        if cwi == "ppm":
+            self.context_within_image_module = PPM(top_ch, ch.feats, p.pool_scales, p.align_corners)
+        elif cwi == "aspp":
+            self.context_within_image_module = ASPP(top_ch, ch.feats, p.dilations, p.align_corners)
+
+        self.bottleneck: nn.Module | None = None
+        self.memory_module: DistributionMemory | None = None
+        self.decoder_pr: nn.Module | None = None
+        self.decoder_cwi: nn.Module | None = None
+        self.self_attention: nn.Module | None = None
+        if self.with_memory or cwi is None:
+            self.bottleneck = ConvBNReLU(top_ch, ch.feats, 3)  # pixel representations R (FCN: its conv)
+        if self.with_memory:
+            self.decoder_pr = classifier(ch.feats, ch.decoder, k, p.dropout)
+            if self.has_cwi:
+                self.decoder_cwi = classifier(ch.feats, ch.decoder, k, p.dropout)
+            self.memory_module = DistributionMemory(k, ch.feats, ch.transform, p.memory.hard_aggregate,
+                                                    p.memory.downsample_before_sa, p.align_corners)
+            if self.has_cwi and p.use_self_attention:  # the official code applies it with the FPN too
+                self.self_attention = SelfAttention(ch.feats, ch.feats, ch.feats // 2, ch.feats)
+
+        # width of what reaches the classifier (or the FPN top level)
+        if not self.has_cwi:
+            fused_ch = ch.feats
+        elif self.with_memory and (not self.is_fpn or p.fuse_memory_cwi_before_fpn):
+            fused_ch = 2 * ch.feats
+        else:
+            fused_ch = ch.feats
+        if self.is_fpn:
+            self.lateral_convs = nn.ModuleList(ConvBNReLU(c, fused_ch, 1) for c in stage_ch[:-1])
+            self.fpn_convs = nn.ModuleList(ConvBNReLU(fused_ch, ch.decoder, 3) for _ in stage_ch[:-1])
+            cls_in = ch.decoder * (len(stage_ch) - 1) + fused_ch
+            if self.with_memory and not p.fuse_memory_cwi_before_fpn:
+                cls_in += ch.feats
+            self.decoder_cls = classifier(cls_in, ch.decoder, k, p.dropout, kernel_size=p.classifier_kernel)
+        else:
+            self.decoder_cls = classifier(fused_ch, ch.decoder, k, p.dropout, kernel_size=p.classifier_kernel)
+        self.auxiliary_decoder = (classifier(stage_ch[-2], ch.aux, k, p.dropout, kernel_size=3, named=False)
+                                  if p.aux_head else None)
+
+    @property
+    def has_cwi(self) -> bool:
+        """Whether the framework has a context-within-image module (all but FCN)."""
+        return self.context_within_image_module is not None
+
+    def _up(self, x: torch.Tensor, size: torch.Size) -> torch.Tensor:
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=self.align_corners)
+
+    def forward(self, images: torch.Tensor, gather_labels: torch.Tensor | None = None) -> SegmentorOutput:
+        """Compute the logits; ``gather_labels`` (training warmup only) replaces the memory's gathering logits
+        by the one-hot ground truth, as the official ``warmup_epoch`` does."""
+        stages = self.backbone(images)
+        x = stages[-1]
+        out = SegmentorOutput(logits=x)  # logits filled below
+        feats_cwi = self.context_within_image_module(x) if self.has_cwi else None
+        if not self.with_memory:
+            fused = feats_cwi if self.has_cwi else self.bottleneck(x)
+        else:
+            reps = self.bottleneck(x)
+            out.representations = reps
+            out.logits_pr = self.decoder_pr(reps)
+            if self.decoder_cwi is not None:
+                out.logits_cwi = self.decoder_cwi(feats_cwi)
+            use_pr = self.params.memory.force_use_preds_pr or out.logits_cwi is None
+            gather = out.logits_pr if use_pr else out.logits_cwi
+            if gather_labels is not None:
+                from mcibi.training import onehot_gather_logits
+
+                gather = onehot_gather_logits(gather_labels, gather.shape[2:], self.params.num_classes)
+            memory_out = self.memory_module(reps, gather)
+            if not self.has_cwi:
+                fused = memory_out
+            else:
+                if self.self_attention is not None:
+                    memory_out = self.self_attention(feats_cwi, memory_out)
+                if self.is_fpn and not self.params.fuse_memory_cwi_before_fpn:
+                    fused = feats_cwi
+                else:
+                    fused = torch.cat([memory_out, feats_cwi], dim=1)
+        if self.is_fpn:
+            laterals = [conv(s) for conv, s in zip(self.lateral_convs, stages[:-1])] + [fused]
+            for i in range(len(laterals) - 1, 0, -1):
+                laterals[i - 1] = laterals[i - 1] + self._up(laterals[i], laterals[i - 1].shape[2:])
+            levels = [conv(lat) for conv, lat in zip(self.fpn_convs, laterals[:-1])] + [laterals[-1]]
+            size = levels[0].shape[2:]
+            levels = [levels[0]] + [self._up(lv, size) for lv in levels[1:]]
+            if self.with_memory and not self.params.fuse_memory_cwi_before_fpn:
+                levels.append(self._up(memory_out, size))
+            fused = torch.cat(levels, dim=1)
+        out.logits = self.decoder_cls(fused)
+        if self.training and self.auxiliary_decoder is not None:
+            out.logits_aux = self.auxiliary_decoder(stages[-2])
+        return out
+
+
+def build_segmentor(params: ModelParams) -> MemorySegmentor:
+    """The segmentor that ``params`` (the ``model`` section of an experiment file) describes."""
+    return MemorySegmentor(params)
