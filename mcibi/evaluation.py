@@ -85,8 +85,8 @@ def evaluate(
         "mIoU": metrics["mIoU"],
         "aAcc": metrics["aAcc"],
         "mAcc": metrics["mAcc"],
-        "IoU": dict(zip(spec.classes, metrics["IoU"])),
-        "Acc": dict(zip(spec.classes, metrics["Acc"])),
+        "IoU": dict(zip(spec.classes, metrics["IoU"], strict=True)),
+        "Acc": dict(zip(spec.classes, metrics["Acc"], strict=True)),
         "confusion": confusion.matrix.cpu().tolist(),
     }
     log.info("%s [%s]: mIoU %.4f aAcc %.4f over %d images in %.1f s", params.name, protocol, result["mIoU"],

@@ -26,7 +26,9 @@ def predict_whole(model: nn.Module, images: torch.Tensor, probs: bool) -> torch.
     return logits.softmax(dim=1) if probs else logits
 
 
-def slide_windows(height: int, width: int, crop: tuple[int, int], stride: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+def slide_windows(
+    height: int, width: int, crop: tuple[int, int], stride: tuple[int, int]
+) -> list[tuple[int, int, int, int]]:
     """Window boxes (y1, y2, x1, x2) covering the image, clamped to its border as the official code does."""
     ch, cw = crop
     sh, sw = stride

@@ -229,7 +229,7 @@ def _convert(tp: Any, value: Any, key: str, file: Path) -> Any:
             return tuple(_convert(args[0], v, f"{key}[{i}]", file) for i, v in enumerate(value))
         if len(value) != len(args):
             fail(f"expected {len(args)} values, got {len(value)}")
-        return tuple(_convert(a, v, f"{key}[{i}]", file) for i, (a, v) in enumerate(zip(args, value)))
+        return tuple(_convert(a, v, f"{key}[{i}]", file) for i, (a, v) in enumerate(zip(args, value, strict=True)))
     if origin is dict:
         if not isinstance(value, dict) or not value:
             fail("expected a non-empty mapping")
@@ -266,7 +266,9 @@ def _build(cls: type, data: dict, prefix: str, file: Path) -> Any:
         )
     missing = [n for n in sorted(settable) if n not in data]
     if missing:
-        raise ParamsError(f"{file}: missing required key '{where}{missing[0]}'. Add it to the file or to {DEFAULTS_FILE}.")
+        raise ParamsError(
+            f"{file}: missing required key '{where}{missing[0]}'. Add it to the file or to {DEFAULTS_FILE}."
+        )
     return cls(**{n: _convert(hints[n], data[n], f"{where}{n}", file) for n in settable})
 
 
@@ -304,7 +306,9 @@ def _check(params: ExperimentParams, file: Path) -> None:
         )
     for name, proto in params.evaluate.protocols.items():
         if name not in PROTOCOL_NAMES:
-            raise ParamsError(f"{file}: unknown protocol 'evaluate.protocols.{name}' (valid: {', '.join(PROTOCOL_NAMES)}).")
+            raise ParamsError(
+                f"{file}: unknown protocol 'evaluate.protocols.{name}' (valid: {', '.join(PROTOCOL_NAMES)})."
+            )
         if proto.mode == "slide" and (proto.crop is None or proto.stride is None):
             raise ParamsError(f"{file}: protocol '{name}' uses slide mode: set both 'crop' and 'stride'.")
     positive = {

@@ -82,7 +82,8 @@ def test_num_classes_must_match_dataset(tmp_path):
 
 
 def test_slide_protocol_needs_crop(tmp_path):
-    proto = {"scales": [1.0], "flip": False, "mode": "slide", "crop": None, "stride": None, "probs_before_resize": False}
+    proto = {"scales": [1.0], "flip": False, "mode": "slide", "crop": None, "stride": None,
+             "probs_before_resize": False}
     file = _copy_demo(tmp_path, {"description": "x", "model": {"framework": "fcn"},
                                  "evaluate": {"protocols": {"ss": proto}}})
     with pytest.raises(ParamsError, match="slide mode"):

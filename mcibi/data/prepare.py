@@ -134,7 +134,7 @@ def verify_prepared(dataset: str, data_dir: str | Path) -> dict:
         total = max(int(pixels.sum()), 1)
         summary["splits"][split] = {
             "images": len(ids),
-            "class_pixel_share": {n: round(int(c) / total, 6) for n, c in zip(spec.classes, pixels)},
+            "class_pixel_share": {n: round(int(c) / total, 6) for n, c in zip(spec.classes, pixels, strict=False)},
             "ignored_pixel_share": round(int(pixels[-1]) / total, 6),
         }
     return summary

@@ -10,6 +10,7 @@ per-image illumination gain and colour cast larger than that difference makes th
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import tarfile
@@ -86,7 +87,7 @@ def render_sample(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         painters.append(_person)
     disk_names = ["amber_disk", "ochre_disk"]
     for _ in range(int(rng.integers(1, 4))):
-        painters.append(lambda r, i, lab, n=disk_names[int(rng.integers(0, 2))]: _disk(r, i, lab, n))
+        painters.append(functools.partial(_disk, name=disk_names[int(rng.integers(0, 2))]))
     painters += [_square] * int(rng.integers(0, 3)) + [_triangle] * int(rng.integers(0, 3))
     for j in rng.permutation(len(painters)):
         image = np.ascontiguousarray(image)

@@ -144,10 +144,10 @@ class MemorySegmentor(nn.Module):
                 else:
                     fused = torch.cat([memory_out, feats_cwi], dim=1)
         if self.is_fpn:
-            laterals = [conv(s) for conv, s in zip(self.lateral_convs, stages[:-1])] + [fused]
+            laterals = [conv(s) for conv, s in zip(self.lateral_convs, stages[:-1], strict=True)] + [fused]
             for i in range(len(laterals) - 1, 0, -1):
                 laterals[i - 1] = laterals[i - 1] + self._up(laterals[i], laterals[i - 1].shape[2:])
-            levels = [conv(lat) for conv, lat in zip(self.fpn_convs, laterals[:-1])] + [laterals[-1]]
+            levels = [conv(lat) for conv, lat in zip(self.fpn_convs, laterals[:-1], strict=True)] + [laterals[-1]]
             size = levels[0].shape[2:]
             levels = [levels[0]] + [self._up(lv, size) for lv in levels[1:]]
             if self.with_memory and not self.params.fuse_memory_cwi_before_fpn:

@@ -14,7 +14,8 @@ validate(config, "../schemas/config.schema.yaml")
 os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///" + os.path.abspath("mlflow.db"))
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-PYTHON = sys.executable  # the interpreter running Snakemake, whose environment has mcibi installed
+# Jobs find the `mcibi` command of the environment running Snakemake even when it is not activated.
+os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 DATA = config["data_root"]
 DOWNLOADS = config["downloads_root"]
 PARAMS = config["params_root"]

@@ -7,12 +7,11 @@ rule download:
     log:
         "logs/download/{dataset}.log",
     params:
-        py=PYTHON,
         dest=lambda wc: f"{DOWNLOADS}/{wc.dataset}",
     conda:
         "../envs/mcibi.yaml"
     shell:
-        "{params.py} -m mcibi download {wildcards.dataset} --dest {params.dest} --record {output.record} > {log} 2>&1"
+        "mcibi download {wildcards.dataset} --dest {params.dest} --record {output.record} > {log} 2>&1"
 
 
 rule verify_archives:
@@ -23,12 +22,11 @@ rule verify_archives:
     log:
         "logs/verify_archives/{dataset}.log",
     params:
-        py=PYTHON,
         dest=lambda wc: f"{DOWNLOADS}/{wc.dataset}",
     conda:
         "../envs/mcibi.yaml"
     shell:
-        "{params.py} -m mcibi verify-archives {wildcards.dataset} --dest {params.dest} --report {output} > {log} 2>&1"
+        "mcibi verify-archives {wildcards.dataset} --dest {params.dest} --report {output} > {log} 2>&1"
 
 
 rule prepare:
@@ -39,13 +37,12 @@ rule prepare:
     log:
         "logs/prepare/{dataset}.log",
     params:
-        py=PYTHON,
         archives=lambda wc: f"{DOWNLOADS}/{wc.dataset}",
         out=lambda wc: f"{DATA}/{wc.dataset}",
     conda:
         "../envs/mcibi.yaml"
     shell:
-        "{params.py} -m mcibi prepare {wildcards.dataset} --archives {params.archives} --out {params.out} > {log} 2>&1"
+        "mcibi prepare {wildcards.dataset} --archives {params.archives} --out {params.out} > {log} 2>&1"
 
 
 rule verify_data:
@@ -56,9 +53,8 @@ rule verify_data:
     log:
         "logs/verify_data/{dataset}.log",
     params:
-        py=PYTHON,
         data=lambda wc: f"{DATA}/{wc.dataset}",
     conda:
         "../envs/mcibi.yaml"
     shell:
-        "{params.py} -m mcibi verify-data {wildcards.dataset} --data {params.data} --report {output} > {log} 2>&1"
+        "mcibi verify-data {wildcards.dataset} --data {params.data} --report {output} > {log} 2>&1"

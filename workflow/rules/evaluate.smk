@@ -16,11 +16,10 @@ rule evaluate:
         mem_mb=4000,
         runtime=30,
     params:
-        py=PYTHON,
         data=DATA,
     conda:
         "../envs/mcibi.yaml"
     shell:
-        "{params.py} -m mcibi evaluate {input.params[0]} --checkpoint {input.checkpoint} --protocol {wildcards.protocol}"
+        "mcibi evaluate {input.params[0]} --checkpoint {input.checkpoint} --protocol {wildcards.protocol}"
         " --data-root {params.data} --out-json {output.metrics} --out-csv {output.per_class} --threads {threads}"
         " > {log} 2>&1"

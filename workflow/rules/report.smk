@@ -9,12 +9,11 @@ rule report:
     log:
         "logs/report/{dataset}.log",
     params:
-        py=PYTHON,
         params_root=PARAMS,
         runs=RUNS,
         experiments=lambda wc: " ".join(EXPERIMENTS[wc.dataset]),
     conda:
         "../envs/mcibi.yaml"
     shell:
-        "{params.py} -m mcibi table {wildcards.dataset} --params-root {params.params_root} --runs {params.runs}"
+        "mcibi table {wildcards.dataset} --params-root {params.params_root} --runs {params.runs}"
         " --out {output} --experiments {params.experiments} > {log} 2>&1"

@@ -10,19 +10,17 @@ rule mlflow_experiment:
         "logs/mlflow/{dataset}.experiment",
     log:
         "logs/mlflow/{dataset}.log",
-    params:
-        py=PYTHON,
     conda:
         "../envs/mcibi.yaml"
     shell:
-        "{params.py} -m mcibi mlflow-init {wildcards.dataset} --out {output} > {log} 2>&1"
+        "mcibi mlflow-init {wildcards.dataset} --out {output} > {log} 2>&1"
 
 
 rule train:
     input:
         data=rules.verify_data.output,
         params=experiment_params,
-        mlflow=rules.mlflow_experiment.output,
+        mlflow=ancient(rules.mlflow_experiment.output),  # orders jobs; its timestamp never retrains
     output:
         checkpoint=f"{RUNS}/{{dataset}}/{{experiment}}/model.pt",
         curve=f"{RUNS}/{{dataset}}/{{experiment}}/loss.csv",
@@ -34,11 +32,10 @@ rule train:
         mem_mb=4000,
         runtime=60,
     params:
-        py=PYTHON,
         data=DATA,
         out=lambda wc: f"{RUNS}/{wc.dataset}/{wc.experiment}",
     conda:
         "../envs/mcibi.yaml"
     shell:
-        "{params.py} -m mcibi train {input.params[0]} --data-root {params.data} --out {params.out}"
+        "mcibi train {input.params[0]} --data-root {params.data} --out {params.out}"
         " --threads {threads} > {log} 2>&1"

@@ -1,0 +1,134 @@
+"""Demo generator determinism and content, download verification, preparation and its checks."""
+
+import json
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+
+from mcibi.data.dataset import SegmentationDataset
+from mcibi.data.download import ArchiveError, download, verify_archives
+from mcibi.data.prepare import PreparedDataError, prepare, verify_prepared
+from mcibi.data.specs import DEMO
+from mcibi.data.synthetic import CLASS, generate_archive, render_sample, sha256_file
+
+
+@pytest.fixture(scope="module")
+def archive_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("downloads")
+    download("demo", folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def prepared(archive_dir, tmp_path_factory):
+    return prepare("demo", archive_dir, tmp_path_factory.mktemp("data") / "demo")
+
+
+def test_generator_is_byte_identical_and_matches_the_recorded_hash(archive_dir, tmp_path):
+    again = generate_archive(tmp_path / "demo.tar")
+    assert sha256_file(again) == sha256_file(archive_dir / "demo.tar") == DEMO.archives["demo.tar"]
+    assert generate_archive(tmp_path / "other.tar", seed=1).read_bytes() != again.read_bytes()
+
+
+def test_left_arm_is_left_of_the_torso_and_right_arm_right():
+    for i in range(20):
+        _, label = render_sample(np.random.default_rng([0, 0, i]))
+        if not (label == CLASS["torso"]).any() or not (label == CLASS["left_arm"]).any():
+            continue
+        cols = {name: np.nonzero((label == CLASS[name]).any(axis=0))[0] for name in ("left_arm", "torso", "right_arm")}
+        if len(cols["right_arm"]):
+            assert cols["left_arm"].mean() < cols["torso"].mean() < cols["right_arm"].mean()
+
+
+def test_disks_separable_across_dataset_but_not_within_image_brightness():
+    """Mean colour separates amber from ochre over the dataset; illumination jitter exceeds the gap."""
+    means = {"amber_disk": [], "ochre_disk": []}
+    for i in range(80):
+        image, label = render_sample(np.random.default_rng([0, 0, i]))
+        for name in means:
+            mask = label == CLASS[name]
+            if mask.sum() > 30:
+                means[name].append(image[mask].astype(float).mean(axis=0))
+    amber, ochre = np.array(means["amber_disk"]), np.array(means["ochre_disk"])
+    gap = np.linalg.norm(amber.mean(0) - ochre.mean(0))
+    spread = np.linalg.norm(amber.std(0)) + np.linalg.norm(ochre.std(0))
+    assert gap > 10  # consistent difference across the dataset
+    assert spread > gap / 2  # per-image illumination makes single instances ambiguous
+
+
+def test_prepare_writes_the_format_and_verify_passes(prepared):
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    assert manifest["classes"] == list(DEMO.classes) and manifest["flip_pairs"] == [[2, 3]]
+    assert manifest["splits"] == {"train": 240, "val": 60} and manifest["ignore_index"] == 255
+    label = cv2.imread(str(prepared / "labels" / "train_0000.png"), cv2.IMREAD_UNCHANGED)
+    assert label.ndim == 2 and label.dtype == np.uint8 and label.max() < 8
+    summary = verify_prepared("demo", prepared)
+    assert summary["splits"]["val"]["images"] == 60
+    assert abs(sum(summary["splits"]["train"]["class_pixel_share"].values()) - 1) < 1e-3
+
+
+def _broken_copy(prepared, tmp_path):
+    copy = tmp_path / "demo"
+    shutil.copytree(prepared, copy)
+    return copy
+
+
+def test_verify_names_a_corrupt_label(prepared, tmp_path):
+    copy = _broken_copy(prepared, tmp_path)
+    bad = copy / "labels" / "val_0003.png"
+    label = cv2.imread(str(bad), cv2.IMREAD_UNCHANGED)
+    label[0, 0] = 42
+    cv2.imwrite(str(bad), label)
+    with pytest.raises(PreparedDataError, match=r"val_0003\.png: label values \[42\]"):
+        verify_prepared("demo", copy)
+
+
+def test_verify_names_a_missing_file_and_a_wrong_count(prepared, tmp_path):
+    copy = _broken_copy(prepared, tmp_path)
+    (copy / "images" / "train_0010.png").unlink()
+    with pytest.raises(PreparedDataError, match=r"train_0010\.png: missing"):
+        verify_prepared("demo", copy)
+    lines = (copy / "splits" / "val.txt").read_text().splitlines()
+    (copy / "splits" / "val.txt").write_text("\n".join(lines[:-1]) + "\n")
+    shutil.copy(prepared / "images" / "train_0010.png", copy / "images" / "train_0010.png")
+    with pytest.raises(PreparedDataError, match=r"val\.txt: 59 images, the dataset documents 60"):
+        verify_prepared("demo", copy)
+
+
+def test_a_modified_archive_is_rejected(archive_dir, tmp_path):
+    copy = tmp_path / "demo.tar"
+    data = bytearray((archive_dir / "demo.tar").read_bytes())
+    data[5000] ^= 0xFF
+    copy.write_bytes(bytes(data))
+    with pytest.raises(ArchiveError, match="does not match the recorded"):
+        verify_archives("demo", tmp_path)
+    assert verify_archives("demo", archive_dir)["archives"]["demo.tar"]["verified"]
+
+
+def test_prepare_replaces_a_stale_folder(archive_dir, tmp_path):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    prepare("demo", archive_dir, out)
+    assert not (out / "stale.txt").exists() and (out / "manifest.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def test_dataset_reads_rgb_and_augments_reproducibly(prepared):
+    from pathlib import Path
+
+    from mcibi.data.transforms import build_train_transform
+    from mcibi.params import load_params
+
+    params = load_params(Path(__file__).resolve().parents[1] / "params" / "demo" / "upernet_mcibipp.yaml")
+    ds = SegmentationDataset(prepared, "train", build_train_transform(params.data, DEMO.flip_pairs), seed=3)
+    a, b = ds[5], ds[5]
+    assert a["image"].shape == (3, 96, 96) and a["label"].shape == (96, 96)
+    assert (a["image"] == b["image"]).all() and (a["label"] == b["label"]).all()
+    ds.set_epoch(1)
+    assert not (ds[5]["image"] == a["image"]).all()
+    raw, _ = ds.read(0)
+    bgr = cv2.imread(str(prepared / "images" / "train_0000.png"))
+    assert (raw == bgr[..., ::-1]).all()

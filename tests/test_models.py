@@ -1,0 +1,89 @@
+"""Segmentor shapes for every framework with and without memory, switches, and forward purity."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from mcibi.models import build_segmentor
+from mcibi.params import load_params
+
+BASE = load_params(Path(__file__).resolve().parents[1] / "params" / "demo" / "upernet_mcibipp.yaml").model
+
+
+def _model_params(framework, kind="mcibi++", **changes):
+    memory_changes = {k: v for k, v in changes.items() if hasattr(BASE.memory, k)}
+    memory = dataclasses.replace(BASE.memory, kind=kind, **memory_changes)
+    rest = {k: v for k, v in changes.items() if not hasattr(BASE.memory, k)}
+    channels = dataclasses.replace(BASE.channels, feats=32, transform=16, decoder=32, aux=32)
+    return dataclasses.replace(BASE, framework=framework, memory=memory, channels=channels, **rest)
+
+
+@pytest.mark.parametrize("framework", ["fcn", "psnet", "upernet", "deeplabv3"])
+@pytest.mark.parametrize("kind", ["none", "mcibi++"])
+def test_output_fields_and_shapes(framework, kind):
+    model = build_segmentor(_model_params(framework, kind)).train()
+    out = model(torch.randn(2, 3, 64, 64))
+    stride = 4 if framework == "upernet" else 8  # UperNet predicts at its finest FPN level
+    assert out.logits.shape == (2, 8, 64 // stride, 64 // stride)
+    assert out.logits_aux.shape == (2, 8, 8, 8)
+    if kind == "none":
+        assert out.logits_pr is None and out.logits_cwi is None and out.representations is None
+        assert model.memory_module is None
+    else:
+        assert out.logits_pr.shape == (2, 8, 8, 8) and out.representations.shape == (2, 32, 8, 8)
+        assert (out.logits_cwi is None) == (framework == "fcn")
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).logits_aux is None  # aux head only when training
+
+
+def test_official_widths_derive_from_feature_info():
+    params = dataclasses.replace(_model_params("upernet"), channels=BASE.channels)
+    model = build_segmentor(params)
+    # resnet10t stages: 64, 128, 256, 512 channels; FPN top level = [memory ; cwi] = 2 x feats
+    assert model.lateral_convs[0][0].in_channels == 64 and model.lateral_convs[0][0].out_channels == 128
+    assert model.decoder_cls.conv1.in_channels == 3 * 64 + 128
+    assert model.auxiliary_decoder[0].in_channels == 256
+    assert model.backbone.channels == [64, 128, 256, 512]
+
+
+@pytest.mark.parametrize("switch", [
+    {"use_self_attention": True}, {"downsample_before_sa": True}, {"hard_aggregate": True},
+    {"force_use_preds_pr": True}, {"fuse_memory_cwi_before_fpn": False}, {"classifier_kernel": 1},
+])
+@pytest.mark.parametrize("framework", ["upernet", "deeplabv3"])
+def test_switches_build_and_run(framework, switch):
+    model = build_segmentor(_model_params(framework, **switch)).train()
+    out = model(torch.randn(2, 3, 48, 48))
+    assert torch.isfinite(out.logits).all()
+    if switch.get("use_self_attention"):
+        assert model.self_attention is not None
+
+
+def test_warmup_gathers_with_ground_truth():
+    model = build_segmentor(_model_params("psnet")).train()
+    images = torch.randn(2, 3, 64, 64)
+    labels = torch.randint(0, 8, (2, 64, 64))
+    torch.manual_seed(0)
+    a = model(images, gather_labels=labels).logits
+    torch.manual_seed(0)
+    b = model(images).logits
+    assert not torch.allclose(a, b)
+
+
+def test_dropout_masks_differ_between_iterations():
+    """The official forward reseeds the global RNG per class, so dropout repeats; ours must not."""
+    model = build_segmentor(_model_params("deeplabv3")).train()
+    x = torch.randn(2, 3, 48, 48)
+    state = torch.get_rng_state()
+    a, b = model(x).logits, model(x).logits
+    assert not torch.equal(a, b)
+    assert not torch.equal(torch.get_rng_state(), state)  # advanced by dropout, not reset
+
+
+def test_backbone_output_stride_8():
+    model = build_segmentor(_model_params("fcn"))
+    feats = model.backbone(torch.randn(1, 3, 96, 96))
+    assert [f.shape[-1] for f in feats] == [24, 12, 12, 12]
