@@ -10,6 +10,11 @@ from mcibi.params import PROTOCOL_NAMES, experiment_files, load_params
 
 validate(config, "../schemas/config.schema.yaml")
 
+
+envvars:
+    "PATH",
+
+
 # Jobs inherit an absolute tracking URI: relative SQLite paths would follow each job's working directory.
 os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///" + os.path.abspath("mlflow.db"))
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

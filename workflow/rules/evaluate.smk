@@ -3,6 +3,7 @@
 
 rule evaluate:
     input:
+        data=rules.verify_data.output,
         checkpoint=rules.train.output.checkpoint,
         run=rules.train.output.run,
         params=experiment_params,
@@ -16,7 +17,7 @@ rule evaluate:
         mem_mb=4000,
         runtime=30,
     params:
-        data=DATA,
+        data=lambda wc, input: os.path.dirname(os.path.dirname(input.data[0])),
     conda:
         "../envs/mcibi.yaml"
     shell:

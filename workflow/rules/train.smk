@@ -32,8 +32,8 @@ rule train:
         mem_mb=4000,
         runtime=60,
     params:
-        data=DATA,
-        out=lambda wc: f"{RUNS}/{wc.dataset}/{wc.experiment}",
+        data=lambda wc, input: os.path.dirname(os.path.dirname(input.data[0])),
+        out=lambda wc, output: os.path.dirname(output.checkpoint),
     conda:
         "../envs/mcibi.yaml"
     shell:
