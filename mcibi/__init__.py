@@ -1,17 +1,24 @@
 """mcibi: MCIBI++ (MemoryNetV2, TPAMI 2022) semantic segmentation as a reproducible experiment pipeline.
 
 The public API is small: :func:`load_params` reads a strictly validated experiment file and
-:func:`build_segmentor` builds the model its ``model`` section describes.
+:func:`build_segmentor` builds the model its ``model`` section describes (torch and timm load on first use).
 """
 
-from mcibi.params import ExperimentParams, ParamsError, load_params
+from __future__ import annotations
 
-__all__ = ["ExperimentParams", "ParamsError", "build_segmentor", "load_params"]
+from typing import TYPE_CHECKING
+
+from mcibi.params import ExperimentParams, ModelParams, ParamsError, load_params
+
+if TYPE_CHECKING:
+    from mcibi.models.segmentor import MemorySegmentor
+
+__all__ = ["ExperimentParams", "ModelParams", "ParamsError", "build_segmentor", "load_params"]
 __version__ = "0.1.0"
 
 
-def build_segmentor(model_params):  # noqa: ANN001, ANN201 - re-exported with the real signature below
-    """Build the segmentor described by ``ModelParams`` (imports torch/timm lazily)."""
+def build_segmentor(model_params: ModelParams) -> MemorySegmentor:
+    """Build the segmentor described by the ``model`` section of an experiment's params."""
     from mcibi.models import build_segmentor as _build
 
     return _build(model_params)

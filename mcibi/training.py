@@ -51,14 +51,6 @@ def memory_momentum(params: ExperimentParams, lr: float) -> float:
     return mem.momentum
 
 
-def onehot_gather_logits(labels: torch.Tensor, size: tuple[int, int], num_classes: int) -> torch.Tensor:
-    """One-hot ground truth at the feature size (nearest), ignored pixels all-zero: the memory-warmup weights."""
-    small = F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
-    valid = (small >= 0) & (small < num_classes)
-    onehot = F.one_hot(small.clamp(0, num_classes - 1), num_classes).permute(0, 3, 1, 2).float()
-    return onehot * valid[:, None]
-
-
 def compute_losses(out, labels: torch.Tensor, params: ExperimentParams) -> dict[str, torch.Tensor]:
     """Weighted cross-entropy terms on logits upsampled to the label size; ``total`` is their sum."""
     w = params.train.loss_weights
@@ -89,11 +81,9 @@ def train_step(
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_mult", 1.0)
     model.train()
-    gather = None
     memory = getattr(model, "memory_module", None)
-    if memory is not None and epoch < params.model.memory.warmup_epochs:
-        gather = labels  # the segmentor turns labels into one-hot gathering logits at its feature size
-    out = model(images, gather_labels=gather) if gather is not None else model(images)
+    warmup = memory is not None and epoch < params.model.memory.warmup_epochs
+    out = model(images, gather_labels=labels if warmup else None)  # warmup: gather with one-hot ground truth
     losses = compute_losses(out, labels, params)
     optimizer.zero_grad(set_to_none=True)
     losses["total"].backward()
@@ -104,6 +94,16 @@ def train_step(
                           resolution=params.model.memory.update_resolution, ignore_index=IGNORE_INDEX)
             memory.sync()
     return {k: float(v.detach()) for k, v in losses.items()}
+
+
+def memory_metrics(model: nn.Module, spec) -> dict[str, float]:
+    """The memory's per-class μ and σ as metrics (their trajectories over training), empty for baselines."""
+    memory = getattr(model, "memory_module", None)
+    if memory is None:
+        return {}
+    values = memory.memory.detach().cpu().tolist()
+    return {f"memory.{stat}.{name}": row[i] for name, row in zip(spec.classes, values, strict=True)
+            for i, stat in enumerate(("mu", "sigma"))}
 
 
 def build_optimizer(model: nn.Module, params: ExperimentParams) -> torch.optim.Optimizer:
@@ -217,7 +217,8 @@ def train(
                     curve_rows.append(row)
                     bar.set_postfix(loss=f"{row['loss_total']:.3f}")
                     if run:
-                        run.metrics({k: v for k, v in row.items() if k != "iteration"}, step=it)
+                        run.metrics({k: v for k, v in row.items() if k != "iteration"} | memory_metrics(model, spec),
+                                    step=it)
         bar.close()
         ckpt = out / "model.pt"
         save_checkpoint(ckpt, model, params, iteration=it, mlflow_run_id=run.run_id if run else "")
@@ -232,11 +233,6 @@ def train(
         if run:
             run.artifact(curve, "training")
             run.metrics({"train_seconds": seconds}, step=it)
-            if getattr(model, "memory_module", None) is not None:
-                mem = model.memory_module.memory.detach().cpu()
-                run.metrics({f"memory.mu.{spec.classes[k]}": float(mem[k, 0]) for k in range(spec.num_classes)}
-                            | {f"memory.sigma.{spec.classes[k]}": float(mem[k, 1]) for k in range(spec.num_classes)},
-                            step=it)
             run.finish()
     except BaseException:
         if run:

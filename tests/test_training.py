@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from mcibi.models import build_segmentor
+from mcibi.models.segmentor import onehot_gather_logits
 from mcibi.params import load_params
-from mcibi.training import compute_losses, memory_momentum, onehot_gather_logits, poly_lr, train_step
+from mcibi.training import compute_losses, memory_momentum, poly_lr, train_step
 
 DEMO = Path(__file__).resolve().parents[1] / "params" / "demo"
 

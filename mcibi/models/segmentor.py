@@ -48,6 +48,14 @@ def classifier(in_ch: int, hidden: int, num_classes: int, dropout: float, kernel
     return nn.Sequential(OrderedDict(layers)) if named else nn.Sequential(*(m for _, m in layers))
 
 
+def onehot_gather_logits(labels: torch.Tensor, size: tuple[int, int], num_classes: int) -> torch.Tensor:
+    """One-hot ground truth at the feature size (nearest), ignored pixels all-zero: the memory-warmup weights."""
+    small = F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
+    valid = (small >= 0) & (small < num_classes)
+    onehot = F.one_hot(small.clamp(0, num_classes - 1), num_classes).permute(0, 3, 1, 2).float()
+    return onehot * valid[:, None]
+
+
 class MemorySegmentor(nn.Module):
     """One of FCN / PSNet / UperNet / DeepLabV3, with or without the MCIBI++ memory."""
 
@@ -130,8 +138,6 @@ class MemorySegmentor(nn.Module):
             use_pr = self.params.memory.force_use_preds_pr or out.logits_cwi is None
             gather = out.logits_pr if use_pr else out.logits_cwi
             if gather_labels is not None:
-                from mcibi.training import onehot_gather_logits
-
                 gather = onehot_gather_logits(gather_labels, gather.shape[2:], self.params.num_classes)
             memory_out = self.memory_module(reps, gather)
             if not self.has_cwi:
