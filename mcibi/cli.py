@@ -112,6 +112,22 @@ def _cmd_table(a: argparse.Namespace) -> None:
     sys.stdout.write(md.read_text())
 
 
+def _cmd_convert(a: argparse.Namespace) -> None:
+    import torch
+
+    from mcibi.checkpoint import convert_official_checkpoint, load_official_file, save_checkpoint
+    from mcibi.models import build_segmentor
+    from mcibi.params import load_params
+
+    params = load_params(a.params)
+    converted = convert_official_checkpoint(load_official_file(a.official), params.model)
+    model = build_segmentor(params.model)
+    model.load_state_dict(converted, strict=True)
+    with torch.no_grad():
+        save_checkpoint(a.out, model, params, iteration=0, source=str(a.official), mlflow_run_id="")
+    log.info("converted %s -> %s", a.official, a.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="mcibi", description=__doc__)
@@ -168,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--out-json", type=Path)
             s.add_argument("--out-csv", type=Path)
             s.add_argument("--limit", type=int, help="evaluate only the first N images (smoke tests)")
+
+    s = sub.add_parser("convert", help="convert an official MCIBI++ checkpoint for a params file")
+    s.add_argument("official", type=Path, help="the official .pth (loaded with weights_only=True)")
+    s.add_argument("params", type=Path, help="the params file describing the same model")
+    s.add_argument("--out", type=Path, required=True, help="our checkpoint to write")
+    s.set_defaults(func=_cmd_convert)
 
     s = sub.add_parser("table", help="write results/<dataset>/table.md and table.csv")
     s.add_argument("dataset")
