@@ -79,7 +79,7 @@ def train_step(
 ) -> dict[str, float]:
     """One iteration: set lr, forward, losses, backward, step, memory update. Returns the loss values."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_mult", 1.0)
+        group["lr"] = lr
     model.train()
     memory = getattr(model, "memory_module", None)
     warmup = memory is not None and epoch < params.model.memory.warmup_epochs
