@@ -87,3 +87,28 @@ def test_backbone_output_stride_8():
     model = build_segmentor(_model_params("fcn"))
     feats = model.backbone(torch.randn(1, 3, 96, 96))
     assert [f.shape[-1] for f in feats] == [24, 12, 12, 12]
+
+
+@pytest.mark.parametrize("name,stride,channels", [
+    ("hrnet_w18_small", 4, [240] * 4),  # HRNetV2: 16 + 32 + 64 + 128 branch channels concatenated
+    ("swin_tiny_patch4_window7_224", 32, [96, 192, 384, 768]),  # NHWC outputs permuted to NCHW
+    ("resnest14d", 8, [256, 512, 1024, 2048]),  # ResNeSt (S-101-D8 is resnest101e)
+])
+def test_backbone_adapters(name, stride, channels):
+    from mcibi.models.backbone import Backbone
+
+    backbone = Backbone(name, pretrained=False, output_stride=8).eval()
+    assert backbone.channels == channels
+    with torch.no_grad():
+        feats = backbone(torch.randn(1, 3, 96, 128))  # not a multiple of Swin's window: padded inside timm
+    assert [f.shape[1] for f in feats] == channels
+    assert feats[-1].shape[-2:] == (-(-96 // stride), -(-128 // stride))
+
+
+def test_hrnet_deeplabv3_with_memory_runs():
+    params = dataclasses.replace(_model_params("deeplabv3"), aux_head=False,
+                                 backbone=dataclasses.replace(BASE.backbone, name="hrnet_w18_small"))
+    params = dataclasses.replace(params, memory=dataclasses.replace(params.memory, downsample_before_sa=True))
+    model = build_segmentor(params).train()
+    out = model(torch.randn(2, 3, 64, 64))
+    assert out.logits.shape == (2, 8, 16, 16) and out.logits_aux is None

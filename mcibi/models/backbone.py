@@ -1,38 +1,73 @@
-"""The only module that talks to timm: a feature pyramid of four NCHW maps from any features_only model."""
+"""The only module that talks to timm: a feature pyramid of four NCHW maps from any features_only model.
+
+Three layouts are handled here and nowhere else:
+- CNNs (ResNet-D "c" variants, ResNeSt, ...): the last four stages, dilated to the requested output stride;
+- HRNet: the four branch outputs upsampled to the finest (stride 4) and concatenated (HRNetV2, 720 channels
+  for W48); the official models feed that one map to every head input, so it is returned four times;
+- transformers with channels-last outputs (Swin): permuted to NCHW; arbitrary input sizes are padded inside
+  timm (``strict_img_size=False``) so crops need not match the pretraining resolution.
+"""
 
 from __future__ import annotations
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
-class Backbone(nn.Module):
-    """timm backbone returning its last four stages (strides 4, 8, 8, 8 at output stride 8).
+def _is_hrnet(name: str) -> bool:
+    return name.startswith("hrnet")
 
-    Widths come from timm's ``feature_info`` so heads size themselves; channels-last outputs of
-    transformer backbones are permuted to NCHW here, nowhere else.
+
+def _is_swin(name: str) -> bool:
+    return name.startswith(("swin", "swinv2"))
+
+
+class Backbone(nn.Module):
+    """timm backbone returning four maps (CNN strides 4, 8, 8, 8 at output stride 8).
+
+    ``channels`` lists their widths, from timm's ``feature_info``, so heads size themselves.
     """
 
-    def __init__(self, name: str, pretrained: bool, output_stride: int = 8) -> None:
+    def __init__(self, name: str, pretrained: bool, output_stride: int = 8, align_corners: bool = False) -> None:
         super().__init__()
+        self.name = name
+        self.align_corners = align_corners
+        self.hrnet = _is_hrnet(name)
+        kwargs: dict = {"features_only": True, "pretrained": pretrained}
+        if self.hrnet:
+            kwargs["feature_location"] = ""  # raw branch outputs, not the classification "incre" modules
+            kwargs["out_indices"] = (1, 2, 3, 4)
+        elif _is_swin(name):
+            kwargs["strict_img_size"] = False
+            kwargs["out_indices"] = (0, 1, 2, 3)
+        else:
+            kwargs["out_indices"] = self._last_four(name)
+            if output_stride != 32:
+                kwargs["output_stride"] = output_stride
         try:
-            probe = timm.create_model(name, features_only=True, pretrained=False)
-        except RuntimeError as exc:
-            raise ValueError(f"backbone '{name}' cannot be built by timm with features_only=True: {exc}") from exc
-        num_stages = len(probe.feature_info)
-        del probe
-        out_indices = tuple(range(num_stages - 4, num_stages))
-        kwargs = {"features_only": True, "pretrained": pretrained, "out_indices": out_indices}
-        if output_stride != 32:
-            kwargs["output_stride"] = output_stride
-        self.body = timm.create_model(name, **kwargs)
-        self.channels: list[int] = list(self.body.feature_info.channels())
-        fmt = getattr(self.body, "output_fmt", "NCHW")
-        self.channels_last_output = str(fmt).upper().endswith("NHWC")
+            self.body = timm.create_model(name, **kwargs)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise ValueError(f"backbone '{name}' cannot be built by timm with {kwargs}: {exc}") from exc
+        stage_channels = list(self.body.feature_info.channels())
+        self.channels = [sum(stage_channels)] * 4 if self.hrnet else stage_channels
+        self.channels_last_output = str(getattr(self.body, "output_fmt", "NCHW")).upper().endswith("NHWC")
+
+    @staticmethod
+    def _last_four(name: str) -> tuple[int, ...]:
+        probe = timm.create_model(name, features_only=True, pretrained=False)
+        n = len(probe.feature_info)
+        return tuple(range(n - 4, n))
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        feats = self.body(images)
+        feats = list(self.body(images))
         if self.channels_last_output:
             feats = [f.permute(0, 3, 1, 2).contiguous() for f in feats]
-        return list(feats)
+        if self.hrnet:
+            size = feats[0].shape[2:]
+            up = [feats[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=self.align_corners)
+                               for f in feats[1:]]
+            fused = torch.cat(up, dim=1)
+            return [fused] * 4
+        return feats

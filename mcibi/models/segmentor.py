@@ -64,7 +64,7 @@ class MemorySegmentor(nn.Module):
         self.params = params
         p, ch, k = params, params.channels, params.num_classes
         self.align_corners = p.align_corners
-        self.backbone = Backbone(p.backbone.name, p.backbone.pretrained, p.backbone.output_stride)
+        self.backbone = Backbone(p.backbone.name, p.backbone.pretrained, p.backbone.output_stride, p.align_corners)
         stage_ch = self.backbone.channels
         top_ch = stage_ch[-1]
         self.with_memory = p.memory.kind != "none"
