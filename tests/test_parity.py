@@ -1,0 +1,72 @@
+"""Converted weights give the official implementation's logits (fp32, eval mode, 1e-4 relative).
+
+Needs the official toolbox (``pip install -e '.[parity]'`` or sssegmentation's source on PYTHONPATH); skipped
+otherwise. The official configs come from ../shared/reference/official_configs.yaml.
+"""
+
+import copy
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mcibi.checkpoint import convert_official_checkpoint
+from mcibi.models import build_segmentor
+from mcibi.params import ChannelParams, load_params
+
+ssseg = pytest.importorskip("ssseg", reason="the official sssegmentation package is not installed")
+
+CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_configs.yaml"
+BASE = load_params(Path(__file__).resolve().parents[1] / "params" / "demo" / "upernet_mcibipp.yaml").model
+FRAMEWORK = {"resnet50os8": "fcn", "ppm_resnet50os8": "psnet", "upernet_resnet50os8": "upernet",
+             "aspp_resnet50os8": "deeplabv3"}
+
+
+def _our_params(name: str, cfg: dict):
+    head = cfg["head"]
+    stem = name.removeprefix("mcibiplusplus_").rsplit("_", 1)[0]
+    framework = FRAMEWORK[stem]
+    memory = dataclasses.replace(BASE.memory, kind="mcibi++", hard_aggregate=head["use_hard_aggregate"],
+                                 downsample_before_sa=head["downsample_before_sa"],
+                                 force_use_preds_pr=head["force_use_preds_pr"])
+    return dataclasses.replace(
+        BASE, framework=framework, num_classes=cfg["num_classes"], memory=memory,
+        backbone=dataclasses.replace(BASE.backbone, name="resnet50c", pretrained=False),
+        channels=ChannelParams(head["feats_channels"], head["transform_channels"], 512, 512),
+        pool_scales=tuple(head["context_within_image"]["cfg"]["pool_scales"]),
+        dilations=tuple(head["context_within_image"]["cfg"]["dilations"]),
+        use_self_attention=head["context_within_image"].get("use_self_attention", True),
+        fuse_memory_cwi_before_fpn=head["fuse_memory_cwi_before_fpn"],
+        classifier_kernel=head["decoder"]["cls"].get("kernel_size", 1), aux_head=cfg["auxiliary"] is not None,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mcibiplusplus_resnet50os8_lip", "mcibiplusplus_ppm_resnet50os8_lip",
+                                  "mcibiplusplus_upernet_resnet50os8_lip", "mcibiplusplus_aspp_resnet50os8_ade20k"])
+def test_converted_official_model_gives_the_same_logits(name):
+    from ssseg.modules.models.segmentors.mcibiplusplus.mcibiplusplus import MCIBIPlusPlus
+    from ssseg.modules.utils import SSSegInputStructure
+
+    cfg = copy.deepcopy(yaml.safe_load(CONFIGS.read_text())[name])
+    cfg["backbone"]["pretrained"] = False
+    cfg["norm_cfg"] = {"type": "BatchNorm2d"}  # single process
+    ours = build_segmentor(_our_params(name, cfg)).eval()  # before the official constructor edits cfg in place
+    torch.manual_seed(0)
+    official = MCIBIPlusPlus(cfg, mode="TEST")
+    with torch.no_grad():  # non-trivial state: random BN statistics and memory
+        for m in official.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+        official.memory_module.memory.data.copy_(torch.rand_like(official.memory_module.memory) + 0.1)
+    official.eval()
+    ours.load_state_dict(convert_official_checkpoint(official.state_dict(), ours.params), strict=True)
+    images = torch.randn(1, 3, 65, 81)
+    with torch.no_grad():
+        expected = official(SSSegInputStructure(images=images, mode="TEST")).seg_logits
+        got = ours(images).logits
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
