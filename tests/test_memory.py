@@ -130,3 +130,15 @@ def test_read_does_not_touch_the_global_rng():
     state = torch.get_rng_state()
     mem(feats, logits)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_full_resolution_update_at_odd_sizes_equals_explicit_upsampling():
+    """The pulled-back one-hot maps give the sums of explicitly upsampled features (non-integer ratios)."""
+    mem = _memory(k=7)
+    gen = torch.Generator().manual_seed(3)
+    feats = torch.randn(3, 16, 5, 7, generator=gen)
+    labels = torch.randint(0, 7, (3, 33, 50), generator=gen)
+    labels[1, 10:20] = 255
+    expected = reference_update(mem.memory, F.interpolate(feats, size=(33, 50), mode="bilinear"), labels, 0.3, 7)
+    mem.update(feats, labels, momentum=0.3, resolution="full")
+    assert torch.allclose(mem.memory, expected, atol=1e-5)

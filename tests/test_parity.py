@@ -5,7 +5,6 @@ otherwise. The official configs come from ../shared/reference/official_configs.y
 """
 
 import copy
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -14,35 +13,11 @@ import yaml
 
 from mcibi.checkpoint import convert_official_checkpoint
 from mcibi.models import build_segmentor
-from mcibi.params import ChannelParams, load_params
+from mcibi.official import model_params_from_official
 
 ssseg = pytest.importorskip("ssseg", reason="the official sssegmentation package is not installed")
 
 CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_configs.yaml"
-BASE = load_params(Path(__file__).resolve().parents[1] / "params" / "demo" / "upernet_mcibipp.yaml").model
-FRAMEWORK = {"resnet50os8": "fcn", "ppm_resnet50os8": "psnet", "upernet_resnet50os8": "upernet",
-             "aspp_resnet50os8": "deeplabv3"}
-
-
-def _our_params(name: str, cfg: dict):
-    head = cfg["head"]
-    stem = name.removeprefix("mcibiplusplus_").rsplit("_", 1)[0]
-    framework = FRAMEWORK[stem]
-    memory = dataclasses.replace(BASE.memory, kind="mcibi++", hard_aggregate=head["use_hard_aggregate"],
-                                 downsample_before_sa=head["downsample_before_sa"],
-                                 force_use_preds_pr=head["force_use_preds_pr"])
-    return dataclasses.replace(
-        BASE, framework=framework, num_classes=cfg["num_classes"], memory=memory,
-        backbone=dataclasses.replace(BASE.backbone, name="resnet50c", pretrained=False),
-        channels=ChannelParams(head["feats_channels"], head["transform_channels"], 512, 512),
-        pool_scales=tuple(head["context_within_image"]["cfg"]["pool_scales"]),
-        dilations=tuple(head["context_within_image"]["cfg"]["dilations"]),
-        use_self_attention=head["context_within_image"].get("use_self_attention", True),
-        fuse_memory_cwi_before_fpn=head["fuse_memory_cwi_before_fpn"],
-        classifier_kernel=head["decoder"]["cls"].get("kernel_size", 1), aux_head=cfg["auxiliary"] is not None,
-    )
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["mcibiplusplus_resnet50os8_lip", "mcibiplusplus_ppm_resnet50os8_lip",
                                   "mcibiplusplus_upernet_resnet50os8_lip", "mcibiplusplus_aspp_resnet50os8_ade20k"])
@@ -53,7 +28,8 @@ def test_converted_official_model_gives_the_same_logits(name):
     cfg = copy.deepcopy(yaml.safe_load(CONFIGS.read_text())[name])
     cfg["backbone"]["pretrained"] = False
     cfg["norm_cfg"] = {"type": "BatchNorm2d"}  # single process
-    ours = build_segmentor(_our_params(name, cfg)).eval()  # before the official constructor edits cfg in place
+    # built before the official constructor, which edits cfg in place
+    ours = build_segmentor(model_params_from_official(name, cfg)).eval()
     torch.manual_seed(0)
     official = MCIBIPlusPlus(cfg, mode="TEST")
     with torch.no_grad():  # non-trivial state: random BN statistics and memory

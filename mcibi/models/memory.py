@@ -21,6 +21,12 @@ def official_noise(num_classes: int, channels: int) -> torch.Tensor:
     return torch.cat([torch.randn(1, channels, generator=torch.Generator().manual_seed(k)) for k in range(num_classes)])
 
 
+def _interpolation_matrix(size_in: int, size_out: int, align_corners: bool, like: torch.Tensor) -> torch.Tensor:
+    """(size_out, size_in) matrix of 1-D bilinear resizing weights, exactly as ``F.interpolate`` computes them."""
+    eye = torch.eye(size_in, device=like.device, dtype=like.dtype)[None, None]
+    return F.interpolate(eye, size=(size_out, size_in), mode="bilinear", align_corners=align_corners)[0, 0]
+
+
 class DistributionMemory(nn.Module):
     """Dataset-level class distributions (μ_k, σ_k) turned into context for every pixel."""
 
@@ -81,21 +87,21 @@ class DistributionMemory(nn.Module):
         """
         del ignore_index  # every value outside [0, K) is ignored, whichever convention the labels use
         feats = feats.float()
-        if resolution == "full":
-            if feats.shape[2:] != labels.shape[-2:]:
-                feats = F.interpolate(feats, size=labels.shape[-2:], mode="bilinear", align_corners=self.align_corners)
-        elif resolution == "feature":
-            labels = F.interpolate(labels[:, None].float(), size=feats.shape[2:], mode="nearest")[:, 0]
-        else:
-            raise ValueError(f"resolution must be 'full' or 'feature', got {resolution!r}")
         k = self.num_classes
-        c = feats.shape[1]
-        labels = labels.reshape(-1).long()
-        valid = (labels >= 0) & (labels < k)
-        index = torch.where(valid, labels, torch.full_like(labels, k))  # ignored pixels go to a spare bin k
-        flat = feats.permute(0, 2, 3, 1).reshape(-1, c)
-        sums = torch.zeros(k + 1, c, device=feats.device, dtype=feats.dtype).index_add_(0, index, flat)[:k]
-        counts = torch.bincount(index, minlength=k + 1)[:k].to(feats.dtype)
+        if resolution == "feature":
+            labels = F.interpolate(labels[:, None].float(), size=feats.shape[2:], mode="nearest")[:, 0]
+        elif resolution != "full":
+            raise ValueError(f"resolution must be 'full' or 'feature', got {resolution!r}")
+        labels = labels.long()
+        index = torch.where((labels >= 0) & (labels < k), labels, k)  # ignored pixels go to a spare bin k
+        counts = torch.bincount(index.reshape(-1), minlength=k + 1)[:k].to(feats.dtype)
+        if feats.shape[2:] == labels.shape[-2:]:
+            b, c = feats.shape[:2]
+            flat = feats.reshape(b, c, -1)
+            sums = torch.zeros(b, c, k + 1, device=feats.device, dtype=feats.dtype)
+            sums = sums.scatter_add_(2, index.reshape(b, 1, -1).expand_as(flat), flat).sum(0).T[:k]
+        else:
+            sums = self._class_sums_of_upsampled(feats, index)
         present = counts > 0
         means = sums / counts.clamp_min(1)[:, None]  # r̄_k
         mu_hat = means.mean(dim=1)
@@ -103,6 +109,25 @@ class DistributionMemory(nn.Module):
         stats = torch.stack([mu_hat, sigma_hat], dim=1).to(self.memory.dtype)
         m = torch.where(present, momentum, 0.0).to(self.memory.dtype)[:, None]
         self.memory.mul_(1 - m).add_(m * stats)
+
+    def _class_sums_of_upsampled(self, feats: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Per-class sums of the bilinearly upsampled features over the label map, without upsampling.
+
+        Bilinear resizing is linear and separable, up(F) = Wy F Wxᵀ, so the sum over the pixels of class k is
+        Σ_q M_k[q] F[q] with M_k = Wyᵀ 1[label = k] Wx: the one-hot label map pulled back to feature size. That
+        is the official full-resolution update's arithmetic at a fraction of its memory traffic.
+        """
+        b, c, h, w = feats.shape
+        big_h, big_w = index.shape[-2:]
+        k1 = self.num_classes + 1
+        wy = _interpolation_matrix(h, big_h, self.align_corners, feats)  # (H, h)
+        wx = _interpolation_matrix(w, big_w, self.align_corners, feats)  # (W, w)
+        rows = torch.arange(b, device=feats.device).view(b, 1, 1) * k1 + index  # (b, H, W): image-class slot
+        rows = rows * big_h + torch.arange(big_h, device=feats.device).view(1, big_h, 1)
+        pulled = torch.zeros(b * k1 * big_h, w, device=feats.device, dtype=feats.dtype)
+        pulled.index_add_(0, rows.reshape(-1), wx.repeat(b * big_h, 1))  # Σ_x over each row's class pixels
+        weights = torch.einsum("Yh,bkYw->bkhw", wy, pulled.view(b, k1, big_h, w))  # M_k per image
+        return torch.einsum("bkq,bcq->kc", weights.reshape(b, k1, h * w), feats.reshape(b, c, h * w))[:-1]
 
     @torch.no_grad()
     def sync(self) -> None:

@@ -1,0 +1,27 @@
+"""Every official MCIBI++ config translates into our model params with its switches."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mcibi.official import model_params_from_official
+
+CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_configs.yaml"
+
+
+def test_all_official_configs_translate():
+    if not CONFIGS.is_file():
+        pytest.skip("../shared/reference/official_configs.yaml is not beside the repository")
+    configs = yaml.safe_load(CONFIGS.read_text())
+    assert len(configs) == 37
+    by_name = {name: model_params_from_official(name, cfg) for name, cfg in configs.items()}
+    lip = by_name["mcibiplusplus_upernet_resnet50os8_lip"]
+    assert (lip.framework, lip.backbone.name, lip.num_classes, lip.use_self_attention) == ("upernet", "resnet50c", 20,
+                                                                                            False)
+    assert lip.classifier_kernel == 3 and lip.aux_head
+    hrnet = by_name["mcibiplusplus_aspp_hrnetv2w48_cityscapes"]
+    assert hrnet.backbone.name == "hrnet_w48" and hrnet.memory.downsample_before_sa and not hrnet.aux_head
+    swin_ade = by_name["mcibiplusplus_upernet_swinlarge_ade20k"]
+    assert swin_ade.use_self_attention and swin_ade.backbone.output_stride == 32
+    assert sum(p.memory.force_use_preds_pr for p in by_name.values()) == 1
