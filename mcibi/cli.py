@@ -108,7 +108,7 @@ def _cmd_table(a: argparse.Namespace) -> None:
         wanted = set(a.experiments)
         exps = [e for e in exps if e.name.split("/")[-1] in wanted]
     df = build_table(exps, Path(a.runs) / a.dataset)
-    md, csv = write_tables(df, a.out or Path("results") / a.dataset, title=a.dataset)
+    md, _ = write_tables(df, a.out or Path("results") / a.dataset, title=a.dataset)
     sys.stdout.write(md.read_text())
 
 

@@ -102,8 +102,10 @@ class RunLogger:
         self.client = _client(uri)
 
     @classmethod
-    def start(cls, uri: str, dataset: str, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> RunLogger:
-        """Create the run in the dataset's experiment and log its params (flattened, dotted keys)."""
+    def start(cls, uri: str, dataset: str, run_name: str, tags: dict[str, str], params: dict[str, Any],
+              description: str = "") -> RunLogger:
+        """Create the run in the dataset's experiment and log its params (flattened, dotted keys); the
+        description becomes the run's note in the UI."""
         from mlflow.entities import Param, RunTag
 
         exp_id = ensure_experiment(dataset, uri)
@@ -112,7 +114,8 @@ class RunLogger:
         items = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in sorted(params.items())]
         for i in range(0, len(items), 100):
             _retry(lambda chunk=items[i : i + 100]: client.log_batch(run.info.run_id, params=chunk))
-        _retry(lambda: client.log_batch(run.info.run_id, tags=[RunTag("mlflow.note.content", run_name)]))
+        if description:
+            _retry(lambda: client.log_batch(run.info.run_id, tags=[RunTag("mlflow.note.content", description)]))
         return cls(uri, run.info.run_id)
 
     def metrics(self, values: dict[str, float], step: int | None = None) -> None:

@@ -182,7 +182,8 @@ def train(
         from mcibi.tracking import RunLogger
 
         run = RunLogger.start(tracking_uri, params.data.name, params.name, run_tags(params),
-                              flatten(to_dict(params)) | {"iterations": max_iters, "iters_per_epoch": iters_per_epoch})
+                              flatten(to_dict(params)) | {"iterations": max_iters, "iters_per_epoch": iters_per_epoch},
+                              description=params.description)
         if params.path:
             run.artifact(params.path, "params")
     log.info("training %s: %d images, %d iterations (%d epochs x %d), device %s", params.name, len(dataset),
