@@ -44,7 +44,9 @@ def model_params_from_official(name: str, cfg: dict, pretrained: bool = False) -
     return ModelParams(
         framework=framework,
         num_classes=cfg["num_classes"],
-        backbone=BackboneParams(name=backbone, pretrained=pretrained, output_stride=stride),
+        backbone=BackboneParams(name=backbone, pretrained=pretrained, output_stride=stride,
+                                drop_path_rate=float(cfg["backbone"].get("drop_path_rate", 0.0)),
+                                stem_first_relu=not cfg["backbone"].get("mcibi_version", False)),
         memory=MemoryParams(kind="mcibi++", momentum=momentum["base_momentum"],
                             adjust_momentum_by_lr=momentum["adjust_by_learning_rate"], update_resolution="full",
                             hard_aggregate=head["use_hard_aggregate"],
@@ -59,6 +61,7 @@ def model_params_from_official(name: str, cfg: dict, pretrained: bool = False) -
         fuse_memory_cwi_before_fpn=head["fuse_memory_cwi_before_fpn"],
         aux_head=cfg["auxiliary"] is not None,
         classifier_kernel=head["decoder"]["cls"].get("kernel_size", 1),
+        cwi_classifier_kernel=head["decoder"]["cwi"].get("kernel_size", 1),
         dropout=head["decoder"]["cls"]["dropout"],
         align_corners=cfg["align_corners"],
     )

@@ -66,13 +66,15 @@ class BackboneParams:
     name: str  # timm model name, e.g. resnet50c, resnet101c, resnet10t
     pretrained: bool
     output_stride: Literal[8, 16, 32]
+    drop_path_rate: float  # stochastic depth (official Swin-L: 0.3; CNNs: 0)
+    stem_first_relu: bool  # false = official HRNet 'mcibi_version' stem (no ReLU after bn1); HRNet only
 
 
 @dataclass(frozen=True)
 class MemoryParams:
     """The dataset-level memory ("context beyond image") and its update rule."""
 
-    kind: Literal["none", "mcibi++"]
+    kind: Literal["none", "mcibi++", "mcibi"]  # none = plain framework; mcibi = v1 vector memory (ablation)
     momentum: float  # base momentum m of the per-iteration update
     adjust_momentum_by_lr: bool  # m = base * lr / base_lr
     update_resolution: Literal["full", "feature"]  # full = official (features upsampled to label size)
@@ -107,6 +109,7 @@ class ModelParams:
     fuse_memory_cwi_before_fpn: bool
     aux_head: bool
     classifier_kernel: Literal[1, 3]  # first conv of decoder_cls (official: 3 for UperNet, 1 or 3 otherwise)
+    cwi_classifier_kernel: Literal[1, 3]  # first conv of decoder_cwi (official: 3 in 4 configs, else 1)
     dropout: float
     align_corners: bool
 
@@ -132,12 +135,13 @@ class ScheduleParams:
 
 @dataclass(frozen=True)
 class LossWeights:
-    """Weights of the four cross-entropy terms (cls, cwi, pr, aux)."""
+    """Weights of the cross-entropy terms (cls, cwi, pr, aux; memory: MCIBI v1 only)."""
 
     cls: float
     cwi: float
     pr: float
     aux: float
+    memory: float  # MCIBI v1 representation consistency: decoder_pr on the stored vectors, from epoch 2 on
 
 
 @dataclass(frozen=True)
@@ -322,6 +326,13 @@ def _check(params: ExperimentParams, file: Path) -> None:
             raise ParamsError(f"{file}: key '{key}' must be positive, got {value}.")
     if not 0.0 < params.model.memory.momentum <= 1.0:
         raise ParamsError(f"{file}: key 'model.memory.momentum' must be in (0, 1].")
+    if not 0.0 <= params.model.backbone.drop_path_rate < 1.0:
+        raise ParamsError(f"{file}: key 'model.backbone.drop_path_rate' must be in [0, 1).")
+    if not params.model.backbone.stem_first_relu and not params.model.backbone.name.startswith("hrnet"):
+        raise ParamsError(
+            f"{file}: key 'model.backbone.stem_first_relu' is false, which only HRNet backbones support (the "
+            f"official 'mcibi_version' stem). Set it to true for '{params.model.backbone.name}'."
+        )
 
 
 def load_params(path: str | Path) -> ExperimentParams:

@@ -18,7 +18,7 @@ BACKBONE_NAMES = {
     "hrnet_w48": "HRNetV2p-W48",
     "swin_large_patch4_window12_384": "Swin-Large",
 }
-MEMORY_NAMES = {"none": "-", "mcibi++": "MCIBI++"}
+MEMORY_NAMES = {"none": "-", "mcibi++": "MCIBI++", "mcibi": "MCIBI"}
 NOT_RUN = "not run"
 
 

@@ -30,6 +30,8 @@ from mcibi.params import ExperimentParams, flatten, to_dict
 
 log = logging.getLogger(__name__)
 
+V1_MEMORY_LOSS_FROM_EPOCH = 1  # 0-based; the official MCIBI adds it when epoch > 1 (1-based)
+
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (data augmentation draws from per-sample generators of its own)."""
@@ -64,6 +66,9 @@ def compute_losses(out, labels: torch.Tensor, params: ExperimentParams) -> dict[
             continue
         up = F.interpolate(logits, size=size, mode="bilinear", align_corners=align)
         losses[name] = weight * F.cross_entropy(up.float(), labels, ignore_index=IGNORE_INDEX)
+    if out.logits_memory is not None and w.memory != 0:  # MCIBI v1: stored vector k must classify as k
+        targets = torch.arange(out.logits_memory.shape[0], device=out.logits_memory.device)
+        losses["memory"] = w.memory * F.cross_entropy(out.logits_memory.float(), targets)
     losses["total"] = sum(losses.values())
     return losses
 
@@ -83,7 +88,10 @@ def train_step(
     model.train()
     memory = getattr(model, "memory_module", None)
     warmup = memory is not None and epoch < params.model.memory.warmup_epochs
-    out = model(images, gather_labels=labels if warmup else None)  # warmup: gather with one-hot ground truth
+    # MCIBI v1's representation-consistency loss starts with the second epoch, as in the official code
+    classify_memory = params.model.memory.kind == "mcibi" and epoch >= V1_MEMORY_LOSS_FROM_EPOCH
+    out = model(images, gather_labels=labels if warmup else None,  # warmup: gather with one-hot ground truth
+                classify_memory=classify_memory)
     losses = compute_losses(out, labels, params)
     optimizer.zero_grad(set_to_none=True)
     losses["total"].backward()
@@ -97,13 +105,12 @@ def train_step(
 
 
 def memory_metrics(model: nn.Module, spec) -> dict[str, float]:
-    """The memory's per-class μ and σ as metrics (their trajectories over training), empty for baselines."""
+    """The memory's per-class summary (MCIBI++: μ and σ; v1: norm and mean) as metrics, empty for baselines."""
     memory = getattr(model, "memory_module", None)
     if memory is None:
         return {}
-    values = memory.memory.detach().cpu().tolist()
-    return {f"memory.{stat}.{name}": row[i] for name, row in zip(spec.classes, values, strict=True)
-            for i, stat in enumerate(("mu", "sigma"))}
+    return {f"memory.{stat}.{name}": value for stat, values in memory.summary().items()
+            for name, value in zip(spec.classes, values.detach().cpu().tolist(), strict=True)}
 
 
 def build_optimizer(model: nn.Module, params: ExperimentParams) -> torch.optim.Optimizer:

@@ -21,7 +21,7 @@ def _model_params(framework, kind="mcibi++", **changes):
 
 
 @pytest.mark.parametrize("framework", ["fcn", "psnet", "upernet", "deeplabv3"])
-@pytest.mark.parametrize("kind", ["none", "mcibi++"])
+@pytest.mark.parametrize("kind", ["none", "mcibi++", "mcibi"])
 def test_output_fields_and_shapes(framework, kind):
     model = build_segmentor(_model_params(framework, kind)).train()
     out = model(torch.randn(2, 3, 64, 64))
@@ -52,6 +52,7 @@ def test_official_widths_derive_from_feature_info():
 @pytest.mark.parametrize("switch", [
     {"use_self_attention": True}, {"downsample_before_sa": True}, {"hard_aggregate": True},
     {"force_use_preds_pr": True}, {"fuse_memory_cwi_before_fpn": False}, {"classifier_kernel": 1},
+    {"cwi_classifier_kernel": 3},
 ])
 @pytest.mark.parametrize("framework", ["upernet", "deeplabv3"])
 def test_switches_build_and_run(framework, switch):
@@ -112,3 +113,46 @@ def test_hrnet_deeplabv3_with_memory_runs():
     model = build_segmentor(params).train()
     out = model(torch.randn(2, 3, 64, 64))
     assert out.logits.shape == (2, 8, 16, 16) and out.logits_aux is None
+
+
+def test_hrnet_mcibi_version_stem_drops_the_first_relu():
+    from mcibi.models.backbone import Backbone
+
+    torch.manual_seed(0)
+    plain = Backbone("hrnet_w18_small", pretrained=False).eval()
+    torch.manual_seed(0)
+    official = Backbone("hrnet_w18_small", pretrained=False, stem_first_relu=False).eval()
+    assert isinstance(official.body.act1, torch.nn.Identity) and isinstance(plain.body.act1, torch.nn.ReLU)
+    official.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert not torch.allclose(plain(x)[0], official(x)[0])
+    with pytest.raises(ValueError, match="HRNet"):
+        Backbone("resnet10t", pretrained=False, stem_first_relu=False)
+
+
+def test_drop_path_rate_reaches_timm():
+    from mcibi.models.backbone import Backbone
+
+    backbone = Backbone("swin_tiny_patch4_window7_224", pretrained=False, drop_path_rate=0.3)
+    rates = [m.drop_prob for m in backbone.modules() if type(m).__name__ == "DropPath"]
+    assert rates and max(rates) == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("framework", ["fcn", "psnet", "upernet", "deeplabv3"])
+@pytest.mark.parametrize("kind", ["none", "mcibi++", "mcibi"])
+def test_backward_reaches_every_parameter(framework, kind):
+    import torch.nn.functional as F
+
+    model = build_segmentor(_model_params(framework, kind)).train()
+    images, labels = torch.randn(2, 3, 48, 48), torch.randint(0, 8, (2, 48, 48))
+    out = model(images, classify_memory=kind == "mcibi")
+    terms = [out.logits, out.logits_aux, out.logits_pr, out.logits_cwi]
+    up = [F.interpolate(t, size=(48, 48), mode="bilinear") for t in terms if t is not None]
+    loss = sum(F.cross_entropy(t, labels) for t in up)
+    if out.logits_memory is not None:
+        loss = loss + F.cross_entropy(out.logits_memory, torch.arange(8))
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, missing
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())

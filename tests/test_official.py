@@ -25,3 +25,8 @@ def test_all_official_configs_translate():
     swin_ade = by_name["mcibiplusplus_upernet_swinlarge_ade20k"]
     assert swin_ade.use_self_attention and swin_ade.backbone.output_stride == 32
     assert sum(p.memory.force_use_preds_pr for p in by_name.values()) == 1
+    assert not hrnet.backbone.stem_first_relu  # mcibi_version: true
+    assert by_name["mcibiplusplus_aspp_hrnetv2w48_lip"].backbone.stem_first_relu
+    assert hrnet.cwi_classifier_kernel == 3
+    assert sum(p.cwi_classifier_kernel == 3 for p in by_name.values()) == 4
+    assert swin_ade.backbone.drop_path_rate == pytest.approx(0.3) and lip.backbone.drop_path_rate == 0.0

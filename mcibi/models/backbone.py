@@ -30,12 +30,18 @@ class Backbone(nn.Module):
     ``channels`` lists their widths, from timm's ``feature_info``, so heads size themselves.
     """
 
-    def __init__(self, name: str, pretrained: bool, output_stride: int = 8, align_corners: bool = False) -> None:
+    def __init__(self, name: str, pretrained: bool, output_stride: int = 8, align_corners: bool = False,
+                 drop_path_rate: float = 0.0, stem_first_relu: bool = True) -> None:
         super().__init__()
         self.name = name
         self.align_corners = align_corners
         self.hrnet = _is_hrnet(name)
         kwargs: dict = {"features_only": True, "pretrained": pretrained}
+        if drop_path_rate > 0:
+            kwargs["drop_path_rate"] = drop_path_rate  # stochastic depth (Swin-L: 0.3 in the official configs)
+        if not stem_first_relu and not self.hrnet:
+            raise ValueError(f"backbone '{name}': stem_first_relu=False is the official HRNet 'mcibi_version' "
+                             "switch and exists for HRNet backbones only; set it to true.")
         if self.hrnet:
             kwargs["feature_location"] = ""  # raw branch outputs, not the classification "incre" modules
             kwargs["out_indices"] = (1, 2, 3, 4)
@@ -50,6 +56,8 @@ class Backbone(nn.Module):
             self.body = timm.create_model(name, **kwargs)
         except (RuntimeError, TypeError, ValueError) as exc:
             raise ValueError(f"backbone '{name}' cannot be built by timm with {kwargs}: {exc}") from exc
+        if not stem_first_relu:  # official HRNet mcibi_version: conv1 -> bn1 -> conv2 (no ReLU in between)
+            self.body.act1 = nn.Identity()
         stage_channels = list(self.body.feature_info.channels())
         self.channels = [sum(stage_channels)] * 4 if self.hrnet else stage_channels
         self.channels_last_output = str(getattr(self.body, "output_fmt", "NCHW")).upper().endswith("NHWC")

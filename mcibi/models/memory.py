@@ -1,9 +1,12 @@
-"""The MCIBI++ distribution memory: per-class (μ, σ) read by soft aggregation + attention, updated by momentum.
+"""The class memories that give every pixel context beyond its image, read by soft aggregation + attention.
 
-State lives in buffers (saved in ``state_dict``): ``memory`` (K×2: μ, σ; initialised (0, 1)) and ``noise``
-(K×C fixed standard-normal vectors, row k drawn from a CPU generator seeded with k — the same vectors the
-official code draws by reseeding the global RNG on every forward, which we never do). ``forward`` only reads;
-the training step calls :meth:`DistributionMemory.update` under ``no_grad`` and :meth:`sync` under DDP.
+- :class:`DistributionMemory` (MCIBI++): per-class (μ, σ) in the buffer ``memory`` (K×2, initialised (0, 1)) and
+  ``noise`` (K×C fixed standard-normal vectors, row k drawn from a CPU generator seeded with k — the same
+  vectors the official code draws by reseeding the global RNG on every forward, which we never do).
+- :class:`VectorMemory` (MCIBI v1, ablation): one C-vector per class, cosine-weighted updates.
+
+``forward`` only reads; the training step calls ``update`` under ``no_grad`` and :meth:`ClassMemory.sync` under
+DDP. Updates are vectorised over classes with no host synchronisation.
 """
 
 from __future__ import annotations
@@ -27,8 +30,12 @@ def _interpolation_matrix(size_in: int, size_out: int, align_corners: bool, like
     return F.interpolate(eye, size=(size_out, size_in), mode="bilinear", align_corners=align_corners)[0, 0]
 
 
-class DistributionMemory(nn.Module):
-    """Dataset-level class distributions (μ_k, σ_k) turned into context for every pixel."""
+class ClassMemory(nn.Module):
+    """What both memory kinds share: per-pixel dataset-level context ``D = W · M`` from the K class
+    representations M, attended by the pixel representations and fused with them (``O = CBR([R ; SA(R, D)])``).
+
+    Subclasses hold the memory state in buffers and define :meth:`class_representations` and ``update``.
+    """
 
     def __init__(
         self,
@@ -43,17 +50,14 @@ class DistributionMemory(nn.Module):
         self.num_classes = num_classes
         self.hard_aggregate = hard_aggregate
         self.align_corners = align_corners
-        init = torch.stack([torch.zeros(num_classes), torch.ones(num_classes)], dim=1)
-        self.register_buffer("memory", init)
-        self.register_buffer("noise", official_noise(num_classes, feats_channels))
         self.downsample_before_sa = ConvBNReLU(feats_channels, feats_channels, 3, stride=2) if downsample_before_sa \
             else None
         self.self_attention = SelfAttention(feats_channels, feats_channels, transform_channels, feats_channels)
         self.bottleneck = ConvBNReLU(feats_channels * 2, feats_channels, 3)
 
     def class_representations(self) -> torch.Tensor:
-        """M (K×C): m_k = μ_k · 1 + σ_k · z_k."""
-        return self.memory[:, :1] + self.memory[:, 1:] * self.noise
+        """M (K×C): one representation per class."""
+        raise NotImplementedError
 
     def forward(self, feats: torch.Tensor, gather_logits: torch.Tensor) -> torch.Tensor:
         """Memory output O = CBR([R ; SA(R, W·M)]) for pixel representations R and class logits L (W = softmax L)."""
@@ -68,6 +72,59 @@ class DistributionMemory(nn.Module):
         else:
             attended = self.self_attention(feats, context)
         return self.bottleneck(torch.cat([feats, attended], dim=1))
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Average the memory over DDP ranks after an update (no-op without a process group)."""
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.memory, op=dist.ReduceOp.SUM)
+            self.memory.div_(dist.get_world_size())
+
+    def summary(self) -> dict[str, torch.Tensor]:
+        """Per-class scalars that describe the memory (logged as trajectories over training)."""
+        raise NotImplementedError
+
+
+def _class_index(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Labels as long indices with every value outside [0, K) (255, -100, ...) sent to a spare bin K."""
+    labels = labels.long()
+    return torch.where((labels >= 0) & (labels < num_classes), labels, num_classes)
+
+
+def _labels_at(labels: torch.Tensor, size: torch.Size, resolution: str) -> torch.Tensor:
+    """Labels for an update at ``resolution``: as given ("full") or nearest-downsampled to ``size`` ("feature")."""
+    if resolution == "feature":
+        return F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0]
+    if resolution != "full":
+        raise ValueError(f"resolution must be 'full' or 'feature', got {resolution!r}")
+    return labels
+
+
+class DistributionMemory(ClassMemory):
+    """MCIBI++: dataset-level class distributions (μ_k, σ_k) turned into context for every pixel."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        feats_channels: int,
+        transform_channels: int,
+        hard_aggregate: bool = False,
+        downsample_before_sa: bool = False,
+        align_corners: bool = False,
+    ) -> None:
+        super().__init__(num_classes, feats_channels, transform_channels, hard_aggregate, downsample_before_sa,
+                         align_corners)
+        init = torch.stack([torch.zeros(num_classes), torch.ones(num_classes)], dim=1)
+        self.register_buffer("memory", init)
+        self.register_buffer("noise", official_noise(num_classes, feats_channels))
+
+    def class_representations(self) -> torch.Tensor:
+        """M (K×C): m_k = μ_k · 1 + σ_k · z_k."""
+        return self.memory[:, :1] + self.memory[:, 1:] * self.noise
+
+    def summary(self) -> dict[str, torch.Tensor]:
+        """μ_k and σ_k."""
+        return {"mu": self.memory[:, 0], "sigma": self.memory[:, 1]}
 
     @torch.no_grad()
     def update(
@@ -88,12 +145,8 @@ class DistributionMemory(nn.Module):
         del ignore_index  # every value outside [0, K) is ignored, whichever convention the labels use
         feats = feats.float()
         k = self.num_classes
-        if resolution == "feature":
-            labels = F.interpolate(labels[:, None].float(), size=feats.shape[2:], mode="nearest")[:, 0]
-        elif resolution != "full":
-            raise ValueError(f"resolution must be 'full' or 'feature', got {resolution!r}")
-        labels = labels.long()
-        index = torch.where((labels >= 0) & (labels < k), labels, k)  # ignored pixels go to a spare bin k
+        labels = _labels_at(labels, feats.shape[2:], resolution)
+        index = _class_index(labels, k)  # ignored pixels go to a spare bin k
         counts = torch.bincount(index.reshape(-1), minlength=k + 1)[:k].to(feats.dtype)
         if feats.shape[2:] == labels.shape[-2:]:
             b, c = feats.shape[:2]
@@ -129,9 +182,77 @@ class DistributionMemory(nn.Module):
         weights = torch.einsum("Yh,bkYw->bkhw", wy, pulled.view(b, k1, big_h, w))  # M_k per image
         return torch.einsum("bkq,bcq->kc", weights.reshape(b, k1, h * w), feats.reshape(b, c, h * w))[:-1]
 
+
+class VectorMemory(ClassMemory):
+    """MCIBI (ICCV'21, the predecessor, for ablation): one C-vector per class, read like MCIBI++.
+
+    ``memory`` (K×C, zeros until a class is first seen) is updated from the pixels of each class present: a
+    first sighting copies the class mean; afterwards m_k ← (1−m) m_k + m Σ_i w_i f_i with w_i ∝ 1 − cos(f_i, m_k),
+    so pixels unlike the stored vector weigh more (the official ``cosine_similarity`` strategy).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        feats_channels: int,
+        transform_channels: int,
+        hard_aggregate: bool = False,
+        downsample_before_sa: bool = False,
+        align_corners: bool = False,
+    ) -> None:
+        super().__init__(num_classes, feats_channels, transform_channels, hard_aggregate, downsample_before_sa,
+                         align_corners)
+        self.register_buffer("memory", torch.zeros(num_classes, feats_channels))
+
+    def class_representations(self) -> torch.Tensor:
+        """M (K×C): the stored vectors."""
+        return self.memory
+
+    def summary(self) -> dict[str, torch.Tensor]:
+        """Norm and channel mean of each stored vector."""
+        return {"norm": self.memory.norm(dim=1), "mean": self.memory.mean(dim=1)}
+
     @torch.no_grad()
-    def sync(self) -> None:
-        """Average the memory over DDP ranks after an update (no-op without a process group)."""
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.memory, op=dist.ReduceOp.SUM)
-            self.memory.div_(dist.get_world_size())
+    def update(
+        self,
+        feats: torch.Tensor,
+        labels: torch.Tensor,
+        momentum: float,
+        resolution: str = "full",
+        ignore_index: int = 255,
+    ) -> None:
+        """Cosine-weighted momentum update of every class present in ``labels`` (others untouched).
+
+        ``resolution="full"`` upsamples the features bilinearly to the label size (official); ``"feature"``
+        nearest-downsamples the labels. Values outside [0, K) are ignored. Vectorised over classes and pixels,
+        no host synchronisation. Where every pixel of a class equals the stored direction (all weights 0, a
+        0/0 in the official code) the plain class mean is used instead.
+        """
+        del ignore_index  # every value outside [0, K) is ignored
+        feats = feats.float()
+        k = self.num_classes
+        labels = _labels_at(labels, feats.shape[2:], resolution)
+        if feats.shape[2:] != labels.shape[-2:]:
+            feats = F.interpolate(feats, size=labels.shape[-2:], mode="bilinear", align_corners=self.align_corners)
+        b, c = feats.shape[:2]
+        flat = feats.reshape(b, c, -1)  # (b, C, N)
+        index = _class_index(labels, k).reshape(b, -1)  # (b, N), spare bin k for ignored pixels
+        table = torch.cat([self.memory.float(), self.memory.new_zeros(1, c, dtype=torch.float32)])  # (K+1, C)
+        stored = table[index].transpose(1, 2)  # (b, C, N): each pixel's current class vector
+        dissimilarity = 1 - F.cosine_similarity(flat, stored, dim=1)  # (b, N)
+        del stored
+        counts = torch.bincount(index.reshape(-1), minlength=k + 1)[:k].to(flat.dtype)
+        weight_sums = torch.zeros(k + 1, device=flat.device, dtype=flat.dtype)
+        weight_sums.index_add_(0, index.reshape(-1), dissimilarity.reshape(-1))
+        slots = index[:, None].expand_as(flat)
+        sums = flat.new_zeros(b, c, k + 1).scatter_add_(2, slots, flat).sum(0).T[:k]  # Σ f per class
+        weighted = flat.new_zeros(b, c, k + 1).scatter_add_(2, slots, flat * dissimilarity[:, None])
+        weighted = weighted.sum(0).T[:k]  # Σ (1 − cos) f per class
+        means = sums / counts.clamp_min(1)[:, None]
+        weight_sums = weight_sums[:k, None]
+        target = torch.where(weight_sums > 0, weighted / weight_sums.clamp_min(torch.finfo(flat.dtype).tiny), means)
+        present = (counts > 0)[:, None]
+        first = present & (self.memory == 0).all(dim=1, keepdim=True)
+        blended = (1 - momentum) * self.memory.float() + momentum * target
+        new = torch.where(first, means, torch.where(present, blended, self.memory.float()))
+        self.memory.copy_(new.to(self.memory.dtype))

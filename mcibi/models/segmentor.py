@@ -3,7 +3,8 @@
 ``forward`` only computes and returns a :class:`SegmentorOutput` of feature-resolution logits (callers
 upsample: the training step for the losses, inference per protocol) plus the pixel representations the
 training step updates the memory from. ``memory.kind == "none"`` builds the plain framework (the baseline):
-FCN, PSPNet, UperNet or DeepLabV3 without the memory branch and its extra classifiers.
+FCN, PSPNet, UperNet or DeepLabV3 without the memory branch and its extra classifiers; ``"mcibi++"`` the
+distribution memory; ``"mcibi"`` the v1 vector memory in the same place (an ablation of the memory kind).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from torch import nn
 
 from mcibi.models.backbone import Backbone
 from mcibi.models.blocks import ASPP, PPM, ConvBNReLU, SelfAttention
-from mcibi.models.memory import DistributionMemory
+from mcibi.models.memory import ClassMemory, DistributionMemory, VectorMemory
 from mcibi.params import ModelParams
 
 CONTEXT_MODULES = {"fcn": None, "psnet": "ppm", "upernet": "ppm", "deeplabv3": "aspp"}
+MEMORY_KINDS: dict[str, type[ClassMemory]] = {"mcibi++": DistributionMemory, "mcibi": VectorMemory}
 
 
 @dataclass
@@ -32,6 +34,7 @@ class SegmentorOutput:
     logits_pr: torch.Tensor | None = None  # pixel-representation classifier (memory models)
     logits_aux: torch.Tensor | None = None  # auxiliary head on backbone stage 3 (training only)
     representations: torch.Tensor | None = None  # R, what the memory is updated from (memory models)
+    logits_memory: torch.Tensor | None = None  # (K, K) decoder_pr applied to the stored vectors (MCIBI v1 loss)
 
 
 def classifier(in_ch: int, hidden: int, num_classes: int, dropout: float, kernel_size: int = 1,
@@ -57,14 +60,15 @@ def onehot_gather_logits(labels: torch.Tensor, size: tuple[int, int], num_classe
 
 
 class MemorySegmentor(nn.Module):
-    """One of FCN / PSNet / UperNet / DeepLabV3, with or without the MCIBI++ memory."""
+    """One of FCN / PSNet / UperNet / DeepLabV3, with or without a class memory (MCIBI++ or MCIBI v1)."""
 
     def __init__(self, params: ModelParams) -> None:
         super().__init__()
         self.params = params
         p, ch, k = params, params.channels, params.num_classes
         self.align_corners = p.align_corners
-        self.backbone = Backbone(p.backbone.name, p.backbone.pretrained, p.backbone.output_stride, p.align_corners)
+        self.backbone = Backbone(p.backbone.name, p.backbone.pretrained, p.backbone.output_stride, p.align_corners,
+                                 drop_path_rate=p.backbone.drop_path_rate, stem_first_relu=p.backbone.stem_first_relu)
         stage_ch = self.backbone.channels
         top_ch = stage_ch[-1]
         self.with_memory = p.memory.kind != "none"
@@ -78,7 +82,7 @@ class MemorySegmentor(nn.Module):
             self.context_within_image_module = ASPP(top_ch, ch.feats, p.dilations, p.align_corners)
 
         self.bottleneck: nn.Module | None = None
-        self.memory_module: DistributionMemory | None = None
+        self.memory_module: ClassMemory | None = None
         self.decoder_pr: nn.Module | None = None
         self.decoder_cwi: nn.Module | None = None
         self.self_attention: nn.Module | None = None
@@ -87,9 +91,9 @@ class MemorySegmentor(nn.Module):
         if self.with_memory:
             self.decoder_pr = classifier(ch.feats, ch.decoder, k, p.dropout)
             if self.has_cwi:
-                self.decoder_cwi = classifier(ch.feats, ch.decoder, k, p.dropout)
-            self.memory_module = DistributionMemory(k, ch.feats, ch.transform, p.memory.hard_aggregate,
-                                                    p.memory.downsample_before_sa, p.align_corners)
+                self.decoder_cwi = classifier(ch.feats, ch.decoder, k, p.dropout, kernel_size=p.cwi_classifier_kernel)
+            self.memory_module = MEMORY_KINDS[p.memory.kind](k, ch.feats, ch.transform, p.memory.hard_aggregate,
+                                                             p.memory.downsample_before_sa, p.align_corners)
             if self.has_cwi and p.use_self_attention:  # the official code applies it with the FPN too
                 self.self_attention = SelfAttention(ch.feats, ch.feats, ch.feats // 2, ch.feats)
 
@@ -120,9 +124,11 @@ class MemorySegmentor(nn.Module):
     def _up(self, x: torch.Tensor, size: torch.Size) -> torch.Tensor:
         return F.interpolate(x, size=size, mode="bilinear", align_corners=self.align_corners)
 
-    def forward(self, images: torch.Tensor, gather_labels: torch.Tensor | None = None) -> SegmentorOutput:
+    def forward(self, images: torch.Tensor, gather_labels: torch.Tensor | None = None,
+                classify_memory: bool = False) -> SegmentorOutput:
         """Compute the logits; ``gather_labels`` (training warmup only) replaces the memory's gathering logits
-        by the one-hot ground truth, as the official ``warmup_epoch`` does."""
+        by the one-hot ground truth, as the official ``warmup_epoch`` does; ``classify_memory`` also classifies
+        the stored class vectors with ``decoder_pr`` (the MCIBI v1 representation-consistency loss's input)."""
         stages = self.backbone(images)
         x = stages[-1]
         out = SegmentorOutput(logits=x)  # logits filled below
@@ -140,6 +146,9 @@ class MemorySegmentor(nn.Module):
             if gather_labels is not None:
                 gather = onehot_gather_logits(gather_labels, gather.shape[2:], self.params.num_classes)
             memory_out = self.memory_module(reps, gather)
+            if classify_memory:
+                vectors = self.memory_module.class_representations()
+                out.logits_memory = self.decoder_pr(vectors[:, :, None, None].to(reps.dtype))[:, :, 0, 0]
             if not self.has_cwi:
                 fused = memory_out
             else:
