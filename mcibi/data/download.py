@@ -1,62 +1,342 @@
 """Getting a dataset's archives and checking them against recorded checksums.
 
-For ``demo`` the "download" is the deterministic generator; real datasets plug their sources in here.
+Sources are tried in the order of the spec (official first, then the public mirror). An archive is first
+downloaded to ``<name>.part`` (resumed with an HTTP Range request after an interruption, with a tqdm progress
+bar), then checked; only a file that passes is renamed to its final name, so a failed or corrupt archive is
+never extracted nor marked done. Archives placed by hand in the download folder are used as they are (after
+the same checks). CityScapes needs an account: credentials come from ``CITYSCAPES_USERNAME`` /
+``CITYSCAPES_PASSWORD`` or a ``~/.netrc`` entry for ``www.cityscapes-dataset.com``; the official
+``cityscapesscripts`` downloader is used when it is installed, otherwise the same protocol is spoken here.
+For ``demo`` the "download" is the deterministic generator.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import netrc
+import os
+import shutil
+import tarfile
+import time
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
-from mcibi.data.specs import get_spec
+import requests
+from tqdm import tqdm
+
+from mcibi.data.specs import Archive, DatasetSpec, Source, resolve
 from mcibi.data.synthetic import generate_archive, sha256_file
 
 log = logging.getLogger(__name__)
 
+CITYSCAPES_SITE = "https://www.cityscapes-dataset.com"
+CHUNK = 1 << 20
+UrlMap = Callable[[str], str]
+
 
 class ArchiveError(RuntimeError):
-    """An archive is missing or does not match its recorded checksum."""
+    """An archive is missing, cannot be fetched or does not match its recorded checksum."""
 
 
-def download(dataset: str, dest_dir: str | Path) -> list[Path]:
-    """Make every archive of ``dataset`` present in ``dest_dir``; archives already verified are kept."""
-    spec = get_spec(dataset)
-    dest = Path(dest_dir)
-    dest.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, sha in spec.archives.items():
-        path = dest / name
-        if path.is_file() and sha is not None and sha256_file(path) == sha:
-            log.info("%s already present and verified", path)
-        elif dataset == "demo":
-            log.info("generating %s", path)
-            generate_archive(path)
-        else:
-            raise ArchiveError(
-                f"downloading dataset '{dataset}' is not supported yet: place {name} in {dest} by hand."
-            )
-        paths.append(path)
-    return paths
+class _Retryable(Exception):
+    """A transfer broke off or came back short; resuming may help."""
 
 
-def verify_archives(dataset: str, dest_dir: str | Path) -> dict:
-    """Check each archive's sha256 against the recorded one; return {name: {sha256, size}}.
+# ------------------------------------------------------------------------------------------------ verification
+def checksums(path: str | Path) -> dict[str, str]:
+    """sha256, sha1 and md5 of a file in one pass."""
+    hashes = {"sha256": hashlib.sha256(), "sha1": hashlib.sha1(), "md5": hashlib.md5()}
+    with open(path, "rb") as fh:
+        while block := fh.read(CHUNK):
+            for h in hashes.values():
+                h.update(block)
+    return {k: h.hexdigest() for k, h in hashes.items()}
 
-    An archive without a recorded checksum is reported with its size only (and logged as unverified).
+
+def _integrity(path: Path) -> None:
+    """Test an archive's own CRCs (zip members, gzip stream) when no checksum is published for it."""
+    name = path.name.lower()
+    try:
+        if name.endswith(".zip"):
+            with zipfile.ZipFile(path) as zf:
+                bad = zf.testzip()
+            if bad is not None:
+                raise ArchiveError(f"{path}: member {bad} fails its CRC check: the archive is corrupt.")
+        elif name.endswith((".tar", ".tar.gz", ".tgz")):
+            with tarfile.open(path) as tar:
+                for member in tar:
+                    if member.isfile():
+                        fh = tar.extractfile(member)
+                        while fh.read(CHUNK):
+                            pass
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
+        raise ArchiveError(f"{path}: not a readable archive ({exc}); it is corrupt or incomplete.") from exc
+
+
+def check_archive(path: str | Path, archive: Archive, extra_md5: str | None = None) -> dict:
+    """Check one complete file against what is recorded for it; return its record, raise ArchiveError if wrong.
+
+    The strongest recorded check decides: sha256, else the published sha1/md5 (and an md5 announced by the
+    server, CityScapes), else the size; an archive with none of them only gets its internal CRCs tested.
     """
-    spec = get_spec(dataset)
-    record = {}
-    for name, expected in spec.archives.items():
-        path = Path(dest_dir) / name
-        if not path.is_file():
-            raise ArchiveError(f"{path}: missing. Run `mcibi download {dataset}` first.")
-        actual = sha256_file(path)
-        if expected is not None and actual != expected:
+    path = Path(path)
+    if not path.is_file():
+        raise ArchiveError(f"{path}: missing.")
+    size = path.stat().st_size
+    if archive.size is not None and size != archive.size:
+        raise ArchiveError(f"{path}: {size} bytes, the recorded size is {archive.size}: incomplete or wrong file.")
+    sums = checksums(path)
+    expected = {"sha256": archive.sha256, "sha1": archive.sha1, "md5": archive.md5}
+    if extra_md5 and not archive.md5:
+        expected["md5"] = extra_md5
+    checked = [k for k, v in expected.items() if v]
+    for kind in checked:
+        if sums[kind] != expected[kind].lower():
             raise ArchiveError(
-                f"{path}: sha256 {actual} does not match the recorded {expected}. The file is corrupt or "
+                f"{path}: {kind} {sums[kind]} does not match the recorded {expected[kind]}. The file is corrupt or "
                 f"incomplete: delete it and download again."
             )
-        if expected is None:
-            log.warning("%s: no checksum recorded for this archive; only its size is reported", path)
-        record[name] = {"sha256": actual, "size": path.stat().st_size, "verified": expected is not None}
-    return {"dataset": dataset, "archives": record}
+    if not checked:
+        _integrity(path)
+        how = "size" if archive.size is not None else "archive CRCs only (no checksum published)"
+        log.warning("%s: no checksum recorded for this archive; checked %s. sha256 %s", path, how, sums["sha256"])
+    else:
+        how = "+".join(checked)
+    return {"sha256": sums["sha256"], "size": size, "verified": bool(checked), "checked_with": how}
+
+
+# ----------------------------------------------------------------------------------------------------- transfer
+def fetch(url: str, target: Path, session: requests.Session | None = None, retries: int = 4,
+          retry_delay: float = 2.0, timeout: float = 60.0) -> Path:
+    """Download ``url`` to ``target.part``, resuming with a Range request; return the complete ``.part`` file.
+
+    A transfer that breaks off is resumed from the bytes already on disk (also across runs). HTTP errors such as
+    404 and a web page where a file was expected are not retried.
+    """
+    session = session or requests.Session()
+    part = target.with_name(target.name + ".part")
+    for attempt in range(retries + 1):
+        have = part.stat().st_size if part.exists() else 0
+        headers = {"User-Agent": "mcibi-downloader", "Accept-Encoding": "identity"}
+        if have:
+            headers["Range"] = f"bytes={have}-"
+        try:
+            with session.get(url, headers=headers, stream=True, timeout=timeout, allow_redirects=True) as resp:
+                if resp.status_code == 416 and have:
+                    return part  # the part file already holds the whole file
+                if resp.status_code >= 400:
+                    raise ArchiveError(f"{url}: HTTP {resp.status_code} {resp.reason}")
+                if "text/html" in resp.headers.get("Content-Type", ""):
+                    raise ArchiveError(f"{url}: the server sent a web page instead of the file (login, quota or "
+                                       "confirmation page)")
+                if have and resp.status_code == 206:
+                    start = int(resp.headers.get("Content-Range", "bytes 0-").split()[1].split("-")[0])
+                    if start != have:
+                        raise ArchiveError(f"{url}: server resumed at byte {start}, expected {have}")
+                    mode = "ab"
+                else:
+                    have, mode = 0, "wb"  # no range support: start again
+                length = resp.headers.get("Content-Length")
+                total = have + int(length) if length is not None else None
+                with open(part, mode) as fh, tqdm(total=total, initial=have, unit="B", unit_scale=True,
+                                                  unit_divisor=1024, desc=target.name, mininterval=1.0) as bar:
+                    for chunk in resp.iter_content(CHUNK):
+                        fh.write(chunk)
+                        bar.update(len(chunk))
+            got = part.stat().st_size
+            if total is not None and got != total:
+                raise _Retryable(f"{url}: transfer ended at {got} of {total} bytes")
+            return part
+        except (_Retryable, requests.ConnectionError, requests.Timeout,
+                requests.exceptions.ChunkedEncodingError) as exc:
+            if attempt == retries:
+                raise ArchiveError(f"{url}: transfer failed {retries + 1} times ({exc}); run again to resume "
+                                   f"from {part}") from exc
+            log.warning("%s: %s; resuming (attempt %d of %d)", url, exc, attempt + 2, retries + 1)
+            time.sleep(retry_delay * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def _fetch_archive(archive: Archive, dest: Path, url_map: UrlMap, session: requests.Session,
+                   retry_delay: float) -> Path:
+    """Fetch one archive from its URLs in order (joining multi-volume mirrors); return the unverified file."""
+    errors = []
+    for url in archive.urls:
+        url = url_map(url)
+        try:
+            if not archive.parts:
+                return fetch(url, dest / archive.name, session, retry_delay=retry_delay)
+            volumes = [fetch(f"{url}.{i:03d}", dest / f"{archive.name}.{i:03d}", session, retry_delay=retry_delay)
+                       for i in range(1, archive.parts + 1)]
+            joined = dest / f"{archive.name}.part"
+            with open(joined, "wb") as out:
+                for vol in volumes:
+                    with open(vol, "rb") as fh:
+                        shutil.copyfileobj(fh, out, CHUNK)
+            for vol in volumes:
+                vol.unlink()
+            return joined
+        except (ArchiveError, requests.RequestException) as exc:
+            errors.append(str(exc))
+            log.warning("%s", exc)
+    raise ArchiveError("; ".join(errors) or f"{archive.name}: no download URL")
+
+
+def _accept(part: Path, final: Path, archive: Archive, extra_md5: str | None = None) -> dict:
+    """Check a downloaded file; rename it into place if it passes, delete it if it does not."""
+    try:
+        record = check_archive(part, archive, extra_md5)
+    except ArchiveError:
+        part.unlink(missing_ok=True)
+        raise
+    os.replace(part, final)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------- CityScapes
+def cityscapes_credentials() -> tuple[str, str] | None:
+    """(user, password) from CITYSCAPES_USERNAME/CITYSCAPES_PASSWORD, else ~/.netrc; None if neither is set."""
+    user, password = os.environ.get("CITYSCAPES_USERNAME"), os.environ.get("CITYSCAPES_PASSWORD")
+    if user and password:
+        return user, password
+    try:
+        auth = netrc.netrc().authenticators("www.cityscapes-dataset.com")
+    except (FileNotFoundError, netrc.NetrcParseError):
+        auth = None
+    if auth and auth[0] and auth[2]:
+        return auth[0], auth[2]
+    return None
+
+
+def cityscapes_login(user: str, password: str, site: str = CITYSCAPES_SITE) -> requests.Session:
+    """Log in like cityscapesScripts' downloader (a redirect means success) and return the session."""
+    session = requests.Session()
+    session.get(f"{site}/login/", allow_redirects=False, timeout=60).raise_for_status()
+    resp = session.post(f"{site}/login/", data={"username": user, "password": password, "submit": "Login"},
+                        allow_redirects=False, timeout=60)
+    resp.raise_for_status()
+    if resp.status_code != 302:
+        raise ArchiveError(f"{site}: login as '{user}' failed (bad credentials?).")
+    return session
+
+
+def _fetch_cityscapes(source: Source, dest: Path, url_map: UrlMap, retry_delay: float) -> dict:
+    creds = cityscapes_credentials()
+    if creds is None:
+        raise ArchiveError("no CityScapes credentials (set CITYSCAPES_USERNAME and CITYSCAPES_PASSWORD, or add "
+                           "'machine www.cityscapes-dataset.com login <user> password <password>' to ~/.netrc)")
+    site = url_map(CITYSCAPES_SITE).rstrip("/")
+    session = cityscapes_login(*creds, site=site)
+    try:
+        from cityscapesscripts.download import downloader as official
+    except ImportError:
+        official = None
+    records = {}
+    for archive in source.archives:
+        final = dest / archive.name
+        if official is not None and site == CITYSCAPES_SITE:
+            staging = dest / ".cityscapes-download"
+            staging.mkdir(exist_ok=True)
+            resume = (staging / archive.name).exists()
+            official.download_packages(session=session, package_names=[archive.name],
+                                       destination_path=str(staging), resume=resume)  # checks the site's md5
+            records[archive.name] = _accept(staging / archive.name, final, archive)
+            continue
+        md5 = session.get(f"{site}/md5-sum/?packageID={archive.package_id}", timeout=60)
+        md5.raise_for_status()
+        part = fetch(f"{site}/file-handling/?packageID={archive.package_id}", final, session,
+                     retry_delay=retry_delay)
+        records[archive.name] = _accept(part, final, archive, extra_md5=md5.text.split()[0])
+    return records
+
+
+# ------------------------------------------------------------------------------------------------------- public
+def manual_instructions(spec: DatasetSpec, dest: Path) -> str:
+    """Which files to put where to skip downloading."""
+    lines = []
+    for source in spec.sources:
+        names = " and ".join(a.name for a in source.archives)
+        where = f" from {source.homepage}" if source.homepage else ""
+        lines.append(f"  - {source.name}: {names}{where}")
+    return f"Alternatively put the archives of one source into {dest}/ and run again:\n" + "\n".join(lines)
+
+
+def _present(source: Source, dest: Path) -> bool:
+    return all((dest / a.name).is_file() for a in source.archives)
+
+
+def download(dataset: str | DatasetSpec, dest_dir: str | Path, *, url_map: UrlMap | None = None,
+             retry_delay: float = 2.0) -> list[Path]:
+    """Make every archive of one source of ``dataset`` present and verified in ``dest_dir``.
+
+    Archives already there (downloaded before or placed by hand) are checked and kept. Otherwise each source
+    is tried in order until one delivers all its archives. ``url_map`` rewrites URLs (tests serve a local
+    copy). Raises ArchiveError naming every failure and which files to place by hand.
+    """
+    spec = resolve(dataset)
+    dest = Path(dest_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    url_map = url_map or (lambda url: url)
+    if spec.sources[0].kind == "generated":
+        archive = spec.sources[0].archives[0]
+        path = dest / archive.name
+        if not (path.is_file() and sha256_file(path) == archive.sha256):
+            log.info("generating %s", path)
+            generate_archive(path)
+        return [path]
+    for source in spec.sources:
+        if _present(source, dest):
+            for archive in source.archives:
+                check_archive(dest / archive.name, archive)
+            log.info("%s: %s archives already present and verified", spec.name, source.name)
+            return [dest / a.name for a in source.archives]
+    failures = []
+    session = requests.Session()
+    for source in spec.sources:
+        try:
+            if source.kind == "cityscapes":
+                _fetch_cityscapes(source, dest, url_map, retry_delay)
+            else:
+                for archive in source.archives:
+                    final = dest / archive.name
+                    if final.is_file():
+                        check_archive(final, archive)
+                        continue
+                    if not archive.urls:
+                        raise ArchiveError(f"{archive.name}: no direct download URL ({archive.note})")
+                    _accept(_fetch_archive(archive, dest, url_map, session, retry_delay), final, archive)
+            log.info("%s: downloaded the %s archives", spec.name, source.name)
+            return [dest / a.name for a in source.archives]
+        except (ArchiveError, requests.RequestException) as exc:
+            failures.append(f"  - {source.name}: {exc}")
+            log.warning("%s: %s source failed: %s", spec.name, source.name, exc)
+    raise ArchiveError(f"could not get the archives of '{spec.name}':\n" + "\n".join(failures) + "\n"
+                       + manual_instructions(spec, dest))
+
+
+def present_source(spec: DatasetSpec, dest: Path) -> Source:
+    """The first source whose archives are all in ``dest``; ArchiveError with instructions if none is."""
+    for source in spec.sources:
+        if _present(source, dest):
+            return source
+    raise ArchiveError(f"{dest}: the archives of '{spec.name}' are missing. Run `mcibi download {spec.name}` "
+                       f"first.\n" + manual_instructions(spec, dest))
+
+
+def verify_archives(dataset: str | DatasetSpec, dest_dir: str | Path) -> dict:
+    """Check each archive of the source present in ``dest_dir``; return {dataset, source, archives: {name: ...}}.
+
+    Each archive's record holds its sha256 and size, whether a recorded checksum confirmed it (``verified``)
+    and what was checked; an archive without any recorded checksum is logged as unverified.
+    """
+    spec = resolve(dataset)
+    dest = Path(dest_dir)
+    try:
+        source = present_source(spec, dest)
+    except ArchiveError:
+        missing = [a.name for a in spec.sources[0].archives if not (dest / a.name).is_file()]
+        raise ArchiveError(f"{dest / missing[0]}: missing. Run `mcibi download {spec.name}` first.") from None
+    record = {a.name: check_archive(dest / a.name, a) for a in source.archives}
+    return {"dataset": spec.name, "source": source.name, "archives": record}

@@ -1,5 +1,11 @@
-"""Converters from a dataset's archives to the prepared on-disk format (see :mod:`mcibi.data.specs`), and
-the check of a prepared dataset."""
+"""From a dataset's verified archives to the prepared on-disk format (see :mod:`mcibi.data.specs`), and the
+check of a prepared dataset.
+
+:func:`prepare` checks the archives (never extracts one that fails), extracts them into a scratch folder beside
+the output, lets the dataset's converter (:mod:`mcibi.data.converters`) say which image and which raw label
+make each sample, converts every label to train ids in parallel, writes the split lists and the manifest, and
+renames the result into place. :func:`verify_prepared` checks the result against the documented split sizes.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +15,19 @@ import os
 import shutil
 import tarfile
 import tempfile
+import time
+import zipfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
-from mcibi.data.specs import IGNORE_INDEX, DatasetSpec, get_spec
+from mcibi.data.specs import IGNORE_INDEX, DatasetSpec, resolve
 from mcibi.files import write_json
 
 log = logging.getLogger(__name__)
@@ -26,57 +37,206 @@ class PreparedDataError(ValueError):
     """A prepared dataset is incomplete or has invalid content; the message names the file."""
 
 
-def _prepare_demo(spec: DatasetSpec, archive_dir: Path, out: Path) -> None:
-    """The demo archive already holds index PNGs: extract them into the prepared layout."""
-    archive = archive_dir / "demo.tar"
-    with tarfile.open(archive) as tar:
-        for member in tar.getmembers():
-            if not member.isfile():
-                continue
-            parts = Path(member.name).parts
-            if parts[0] != "demo":
-                raise PreparedDataError(f"{archive}: unexpected member {member.name}")
-            data = tar.extractfile(member).read()
-            rel = Path(*parts[1:])
-            if rel.name == "classes.txt":
-                names = tuple(data.decode().split())
-                if names != spec.classes:
-                    raise PreparedDataError(f"{archive}: classes.txt {names} differ from the spec {spec.classes}")
-                continue
-            if rel.parent == Path(".") and rel.suffix == ".txt":
-                rel = Path("splits") / rel.name
-            target = out / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
+# ------------------------------------------------------------------------------------------------ label tables
+def label_table(mapping: dict[int, int], size: int = 256) -> np.ndarray:
+    """A lookup table raw value -> train id; values not in ``mapping`` are invalid (-1)."""
+    lut = np.full(size, -1, np.int16)
+    for raw, train_id in mapping.items():
+        lut[raw] = train_id
+    return lut
 
 
-PREPARERS: dict[str, Callable[[DatasetSpec, Path, Path], None]] = {"demo": _prepare_demo}
+def apply_table(raw: np.ndarray, lut: np.ndarray, where: Path | str) -> np.ndarray:
+    """Map raw label values through ``lut`` to a uint8 train-id map; invalid values raise naming the file."""
+    if raw.ndim != 2:
+        raise PreparedDataError(f"{where}: expected a single-channel label map, got shape {raw.shape}.")
+    values = raw.astype(np.int64, copy=False)
+    bad = (values < 0) | (values >= len(lut))
+    if not bad.any():
+        mapped = lut[values]
+        bad = mapped < 0
+        if not bad.any():
+            return mapped.astype(np.uint8)
+    raise PreparedDataError(f"{where}: raw label values {sorted(set(values[bad].tolist()))[:8]} are not part of the "
+                            "dataset's label encoding.")
 
 
-def _split_ids(data_dir: Path, split: str) -> list[str]:
-    return [line.strip() for line in (data_dir / "splits" / f"{split}.txt").read_text().splitlines() if line.strip()]
+def read_index_png(path: Path) -> np.ndarray:
+    """Class indices of a label PNG: palette ("P") images give their palette indices, not colour luminance."""
+    with Image.open(path) as im:
+        if im.mode not in ("P", "L", "I", "I;16"):
+            raise PreparedDataError(f"{path}: label PNG in mode {im.mode}; expected indices (P, L or 16-bit).")
+        return np.asarray(im)
 
 
-def prepare(dataset: str, archive_dir: str | Path, out_dir: str | Path) -> Path:
-    """Convert the archives into ``out_dir`` (written beside it, then renamed into place) with its manifest."""
-    spec = get_spec(dataset)
-    if dataset not in PREPARERS:
-        raise PreparedDataError(f"preparing dataset '{dataset}' is not supported yet (supported: {sorted(PREPARERS)}).")
+def read_mat(path: Path, *keys: str | int) -> np.ndarray:
+    """One array of a MATLAB file, following ``keys`` (field names and indices) into structs."""
+    from scipy.io import loadmat
+
+    try:
+        value = loadmat(str(path))
+    except (ValueError, OSError, NotImplementedError) as exc:
+        raise PreparedDataError(f"{path}: unreadable .mat file ({exc}).") from exc
+    for key in keys:
+        try:
+            value = value[key]
+        except (KeyError, IndexError, ValueError) as exc:
+            raise PreparedDataError(f"{path}: no '{key}' in the .mat file.") from exc
+    return np.asarray(value)
+
+
+# --------------------------------------------------------------------------------------------------- extraction
+def extract(archive: Path, dest: Path) -> None:
+    """Extract a zip or tar archive into ``dest``, refusing members that would land outside it."""
+    dest.mkdir(parents=True, exist_ok=True)
+    log.info("extracting %s", archive)
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            root = dest.resolve()
+            for member in zf.namelist():
+                if not (dest / member).resolve().is_relative_to(root):
+                    raise PreparedDataError(f"{archive}: member {member} points outside the extraction folder.")
+            zf.extractall(dest)
+    elif tarfile.is_tarfile(archive):
+        with tarfile.open(archive) as tar:
+            tar.extractall(dest, filter="data")
+    else:
+        raise PreparedDataError(f"{archive}: neither a zip nor a tar archive.")
+
+
+def locate(root: Path, marker: str, max_depth: int = 5) -> Path:
+    """The shallowest folder D under ``root`` where ``D/marker`` exists; PreparedDataError if none does."""
+    level = [root]
+    for _ in range(max_depth + 1):
+        for folder in sorted(level):
+            if (folder / marker).exists():
+                return folder
+        level = [c for f in level for c in f.iterdir() if c.is_dir() and not c.name.startswith("__MACOSX")]
+    top = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+    raise PreparedDataError(f"{root}: no '{marker}' in the extracted archives (top level: {top[:10]}); "
+                            "is this the right archive?")
+
+
+def read_ids(path: Path) -> list[str]:
+    """Non-empty stripped lines of a list file (first column)."""
+    if not path.is_file():
+        raise PreparedDataError(f"{path}: missing list file.")
+    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------------- converters
+@dataclass
+class Plan:
+    """What a converter found: for every sample id its image and how to read its train-id label."""
+
+    splits: dict[str, list[str]] = field(default_factory=dict)
+    images: dict[str, Path] = field(default_factory=dict)
+    labels: dict[str, Callable[[], np.ndarray | Path]] = field(default_factory=dict)  # train ids, or a PNG of them
+
+    def add(self, image_id: str, image: Path, label: Callable[[], np.ndarray | Path]) -> None:
+        self.images[image_id] = image
+        self.labels[image_id] = label
+
+
+def _write_sample(spec: DatasetSpec, out: Path, image_id: str, image: Path,
+                  label_fn: Callable[[], np.ndarray | Path]) -> None:
+    if not image.is_file():
+        raise PreparedDataError(f"{image}: missing image for sample '{image_id}'.")
+    label = label_fn()
+    label_src = None
+    if isinstance(label, Path):  # already an index PNG in the prepared encoding: moved as it is
+        label_src, label = label, cv2.imread(str(label), cv2.IMREAD_UNCHANGED)
+        if label is None or label.ndim != 2 or label.dtype != np.uint8:
+            raise PreparedDataError(f"{label_src}: not a single-channel 8-bit PNG.")
+    with Image.open(image) as im:
+        width, height = im.size
+    if (height, width) != label.shape:
+        raise PreparedDataError(f"{image}: size {(height, width)} differs from its label's {label.shape}.")
+    target = out / "images" / f"{image_id}{spec.image_ext}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if image.suffix.lower() == spec.image_ext:
+        os.replace(image, target)  # the scratch copy is not needed any more: move, do not re-encode
+    else:
+        bgr = cv2.imread(str(image), cv2.IMREAD_COLOR)
+        if bgr is None or not cv2.imwrite(str(target), bgr):
+            raise PreparedDataError(f"{image}: could not convert to {spec.image_ext}.")
+    label_file = out / "labels" / f"{image_id}.png"
+    label_file.parent.mkdir(parents=True, exist_ok=True)
+    if label_src is not None:
+        os.replace(label_src, label_file)
+    elif not cv2.imwrite(str(label_file), label, [cv2.IMWRITE_PNG_COMPRESSION, 3]):
+        raise PreparedDataError(f"{label_file}: could not write.")
+
+
+def _check_archives(spec: DatasetSpec, archive_dir: Path, record: dict | None) -> dict:
+    """The verification record of the archives: trusted if sizes match ``record``, else recomputed."""
+    from mcibi.data.download import present_source, verify_archives
+
+    if record is not None:
+        source = next((s for s in spec.sources if s.name == record.get("source")), None)
+        if source is not None and all(
+            (archive_dir / a.name).is_file()
+            and (archive_dir / a.name).stat().st_size == record["archives"].get(a.name, {}).get("size")
+            for a in source.archives
+        ):
+            return record
+        log.info("archive record does not match the files in %s; verifying again", archive_dir)
+    present_source(spec, archive_dir)
+    return verify_archives(spec, archive_dir)
+
+
+def prepare(dataset: str | DatasetSpec, archive_dir: str | Path, out_dir: str | Path, *,
+            archive_record: dict | None = None, workers: int | None = None) -> Path:
+    """Convert the archives into ``out_dir`` (built beside it, then renamed into place) with its manifest.
+
+    The archives are checked first (``archive_record``, the output of ``verify_archives``, avoids hashing them
+    twice when the files still have the recorded sizes); one that fails is never extracted.
+    """
+    from mcibi.data.converters import CONVERTERS
+
+    spec = resolve(dataset)
+    if spec.name not in CONVERTERS:
+        raise PreparedDataError(f"no converter for dataset '{spec.name}' (supported: {sorted(CONVERTERS)}).")
+    archives = Path(archive_dir)
+    record = _check_archives(spec, archives, archive_record)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    start = time.perf_counter()
     try:
-        PREPARERS[dataset](spec, Path(archive_dir), tmp)
-        counts = {split: len(_split_ids(tmp, split)) for split in spec.splits}
-        write_json(tmp / "manifest.json", {
+        raw = tmp / "_raw"
+        source = next(s for s in spec.sources if s.name == record["source"])
+        for archive in source.archives:
+            extract(archives / archive.name, raw)
+        plan = CONVERTERS[spec.name](spec, raw)
+        ids = sorted(plan.images)
+        workers = workers or min(8, os.cpu_count() or 1)
+        with ThreadPoolExecutor(workers) as pool:
+            jobs = [pool.submit(_write_sample, spec, tmp, i, plan.images[i], plan.labels[i]) for i in ids]
+            for job in tqdm(jobs, desc=f"prepare {spec.name}", unit="img", mininterval=2.0):
+                job.result()
+        shutil.rmtree(raw)
+        (tmp / "splits").mkdir(exist_ok=True)
+        for split, split_ids in plan.splits.items():
+            missing = sorted(set(split_ids) - set(plan.images))
+            if missing:
+                raise PreparedDataError(f"split '{split}' lists '{missing[0]}' which has no image/label pair.")
+            (tmp / "splits" / f"{split}.txt").write_text("".join(f"{i}\n" for i in split_ids))
+        manifest = {
             "name": spec.name,
             "classes": list(spec.classes),
             "num_classes": spec.num_classes,
             "ignore_index": IGNORE_INDEX,
             "flip_pairs": [list(p) for p in spec.flip_pairs],
             "image_ext": spec.image_ext,
-            "splits": counts,
-        })
+            "splits": {s: len(v) for s, v in plan.splits.items()},
+        }
+        if spec.name != "demo":
+            manifest |= {"label_conversion": spec.label_conversion, "archives": record,
+                         "unlabelled_splits": list(spec.unlabelled_splits)}
+            if spec.count_unit == "video":
+                manifest["videos"] = {s: len({i.split("/")[0] for i in v}) for s, v in plan.splits.items()}
+        write_json(tmp / "manifest.json", manifest)
         os.chmod(tmp, 0o755)
         if out.exists():
             shutil.rmtree(out)
@@ -84,33 +244,44 @@ def prepare(dataset: str, archive_dir: str | Path, out_dir: str | Path) -> Path:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    log.info("prepared %s in %s", dataset, out)
+    seconds = time.perf_counter() - start
+    log.info("prepared %s in %s: %d images in %.1f s (%.1f images/s)", spec.name, out, len(plan.images), seconds,
+             len(plan.images) / max(seconds, 1e-9))
     return out
 
 
-def verify_prepared(dataset: str, data_dir: str | Path) -> dict:
+# ------------------------------------------------------------------------------------------------------- verify
+def _split_ids(data_dir: Path, split: str) -> list[str]:
+    return [line.strip() for line in (data_dir / "splits" / f"{split}.txt").read_text().splitlines() if line.strip()]
+
+
+def verify_prepared(dataset: str | DatasetSpec, data_dir: str | Path, expected: dict[str, int] | None = None) -> dict:
     """Check counts per split, that every file exists, label values are in [0, K) or 255, sizes match.
 
-    Returns a summary (counts and per-class pixel frequencies per split) for the workflow's record.
+    ``expected`` replaces the documented split sizes of the spec (miniature data in tests). Returns a summary
+    (counts and per-class pixel frequencies per split) for the workflow's record.
     """
-    spec = get_spec(dataset)
+    spec = resolve(dataset)
+    expected = spec.splits if expected is None else expected
     root = Path(data_dir)
     manifest_file = root / "manifest.json"
     if not manifest_file.is_file():
-        raise PreparedDataError(f"{manifest_file}: missing. Run `mcibi prepare {dataset}` first.")
+        raise PreparedDataError(f"{manifest_file}: missing. Run `mcibi prepare {spec.name}` first.")
     manifest = json.loads(manifest_file.read_text())
     if manifest["classes"] != list(spec.classes) or manifest["ignore_index"] != IGNORE_INDEX:
         raise PreparedDataError(f"{manifest_file}: classes or ignore index differ from the spec; prepare again.")
-    summary: dict = {"dataset": dataset, "splits": {}}
-    for split, expected in spec.splits.items():
+    summary: dict = {"dataset": spec.name, "splits": {}}
+    for split, documented in expected.items():
         list_file = root / "splits" / f"{split}.txt"
         if not list_file.is_file():
             raise PreparedDataError(f"{list_file}: missing split list.")
         ids = _split_ids(root, split)
-        if len(ids) != expected:
-            raise PreparedDataError(f"{list_file}: {len(ids)} images, the dataset documents {expected}.")
+        count = len({i.split("/")[0] for i in ids}) if spec.count_unit == "video" else len(ids)
+        if count != documented:
+            unit = "videos" if spec.count_unit == "video" else "images"
+            raise PreparedDataError(f"{list_file}: {count} {unit}, the dataset documents {documented}.")
         pixels = np.zeros(spec.num_classes + 1, np.int64)
-        for image_id in tqdm(ids, desc=f"verify {dataset}/{split}", mininterval=5.0):
+        for image_id in tqdm(ids, desc=f"verify {spec.name}/{split}", mininterval=5.0):
             image_file = root / "images" / f"{image_id}{spec.image_ext}"
             label_file = root / "labels" / f"{image_id}.png"
             for f in (image_file, label_file):
@@ -125,10 +296,13 @@ def verify_prepared(dataset: str, data_dir: str | Path) -> dict:
                     f"{label_file}: label values {sorted(set(label[bad].tolist()))[:5]} outside [0, "
                     f"{spec.num_classes}) and not {IGNORE_INDEX}."
                 )
-            header = cv2.imread(str(image_file), cv2.IMREAD_COLOR)
-            if header is None or header.shape[:2] != label.shape:
-                got = None if header is None else header.shape[:2]
-                raise PreparedDataError(f"{image_file}: size {got} differs from its label's {label.shape}.")
+            try:
+                with Image.open(image_file) as im:
+                    size = (im.size[1], im.size[0])
+            except OSError:
+                size = None
+            if size != label.shape:
+                raise PreparedDataError(f"{image_file}: size {size} differs from its label's {label.shape}.")
             values = np.where(label == IGNORE_INDEX, spec.num_classes, label)
             pixels += np.bincount(values.ravel(), minlength=spec.num_classes + 1)
         total = max(int(pixels.sum()), 1)
@@ -137,4 +311,6 @@ def verify_prepared(dataset: str, data_dir: str | Path) -> dict:
             "class_pixel_share": {n: round(int(c) / total, 6) for n, c in zip(spec.classes, pixels, strict=False)},
             "ignored_pixel_share": round(int(pixels[-1]) / total, 6),
         }
+        if spec.count_unit == "video":
+            summary["splits"][split]["videos"] = count
     return summary
