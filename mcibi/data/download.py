@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import requests
+import urllib3
 from tqdm import tqdm
 
 from mcibi.data.specs import Archive, DatasetSpec, Source, resolve
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 CITYSCAPES_SITE = "https://www.cityscapes-dataset.com"
 CHUNK = 1 << 20
+SOURCE_FILE = "source.txt"  # which source delivered the archives in a download folder
 UrlMap = Callable[[str], str]
 
 
@@ -55,9 +57,9 @@ def checksums(path: str | Path) -> dict[str, str]:
     return {k: h.hexdigest() for k, h in hashes.items()}
 
 
-def _integrity(path: Path) -> None:
+def _integrity(path: Path, name: str) -> None:
     """Test an archive's own CRCs (zip members, gzip stream) when no checksum is published for it."""
-    name = path.name.lower()
+    name = name.lower()
     try:
         if name.endswith(".zip"):
             with zipfile.ZipFile(path) as zf:
@@ -99,7 +101,7 @@ def check_archive(path: str | Path, archive: Archive, extra_md5: str | None = No
                 f"incomplete: delete it and download again."
             )
     if not checked:
-        _integrity(path)
+        _integrity(path, archive.name)
         how = "size" if archive.size is not None else "archive CRCs only (no checksum published)"
         log.warning("%s: no checksum recorded for this archive; checked %s. sha256 %s", path, how, sums["sha256"])
     else:
@@ -142,15 +144,16 @@ def fetch(url: str, target: Path, session: requests.Session | None = None, retri
                 total = have + int(length) if length is not None else None
                 with open(part, mode) as fh, tqdm(total=total, initial=have, unit="B", unit_scale=True,
                                                   unit_divisor=1024, desc=target.name, mininterval=1.0) as bar:
-                    for chunk in resp.iter_content(CHUNK):
+                    # read1 hands over whatever arrived, so bytes received before a break are kept for resuming
+                    while chunk := resp.raw.read1(CHUNK):
                         fh.write(chunk)
                         bar.update(len(chunk))
             got = part.stat().st_size
             if total is not None and got != total:
                 raise _Retryable(f"{url}: transfer ended at {got} of {total} bytes")
             return part
-        except (_Retryable, requests.ConnectionError, requests.Timeout,
-                requests.exceptions.ChunkedEncodingError) as exc:
+        except (_Retryable, requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                urllib3.exceptions.HTTPError) as exc:
             if attempt == retries:
                 raise ArchiveError(f"{url}: transfer failed {retries + 1} times ({exc}); run again to resume "
                                    f"from {part}") from exc
@@ -188,9 +191,9 @@ def _accept(part: Path, final: Path, archive: Archive, extra_md5: str | None = N
     """Check a downloaded file; rename it into place if it passes, delete it if it does not."""
     try:
         record = check_archive(part, archive, extra_md5)
-    except ArchiveError:
+    except ArchiveError as exc:
         part.unlink(missing_ok=True)
-        raise
+        raise ArchiveError(f"{exc.args[0]} (the downloaded file was deleted)") from None
     os.replace(part, final)
     return record
 
@@ -286,7 +289,7 @@ def download(dataset: str | DatasetSpec, dest_dir: str | Path, *, url_map: UrlMa
             log.info("generating %s", path)
             generate_archive(path)
         return [path]
-    for source in spec.sources:
+    for source in _by_preference(spec, dest):
         if _present(source, dest):
             for archive in source.archives:
                 check_archive(dest / archive.name, archive)
@@ -308,6 +311,7 @@ def download(dataset: str | DatasetSpec, dest_dir: str | Path, *, url_map: UrlMa
                         raise ArchiveError(f"{archive.name}: no direct download URL ({archive.note})")
                     _accept(_fetch_archive(archive, dest, url_map, session, retry_delay), final, archive)
             log.info("%s: downloaded the %s archives", spec.name, source.name)
+            (dest / SOURCE_FILE).write_text(source.name + "\n")
             return [dest / a.name for a in source.archives]
         except (ArchiveError, requests.RequestException) as exc:
             failures.append(f"  - {source.name}: {exc}")
@@ -316,9 +320,16 @@ def download(dataset: str | DatasetSpec, dest_dir: str | Path, *, url_map: UrlMa
                        + manual_instructions(spec, dest))
 
 
+def _by_preference(spec: DatasetSpec, dest: Path) -> list[Source]:
+    """The spec's sources, the one that delivered the files in ``dest`` first (sources may share file names)."""
+    marker = dest / SOURCE_FILE
+    name = marker.read_text().strip() if marker.is_file() else None
+    return sorted(spec.sources, key=lambda s: s.name != name)
+
+
 def present_source(spec: DatasetSpec, dest: Path) -> Source:
     """The first source whose archives are all in ``dest``; ArchiveError with instructions if none is."""
-    for source in spec.sources:
+    for source in _by_preference(spec, dest):
         if _present(source, dest):
             return source
     raise ArchiveError(f"{dest}: the archives of '{spec.name}' are missing. Run `mcibi download {spec.name}` "
