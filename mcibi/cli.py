@@ -26,14 +26,21 @@ def _cmd_verify_archives(a: argparse.Namespace) -> None:
     from mcibi.files import write_json
 
     record = verify_archives(a.dataset, a.dest or Path("downloads") / a.dataset)
+    for name, r in record["archives"].items():
+        log.info("%s: %s (sha256 %s, %d bytes)", name, "verified with " + r["checked_with"] if r["verified"]
+                 else "UNVERIFIED, " + r["checked_with"], r["sha256"], r["size"])
     if a.report:
         write_json(a.report, record)
 
 
 def _cmd_prepare(a: argparse.Namespace) -> None:
+    import json
+
     from mcibi.data.prepare import prepare
 
-    out = prepare(a.dataset, a.archives or Path("downloads") / a.dataset, a.out or Path("data") / a.dataset)
+    record = json.loads(a.archive_record.read_text()) if a.archive_record else None
+    out = prepare(a.dataset, a.archives or Path("downloads") / a.dataset, a.out or Path("data") / a.dataset,
+                  archive_record=record, workers=a.workers)
     log.info("prepared %s", out)
 
 
@@ -134,9 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("download", help="fetch a dataset's archives (demo: generate them)")
+    s = sub.add_parser("download", help="fetch a dataset's archives: official source first, then the mirror "
+                       "(demo: generate them); CityScapes reads CITYSCAPES_USERNAME/CITYSCAPES_PASSWORD or ~/.netrc")
     s.add_argument("dataset")
-    s.add_argument("--dest", type=Path, help="archive folder (default downloads/<dataset>)")
+    s.add_argument("--dest", type=Path, help="archive folder (default downloads/<dataset>); archives placed here "
+                   "by hand are used")
     s.add_argument("--record", type=Path, help="write the list of archives and sizes here")
     s.set_defaults(func=_cmd_download)
 
@@ -146,10 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--report", type=Path, help="write the checksum record here")
     s.set_defaults(func=_cmd_verify_archives)
 
-    s = sub.add_parser("prepare", help="convert archives to the prepared on-disk format")
+    s = sub.add_parser("prepare", help="convert verified archives to the prepared on-disk format")
     s.add_argument("dataset")
-    s.add_argument("--archives", type=Path)
-    s.add_argument("--out", type=Path)
+    s.add_argument("--archives", type=Path, help="archive folder (default downloads/<dataset>)")
+    s.add_argument("--out", type=Path, help="prepared folder (default data/<dataset>)")
+    s.add_argument("--archive-record", type=Path, help="verify-archives report: skips re-hashing archives whose "
+                   "sizes still match it")
+    s.add_argument("--workers", type=int, help="parallel conversion threads (default min(8, CPUs))")
     s.set_defaults(func=_cmd_prepare)
 
     s = sub.add_parser("verify-data", help="check a prepared dataset (counts, label values, sizes)")

@@ -1,4 +1,7 @@
-# download -> verify archives -> prepare -> verify prepared data (demo: the archive is generated locally).
+# download -> verify archives -> prepare -> verify prepared data, for any dataset of mcibi.data.specs (demo: the
+# archive is generated locally). The archive check record lives in data/ (DVC-tracked) next to the prepared
+# folder, and the prepare/verify inputs are ancient(): after `dvc pull` on another machine nothing is downloaded
+# or prepared again, whatever timestamps the checkout gave the files.
 
 
 rule download:
@@ -8,6 +11,8 @@ rule download:
         "logs/download/{dataset}.log",
     params:
         dest=lambda wc: f"{DOWNLOADS}/{wc.dataset}",
+    resources:
+        downloads=1,
     conda:
         "../envs/mcibi.yaml"
     shell:
@@ -18,7 +23,7 @@ rule verify_archives:
     input:
         rules.download.output.record,
     output:
-        f"{DOWNLOADS}/{{dataset}}/verified.json",
+        f"{DATA}/{{dataset}}.archives.json",
     log:
         "logs/verify_archives/{dataset}.log",
     params:
@@ -31,7 +36,7 @@ rule verify_archives:
 
 rule prepare:
     input:
-        rules.verify_archives.output,
+        ancient(rules.verify_archives.output),
     output:
         f"{DATA}/{{dataset}}/manifest.json",
     log:
@@ -39,15 +44,19 @@ rule prepare:
     params:
         archives=lambda wc: f"{DOWNLOADS}/{wc.dataset}",
         out=lambda wc: f"{DATA}/{wc.dataset}",
+    threads: 8
+    resources:
+        mem_mb=8000,
     conda:
         "../envs/mcibi.yaml"
     shell:
-        "mcibi prepare {wildcards.dataset} --archives {params.archives} --out {params.out} > {log} 2>&1"
+        "mcibi prepare {wildcards.dataset} --archives {params.archives} --out {params.out}"
+        " --archive-record {input} --workers {threads} > {log} 2>&1"
 
 
 rule verify_data:
     input:
-        rules.prepare.output,
+        ancient(rules.prepare.output),
     output:
         f"{DATA}/{{dataset}}/verified.json",
     log:
