@@ -1,7 +1,8 @@
 # download -> verify archives -> prepare -> verify prepared data, for any dataset of mcibi.data.specs (demo: the
 # archive is generated locally). The archive check record lives in data/ (DVC-tracked) next to the prepared
-# folder, and the prepare/verify inputs are ancient(): after `dvc pull` on another machine nothing is downloaded
-# or prepared again, whatever timestamps the checkout gave the files.
+# folder and prepare takes it as ancient(): after `dvc pull` on another machine nothing is downloaded or prepared
+# again, whatever timestamps the checkout gave the files (at most verify_data re-reads the prepared files).
+# A new download therefore does not re-prepare by itself: `snakemake -R prepare ...` does.
 
 
 rule download:
@@ -56,7 +57,7 @@ rule prepare:
 
 rule verify_data:
     input:
-        ancient(rules.prepare.output),
+        rules.prepare.output,
     output:
         f"{DATA}/{{dataset}}/verified.json",
     log:
