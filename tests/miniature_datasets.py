@@ -323,7 +323,7 @@ class Server:
                 n = int(self.headers.get("Content-Length", 0))
                 form = urllib.parse.parse_qs(self.rfile.read(n).decode())
                 server.log.append(("POST", self.path, None))
-                if self.path.endswith("/login/") and (form.get("username", [""])[0], form.get("password", [""])[0]
+                if self.path.endswith("/login") and (form.get("username", [""])[0], form.get("password", [""])[0]
                                                       ) == server.credentials:
                     self.send_response(302)
                     self.send_header("Location", "/")
@@ -347,7 +347,7 @@ class Server:
                 rng = self.headers.get("Range")
                 server.log.append(("GET", self.path, rng))
                 data = server.files.get(u.path)
-                if u.path.endswith("/login/"):
+                if u.path.endswith("/login"):
                     return self._send(200, b"<html>login</html>", "text/html")
                 if u.path.endswith(("/file-handling/", "/md5-sum/")):
                     if "session=granted" not in (self.headers.get("Cookie") or ""):

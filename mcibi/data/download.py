@@ -216,8 +216,8 @@ def cityscapes_credentials() -> tuple[str, str] | None:
 def cityscapes_login(user: str, password: str, site: str = CITYSCAPES_SITE) -> requests.Session:
     """Log in like cityscapesScripts' downloader (a redirect means success) and return the session."""
     session = requests.Session()
-    session.get(f"{site}/login/", allow_redirects=False, timeout=60).raise_for_status()
-    resp = session.post(f"{site}/login/", data={"username": user, "password": password, "submit": "Login"},
+    session.get(f"{site}/login", allow_redirects=False, timeout=60).raise_for_status()
+    resp = session.post(f"{site}/login", data={"username": user, "password": password, "submit": "Login"},
                         allow_redirects=False, timeout=60)
     resp.raise_for_status()
     if resp.status_code != 302:
