@@ -308,6 +308,7 @@ class Server:
         self.files: dict[str, bytes] = {}
         self.truncate_once: set[str] = set()  # first full GET of these paths sends half the body and hangs up
         self.html: set[str] = set()  # these paths answer with a web page (Drive quota/confirmation)
+        self.no_range: set[str] = set()  # these paths ignore Range headers (always 200 with the whole file)
         self.packages: dict[int, bytes] = {}  # CityScapes packageID -> bytes
         self.credentials = ("alice", "secret")
         self.log: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
@@ -359,7 +360,7 @@ class Server:
                     return self._send(200, b"<html>Google Drive - quota exceeded</html>", "text/html; charset=utf-8")
                 if data is None:
                     return self._send(404, b"not found", "text/plain")
-                if rng:
+                if rng and u.path not in server.no_range:
                     start = int(rng.split("=")[1].split("-")[0])
                     if start >= len(data):
                         return self._send(416, b"", "text/plain", {"Content-Range": f"bytes */{len(data)}"})

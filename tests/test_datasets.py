@@ -325,3 +325,74 @@ def test_preparation_throughput_is_reported(server, tmp_path, caplog):
         prepare(spec, tmp_path / "dl", tmp_path / "lip", workers=2)
     assert len(mini.raw) / (time.perf_counter() - start) > 20
     assert any("images/s" in r.getMessage() for r in caplog.records)
+
+
+def test_cli_chain_with_the_real_spec_of_an_unchecksummed_archive(tmp_path, caplog):
+    """COCO-Stuff-10k publishes no checksum: the real spec accepts the miniature zip (CRCs checked, marked
+    unverified), prepares it, and verify-data fails on the documented 9,000/1,000 split sizes."""
+    from mcibi.cli import main
+
+    mini = BUILDERS["cocostuff10k"]()
+    place(tmp_path / "dl", {"cocostuff-10k-v1.1.zip": mini.served[COCO_URL]})
+    report = tmp_path / "archives.json"
+    assert main(["verify-archives", "cocostuff10k", "--dest", str(tmp_path / "dl"), "--report", str(report)]) == 0
+    record = json.loads(report.read_text())
+    assert record["archives"]["cocostuff-10k-v1.1.zip"]["verified"] is False
+    assert "CRCs" in record["archives"]["cocostuff-10k-v1.1.zip"]["checked_with"]
+    out = tmp_path / "data" / "cocostuff10k"
+    assert main(["prepare", "cocostuff10k", "--archives", str(tmp_path / "dl"), "--out", str(out),
+                 "--archive-record", str(report), "--workers", "1"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["splits"] == {"train": 2, "test": 1}
+    with caplog.at_level("ERROR"):
+        assert main(["verify-data", "cocostuff10k", "--data", str(out)]) == 1
+    assert "train.txt: 2 images, the dataset documents 9000" in caplog.text
+
+
+def test_cityscapes_uses_the_official_downloader_when_installed(tmp_path, monkeypatch):
+    """With cityscapesscripts importable, its download_packages fetches into a staging folder; the result is
+    checked against the recorded checksum before it gets its final name."""
+    import sys
+    import types
+
+    from mcibi.data import download as dl
+
+    mini = BUILDERS["cityscapes"]()
+    spec = _mini_spec("cityscapes", mini)
+    calls = []
+
+    def download_packages(*, session, package_names, destination_path, resume=False):
+        calls.append((package_names, Path(destination_path).name, resume))
+        for name in package_names:
+            (Path(destination_path) / name).write_bytes(mini.manual[name])
+
+    fake = types.ModuleType("cityscapesscripts.download.downloader")
+    fake.download_packages = download_packages
+    for mod, value in (("cityscapesscripts", types.ModuleType("cityscapesscripts")),
+                       ("cityscapesscripts.download", types.ModuleType("cityscapesscripts.download")),
+                       ("cityscapesscripts.download.downloader", fake)):
+        monkeypatch.setitem(sys.modules, mod, value)
+    sys.modules["cityscapesscripts.download"].downloader = fake
+    monkeypatch.setattr(dl, "cityscapes_credentials", lambda: ("alice", "secret"))
+    monkeypatch.setattr(dl, "cityscapes_login", lambda user, password, site: object())
+    paths = download(spec, tmp_path)
+    assert [c[0] for c in calls] == [["gtFine_trainvaltest.zip"], ["leftImg8bit_trainvaltest.zip"]]
+    assert [p.read_bytes() for p in paths] == [mini.manual[p.name] for p in paths]
+    # a package that does not match the recorded checksum is refused and removed from the staging folder
+    for p in paths:
+        p.unlink()
+    bad = with_checksums(get_spec("cityscapes"), {"gtFine_trainvaltest.zip": "0" * 64})
+    with pytest.raises(ArchiveError, match="does not match the recorded"):
+        download(bad, tmp_path)
+    assert not (tmp_path / "gtFine_trainvaltest.zip").exists()
+    assert not list((tmp_path / ".cityscapes-download").iterdir())
+
+
+def test_a_server_without_range_support_restarts_the_file(server, tmp_path):
+    mini = BUILDERS["pascalcontext"]()
+    server.serve(mini)
+    url = "https://cs.stanford.edu/~roozbeh/pascal-context/trainval.tar.gz"
+    data = mini.served[url]
+    server.no_range.add(local_path(url))
+    (tmp_path / "trainval.tar.gz.part").write_bytes(b"garbage that must not survive")
+    download(_mini_spec("pascalcontext", mini), tmp_path, url_map=server.url_map, retry_delay=0)
+    assert (tmp_path / "trainval.tar.gz").read_bytes() == data
