@@ -412,3 +412,39 @@ def place(folder: Path, files: dict[str, bytes]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
         (folder / name).write_bytes(data)
+
+
+# ------------------------------------------------------------------------------------------------- throughput
+def bench_prepare(repeats: int = 5, workers: int = 2) -> None:
+    """Print the preparation throughput on each miniature archive (archive check + extraction + conversion).
+
+    Run: ``.venv/bin/python tests/miniature_datasets.py``
+    """
+    import logging
+    import tempfile
+    import time
+
+    from mcibi.data.prepare import prepare
+    from mcibi.data.specs import get_spec
+
+    logging.disable(logging.WARNING)
+    for name, build in sorted(BUILDERS.items()):
+        m = build()
+        if name in ("lip", "cityscapes", "vspw"):
+            files = dict(m.manual)
+        else:
+            files = {u.rsplit("/", 1)[-1]: d for u, d in m.served.items() if "modelstore" not in u}
+        spec = with_checksums(get_spec(name), {k: sha256(v) for k, v in files.items()})
+        with tempfile.TemporaryDirectory() as tmp:
+            place(Path(tmp) / "dl", files)
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                prepare(spec, Path(tmp) / "dl", Path(tmp) / "out", workers=workers)
+                best = min(best, time.perf_counter() - start)
+        print(f"{name:14s} {len(m.raw):2d} images  best of {repeats}: {best * 1000:5.1f} ms  "
+              f"{len(m.raw) / best:6.0f} images/s")
+
+
+if __name__ == "__main__":
+    bench_prepare()
