@@ -289,6 +289,38 @@ def build_pascalcontext() -> Mini:
     return m
 
 
+def build_mirror_layouts() -> dict[str, Mini]:
+    """The sssegmentation mirror's repackaging: VOCdevkit.zip (3 volumes) with trainaug.txt and index PNGs in
+    SegmentationClassAug, and PascalContext.tar.gz with already converted SegmentationClassContext PNGs."""
+    voc = Mini(splits={"trainaug": 3, "train": 1, "val": 1})
+    members = {}
+    for k, i in enumerate(["2007_000032", "2007_000033", "2008_000002", "2008_000003"]):
+        lab = label(40 + k, [0, 5, 20, 255])
+        voc.raw[i] = lab
+        members[f"VOCdevkit/VOC2012/JPEGImages/{i}.jpg"] = jpg(k)
+        members[f"VOCdevkit/VOC2012/SegmentationClassAug/{i}.png"] = png_gray(lab)
+    members["VOCdevkit/VOC2012/ImageSets/Segmentation/train.txt"] = lines(["2007_000032"])
+    members["VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt"] = lines(["2007_000033"])
+    members["VOCdevkit/VOC2012/ImageSets/Segmentation/trainaug.txt"] = lines(
+        ["2007_000032", "2008_000002", "2008_000003"])
+    data = zip_bytes(members)
+    step = -(-len(data) // 3)
+    for k in range(3):
+        voc.served[f"{SSSEG_MIRROR}VOCdevkit.zip.{k + 1:03d}"] = data[k * step:(k + 1) * step]
+    voc.manual["VOCdevkit.zip"] = data
+    ctx = Mini(splits={"train": 1, "val": 1})
+    members = {}
+    for k, (split, i) in enumerate((("train", "2008_000002"), ("val", "2008_000007"))):
+        lab = label(50 + k, [0, 1, 59, 37])
+        ctx.raw[i] = lab
+        members[f"VOCdevkit/VOC2010/JPEGImages/{i}.jpg"] = jpg(k)
+        members[f"VOCdevkit/VOC2010/SegmentationClassContext/{i}.png"] = png_gray(lab)
+        members[f"VOCdevkit/VOC2010/ImageSets/SegmentationContext/{split}.txt"] = lines([i])
+        members[f"VOCdevkit/VOC2010/ImageSets/Main/{split}.txt"] = lines([i])
+    ctx.served[SSSEG_MIRROR + "PascalContext.tar.gz"] = tar_bytes(members, gz=True)
+    return {"pascalvoc": voc, "pascalcontext": ctx}
+
+
 BUILDERS = {"lip": build_lip, "ade20k": build_ade20k, "cityscapes": build_cityscapes,
             "cocostuff10k": build_cocostuff10k, "vspw": build_vspw, "pascalvoc": build_pascalvoc,
             "pascalcontext": build_pascalcontext}

@@ -16,6 +16,7 @@ from miniature_datasets import (
     H,
     Server,
     W,
+    build_mirror_layouts,
     jpg,
     local_path,
     place,
@@ -396,3 +397,23 @@ def test_a_server_without_range_support_restarts_the_file(server, tmp_path):
     (tmp_path / "trainval.tar.gz.part").write_bytes(b"garbage that must not survive")
     download(_mini_spec("pascalcontext", mini), tmp_path, url_map=server.url_map, retry_delay=0)
     assert (tmp_path / "trainval.tar.gz").read_bytes() == data
+
+
+@pytest.mark.parametrize("dataset", ["pascalvoc", "pascalcontext"])
+def test_mirror_layouts_are_converted(dataset, server, tmp_path):
+    """The official hosts are down (404): the mirror's repackaged layout is fetched (VOC: 3 volumes joined)."""
+    mini = build_mirror_layouts()[dataset]
+    server.serve(mini)
+    for url in [a_url for s in get_spec(dataset).sources if s.name == "official" for a in s.archives
+                for a_url in a.urls]:
+        server.files.pop(local_path(url), None)
+    spec = _mini_spec(dataset, mini)
+    download(spec, tmp_path / "dl", url_map=server.url_map, retry_delay=0)
+    out = prepare(spec, tmp_path / "dl", tmp_path / dataset, workers=1)
+    verify_prepared(spec, out, expected=mini.splits)
+    assert json.loads((out / "manifest.json").read_text())["archives"]["source"] == "mirror"
+    for image_id, raw in mini.raw.items():
+        got = cv2.imread(str(out / "labels" / f"{image_id}.png"), cv2.IMREAD_UNCHANGED)
+        # VOC: index PNGs as they are; Context: 0 (background) ignored, 1..59 -> 0..58
+        want = raw if dataset == "pascalvoc" else np.where(raw == 0, 255, raw - 1)
+        np.testing.assert_array_equal(got, want)

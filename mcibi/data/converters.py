@@ -212,6 +212,8 @@ def convert_pascalvoc(spec: DatasetSpec, raw: Path) -> Plan:
     else:
         plan.splits["trainaug"] = read_ids(voc / "ImageSets/Segmentation/trainaug.txt")
         folders = [voc / f for f in ("SegmentationClassAug", "SegmentationClass") if (voc / f).is_dir()]
+        if not folders:
+            raise PreparedDataError(f"{voc}: neither SegmentationClassAug/ nor SegmentationClass/ is there.")
         for i in sorted(set(train) | set(val) | set(plan.splits["trainaug"])):
             label = next((f / f"{i}.png" for f in folders if (f / f"{i}.png").is_file()), folders[-1] / f"{i}.png")
             plan.add(i, voc / "JPEGImages" / f"{i}.jpg", _png_label(label, table))
