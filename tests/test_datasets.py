@@ -417,3 +417,34 @@ def test_mirror_layouts_are_converted(dataset, server, tmp_path):
         # VOC: index PNGs as they are; Context: 0 (background) ignored, 1..59 -> 0..58
         want = raw if dataset == "pascalvoc" else np.where(raw == 0, 255, raw - 1)
         np.testing.assert_array_equal(got, want)
+
+
+def test_an_exif_rotated_jpeg_is_rewritten_in_its_stored_pixel_grid(tmp_path):
+    """OpenCV applies EXIF orientation on reading: prepare drops the tag so image and label stay aligned."""
+    import io
+
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:H, 0:W]
+    pixels = np.stack([xx * 30, yy * 40, np.full_like(xx, 128)], -1).astype(np.uint8)  # smooth: JPEG keeps it
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW" on display
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=100, exif=exif)
+    members = {"ADEChallengeData2016/images/training/ADE_train_00000001.jpg": buf.getvalue(),
+               "ADEChallengeData2016/images/validation/ADE_val_00000001.jpg": jpg(2),
+               "ADEChallengeData2016/annotations/training/ADE_train_00000001.png": png_gray(np.ones((H, W))),
+               "ADEChallengeData2016/annotations/validation/ADE_val_00000001.png": png_gray(np.ones((H, W)))}
+    data = zip_bytes(members)
+    spec = with_checksums(get_spec("ade20k"), {"ADEChallengeData2016.zip": sha256(data)})
+    place(tmp_path / "dl", {"ADEChallengeData2016.zip": data})
+    raw_jpeg = tmp_path / "raw.jpg"
+    raw_jpeg.write_bytes(buf.getvalue())
+    assert cv2.imread(str(raw_jpeg), cv2.IMREAD_COLOR).shape[:2] == (W, H)  # what OpenCV does to the original
+    out = prepare(spec, tmp_path / "dl", tmp_path / "ade20k", workers=1)
+    image = cv2.imread(str(out / "images" / "ADE_train_00000001.jpg"), cv2.IMREAD_COLOR)
+    assert image.shape[:2] == (H, W)
+    rgb = image[..., ::-1].astype(float)  # same pixels (re-encoded): red ramps along x, green along y
+    assert np.corrcoef(rgb[..., 0].ravel(), xx.ravel())[0, 1] > 0.95
+    assert np.corrcoef(rgb[..., 1].ravel(), yy.ravel())[0, 1] > 0.95
+    verify_prepared(spec, out, expected={"train": 1, "val": 1})

@@ -31,6 +31,7 @@ from mcibi.data.specs import IGNORE_INDEX, DatasetSpec, resolve
 from mcibi.files import write_json
 
 log = logging.getLogger(__name__)
+EXIF_ORIENTATION = 0x0112
 
 
 class PreparedDataError(ValueError):
@@ -150,11 +151,19 @@ def _write_sample(spec: DatasetSpec, out: Path, image_id: str, image: Path,
             raise PreparedDataError(f"{label_src}: not a single-channel 8-bit PNG.")
     with Image.open(image) as im:
         width, height = im.size
+        orientation = im.getexif().get(EXIF_ORIENTATION, 1)
     if (height, width) != label.shape:
         raise PreparedDataError(f"{image}: size {(height, width)} differs from its label's {label.shape}.")
     target = out / "images" / f"{image_id}{spec.image_ext}"
     target.parent.mkdir(parents=True, exist_ok=True)
-    if image.suffix.lower() == spec.image_ext:
+    if orientation != 1:
+        # OpenCV would rotate/flip such an image on reading while its label keeps the stored pixel grid: write
+        # the stored pixels again without the EXIF orientation (one re-encode, for these rare files only)
+        log.warning("%s: EXIF orientation %s dropped so that the image stays aligned with its label", image,
+                    orientation)
+        with Image.open(image) as im:
+            im.convert("RGB").save(target, format="PNG" if spec.image_ext == ".png" else "JPEG", quality=95)
+    elif image.suffix.lower() == spec.image_ext:
         os.replace(image, target)  # the scratch copy is not needed any more: move, do not re-encode
     else:
         bgr = cv2.imread(str(image), cv2.IMREAD_COLOR)
@@ -299,8 +308,12 @@ def verify_prepared(dataset: str | DatasetSpec, data_dir: str | Path, expected: 
             try:
                 with Image.open(image_file) as im:
                     size = (im.size[1], im.size[0])
+                    orientation = im.getexif().get(EXIF_ORIENTATION, 1)
             except OSError:
-                size = None
+                size, orientation = None, 1
+            if orientation != 1:
+                raise PreparedDataError(f"{image_file}: EXIF orientation {orientation}: OpenCV would turn it against "
+                                        "its label; prepare again.")
             if size != label.shape:
                 raise PreparedDataError(f"{image_file}: size {size} differs from its label's {label.shape}.")
             values = np.where(label == IGNORE_INDEX, spec.num_classes, label)
