@@ -1,43 +1,161 @@
-"""Time one training step (forward, losses, backward, SGD, memory update) and one eval forward for a params file.
+"""Time one training step (forward, losses, backward, SGD, memory update), one eval forward and the memory
+module (read, update) for a params file — and, with ``--official NAME``, the official implementation on the
+same inputs, interleaved repetition by repetition so that a change of machine load hits both alike.
 
-Prints one JSON object. Example (the issue's CPU setting: batch 2, crop 256, 2 threads):
+Prints one JSON object (wall seconds median/min, process CPU seconds, speedups = official / ours on medians).
+Examples (the issue's CPU setting is the default: batch 2, crop 256, 2 threads):
 
-    python bench/step.py params/demo/upernet_mcibipp.yaml --batch 2 --crop 256 --threads 2
-    python bench/step.py params/demo/upernet_mcibipp.yaml --backbone resnet50c --official-channels --classes 150
-    # against the official implementation (sssegmentation importable), same architecture and inputs:
-    python bench/step.py params/demo/upernet_mcibipp.yaml --official mcibiplusplus_upernet_resnet50os8_lip
+    python bench/step.py params/demo/upernet_mcibipp.yaml
+    python bench/step.py params/demo/upernet_mcibipp.yaml --official mcibiplusplus_upernet_resnet50os8_lip \
+        --classes 150 --channels-last --fold-bn
+    # GPU: bf16 autocast + channels-last
+    python bench/step.py params/demo/upernet_mcibipp.yaml --official mcibiplusplus_upernet_resnet50os8_lip \
+        --device cuda --batch 8 --crop 512 --bf16 --channels-last --fold-bn
+
+``--official`` builds our model from that official config (so both compute the same architecture) and needs
+the official toolbox importable (see the README's parity section); without it only ours is timed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import dataclasses
 import json
+import os
+import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from mcibi.models import build_segmentor
+from mcibi.models.folding import fold_batchnorm
 from mcibi.official import load_official_config, model_params_from_official
 from mcibi.params import ChannelParams, load_params
 from mcibi.training import build_optimizer, train_step
 
+Timer = Callable[[], None]
 
-def _timed(fn, repeats: int, warmup: int, device: torch.device) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _interleaved(fns: dict[str, Timer], repeats: int, warmup: int, device: torch.device) -> dict[str, dict]:
+    """Run each function ``warmup`` times, then ``repeats`` rounds of one call each, in turn."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return times
+        for name, fn in fns.items():
+            _sync(device)
+            start, start_cpu = time.perf_counter(), time.process_time()
+            fn()
+            _sync(device)
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    return {k: {"median": statistics.median(wall[k]), "min": min(wall[k]), "cpu_median": statistics.median(cpu[k])}
+            for k in fns}
+
+
+def _autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def ours(model_params, params, images, labels, args, device) -> dict[str, Timer]:
+    """Timers for our training step, eval forward and memory read / update."""
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    torch.manual_seed(0)
+    model = build_segmentor(model_params).to(device).to(memory_format=layout)
+    optimizer = build_optimizer(model, params)
+    x = images.contiguous(memory_format=layout)
+
+    def train() -> None:
+        with _autocast(device, args.bf16):
+            train_step(model, x, labels, optimizer, 0.01, params, epoch=0)
+
+    eval_model = copy.deepcopy(model).eval()
+    if args.fold_bn:
+        eval_model = fold_batchnorm(eval_model)
+    eval_model = eval_model.to(memory_format=layout)
+
+    def forward() -> None:
+        with torch.inference_mode(), _autocast(device, args.bf16):
+            eval_model(x)
+
+    timers = {"train_step": train, "eval_forward": forward}
+    mem = eval_model.memory_module
+    if mem is not None:
+        b, size = images.shape[0], (args.crop // 8, args.crop // 8)
+        feats = torch.randn(b, model_params.channels.feats, *size, device=device).contiguous(memory_format=layout)
+        logits = torch.randn(b, model_params.num_classes, *size, device=device)
+
+        def read() -> None:
+            with torch.inference_mode(), _autocast(device, args.bf16):
+                mem(feats, logits)
+
+        def update() -> None:
+            with torch.no_grad():
+                mem.update(feats, labels, momentum=0.1, resolution=model_params.memory.update_resolution)
+
+        timers |= {"memory_read": read, "memory_update": update}
+    return timers
+
+
+def official(cfg: dict, images, labels, args, device) -> dict[str, Timer]:
+    """The same timers on the official sssegmentation model (its training forward includes its update)."""
+    from ssseg.modules.models.segmentors.mcibiplusplus.mcibiplusplus import MCIBIPlusPlus
+    from ssseg.modules.utils import SSSegInputStructure
+
+    cfg = copy.deepcopy(cfg)
+    cfg["backbone"]["pretrained"] = False
+    cfg["norm_cfg"] = {"type": "BatchNorm2d"}
+    torch.manual_seed(0)
+    model = MCIBIPlusPlus(cfg, mode="TRAIN").to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    targets = labels.float().masked_fill(labels == 255, -100)
+    meta = SSSegInputStructure(images=images, seg_targets=targets, mode="TRAIN")
+
+    def train() -> None:
+        model.train()
+        model.mode = "TRAIN"
+        with _autocast(device, args.bf16):
+            loss = model(meta, learning_rate=0.01, epoch=0).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    def forward() -> None:
+        model.eval()
+        model.mode = "TEST"
+        with torch.inference_mode(), _autocast(device, args.bf16):
+            model(SSSegInputStructure(images=images, mode="TEST"))
+
+    mem = model.memory_module
+    b, size = images.shape[0], (args.crop // 8, args.crop // 8)
+    feats = torch.randn(b, cfg["head"]["feats_channels"], *size, device=device)
+    logits = torch.randn(b, cfg["num_classes"], *size, device=device)
+    momentum_cfg = {"base_momentum": 0.1, "base_lr": None, "adjust_by_learning_rate": False}
+
+    def read() -> None:
+        mem.eval()
+        with torch.inference_mode(), _autocast(device, args.bf16):
+            mem(feats, logits)
+
+    def update() -> None:  # the official forward upsamples R to the image size for its update
+        with torch.no_grad():
+            full = F.interpolate(feats, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+            mem.update(full, targets, ignore_index=-100, learning_rate=0.01, momentum_cfg=momentum_cfg)
+
+    return {"train_step": train, "eval_forward": forward, "memory_read": read, "memory_update": update}
 
 
 def main() -> None:
@@ -47,12 +165,15 @@ def main() -> None:
     ap.add_argument("--crop", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--backbone", help="override the timm backbone (e.g. resnet50c)")
     ap.add_argument("--classes", type=int, help="override the number of classes (e.g. 20, 150)")
     ap.add_argument("--official-channels", action="store_true", help="feats 512, transform 256, decoder 512, aux 512")
-    ap.add_argument("--official", help="an official config name: build the model from it and time the official "
+    ap.add_argument("--channels-last", action="store_true", help="ours: NHWC activations (train and eval)")
+    ap.add_argument("--fold-bn", action="store_true", help="ours: BatchNorm folded into convolutions for eval")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast for both (GPU)")
+    ap.add_argument("--official", help="an official config name: build our model from it and time the official "
                                        "implementation too (needs sssegmentation)")
     ap.add_argument("--official-configs", default=str(Path(__file__).resolve().parents[2] / "shared" / "reference"
                                                       / "official_configs.yaml"))
@@ -76,107 +197,49 @@ def main() -> None:
             official_cfg["num_classes"] = args.classes
         model_params = model_params_from_official(args.official, official_cfg)
     params = dataclasses.replace(params, model=model_params)
-    torch.manual_seed(0)
-    model = build_segmentor(model_params).to(device)
-    optimizer = build_optimizer(model, params)
-    images = torch.randn(args.batch, 3, args.crop, args.crop, device=device)
-    labels = torch.randint(0, model_params.num_classes, (args.batch, args.crop, args.crop), device=device)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(args.batch, 3, args.crop, args.crop, generator=gen).to(device)
+    labels = torch.randint(0, model_params.num_classes, (args.batch, args.crop, args.crop), generator=gen).to(device)
     labels[:, :8] = 255
 
-    train = _timed(lambda: train_step(model, images, labels, optimizer, 0.01, params, epoch=0), args.repeats,
-                   args.warmup, device)
-    model.eval()
-
-    def forward():
-        with torch.inference_mode():
-            model(images)
-
-    evaluation = _timed(forward, args.repeats, args.warmup, device)
+    timers = {f"ours.{k}": fn for k, fn in ours(model_params, params, images, labels, args, device).items()}
+    if official_cfg is not None:
+        timers |= {f"official.{k}": fn for k, fn in official(official_cfg, images, labels, args, device).items()}
+    load_before = os.getloadavg()[0]
+    times: dict[str, dict] = {}
+    for what in ("train_step", "eval_forward", "memory_read", "memory_update"):
+        group = {k: fn for k, fn in timers.items() if k.endswith(f".{what}")}
+        if group:
+            times |= _interleaved(group, args.repeats, args.warmup, device)
     result = {
         "params": args.params,
+        "official_config": args.official,
         "framework": model_params.framework,
         "backbone": model_params.backbone.name,
         "memory": model_params.memory.kind,
+        "update_resolution": model_params.memory.update_resolution,
         "classes": model_params.num_classes,
         "batch": args.batch,
         "crop": args.crop,
         "threads": args.threads,
-        "device": str(device),
-        "train_step_s": {"median": statistics.median(train), "min": min(train)},
-        "eval_forward_s": {"median": statistics.median(evaluation), "min": min(evaluation)},
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "channels_last": args.channels_last,
+        "fold_bn": args.fold_bn,
+        "bf16": args.bf16,
         "torch": torch.__version__,
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "seconds": times,
     }
-    if model.memory_module is not None:
-        mem = model.memory_module
-        feats = torch.randn(args.batch, model_params.channels.feats, args.crop // 8, args.crop // 8, device=device)
-        logits = torch.randn(args.batch, model_params.num_classes, args.crop // 8, args.crop // 8, device=device)
-
-        def memory_read_update():
-            with torch.no_grad():
-                mem(feats, logits)
-                mem.update(feats, labels, momentum=0.1, resolution=model_params.memory.update_resolution)
-
-        mem_times = _timed(memory_read_update, args.repeats, args.warmup, device)
-        result["memory_read_update_s"] = {"median": statistics.median(mem_times), "min": min(mem_times)}
+    for side in ("ours", "official"):
+        if f"{side}.memory_read" in times:
+            times[f"{side}.memory_read_update"] = {
+                stat: times[f"{side}.memory_read"][stat] + times[f"{side}.memory_update"][stat]
+                for stat in ("median", "min", "cpu_median")}
     if official_cfg is not None:
-        result["official"] = time_official(official_cfg, images, labels, args, device)
-        for key in ("train_step_s", "eval_forward_s"):
-            result[f"speedup_{key.removesuffix('_s')}"] = result["official"][key]["median"] / result[key]["median"]
-        if "memory_read_update_s" in result:
-            result["speedup_memory_read_update"] = (result["official"]["memory_read_update_s"]["median"]
-                                                    / result["memory_read_update_s"]["median"])
+        result["speedup"] = {what: round(times[f"official.{what}"]["median"] / times[f"ours.{what}"]["median"], 3)
+                             for what in ("train_step", "eval_forward", "memory_read", "memory_update",
+                                          "memory_read_update") if f"ours.{what}" in times}
     print(json.dumps(result, indent=2))
-
-
-def time_official(cfg: dict, images, labels, args, device) -> dict:
-    """The same measurements on the official sssegmentation model (training forward includes its memory update)."""
-    import copy
-
-    from ssseg.modules.models.segmentors.mcibiplusplus.mcibiplusplus import MCIBIPlusPlus
-    from ssseg.modules.utils import SSSegInputStructure
-
-    cfg = copy.deepcopy(cfg)
-    cfg["backbone"]["pretrained"] = False
-    cfg["norm_cfg"] = {"type": "BatchNorm2d"}
-    torch.manual_seed(0)
-    model = MCIBIPlusPlus(cfg, mode="TRAIN").to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    targets = labels.float().masked_fill(labels == 255, -100)
-    meta = SSSegInputStructure(images=images, seg_targets=targets, mode="TRAIN")
-
-    def step():
-        model.train()
-        model.mode = "TRAIN"
-        loss = model(meta, learning_rate=0.01, epoch=0).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    train = _timed(step, args.repeats, args.warmup, device)
-    model.eval()
-    model.mode = "TEST"
-
-    def forward():
-        with torch.inference_mode():
-            model(SSSegInputStructure(images=images, mode="TEST"))
-
-    evaluation = _timed(forward, args.repeats, args.warmup, device)
-    mem = model.memory_module
-    c = cfg["head"]["feats_channels"]
-    feats = torch.randn(images.shape[0], c, args.crop // 8, args.crop // 8, device=device)
-    logits = torch.randn(images.shape[0], cfg["num_classes"], args.crop // 8, args.crop // 8, device=device)
-    full = torch.nn.functional.interpolate(feats, size=labels.shape[-2:], mode="bilinear")
-
-    def memory_read_update():
-        with torch.no_grad():
-            mem(feats, logits)
-            mem.update(full, targets, ignore_index=-100, learning_rate=0.01,
-                       momentum_cfg={"base_momentum": 0.1, "base_lr": None, "adjust_by_learning_rate": False})
-
-    mem_times = _timed(memory_read_update, args.repeats, args.warmup, device)
-    return {"train_step_s": {"median": statistics.median(train), "min": min(train)},
-            "eval_forward_s": {"median": statistics.median(evaluation), "min": min(evaluation)},
-            "memory_read_update_s": {"median": statistics.median(mem_times), "min": min(mem_times)}}
 
 
 if __name__ == "__main__":

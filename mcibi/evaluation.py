@@ -20,6 +20,7 @@ from mcibi.files import atomic_open, write_json
 from mcibi.inference import predict_tta
 from mcibi.metrics import ConfusionMatrix
 from mcibi.models import build_segmentor
+from mcibi.models.folding import fold_batchnorm
 from mcibi.params import ExperimentParams, to_dict
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,10 @@ def evaluate(
     model = build_segmentor(params.model)
     load_weights(model, state, checkpoint)
     model.to(dev).eval()
+    if params.evaluate.fold_batchnorm:
+        model = fold_batchnorm(model)
+    layout = torch.channels_last if params.evaluate.channels_last else torch.contiguous_format
+    model = model.to(memory_format=layout)
 
     spec = get_spec(params.data.name)
     dataset = SegmentationDataset(Path(data_root) / params.data.name, params.data.eval_split,
@@ -63,7 +68,7 @@ def evaluate(
     start = time.time()
     with torch.inference_mode():
         for sample in tqdm(loader, total=count, desc=f"eval {params.name} [{protocol}]", mininterval=5.0):
-            image = sample["image"].to(dev)
+            image = sample["image"].to(dev).contiguous(memory_format=layout)
             label = sample["label"].to(dev)
             scores = predict_tta(model, image, out_size=tuple(label.shape[-2:]), scales=proto.scales, flip=proto.flip,
                                  flip_permutation=spec.flip_permutation(), mode=proto.mode, crop=proto.crop,

@@ -156,6 +156,7 @@ class TrainParams:
     loss_weights: LossWeights
     num_workers: int
     log_every: int  # iterations between loss records
+    channels_last: bool  # NHWC activations (same arithmetic; faster convolutions on CPU and tensor cores)
 
 
 # --------------------------------------------------------------------------------------------------------- eval
@@ -180,6 +181,8 @@ class EvalParams:
     """Protocols keyed by name: ``ss`` (single scale), ``flip``, ``msflip`` (multi-scale + flip)."""
 
     protocols: dict[str, ProtocolParams]
+    channels_last: bool  # NHWC activations
+    fold_batchnorm: bool  # fold eval-mode BatchNorm into the preceding convolutions (same logits up to rounding)
 
 
 # --------------------------------------------------------------------------------------------------- experiment

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mcibi.models import build_segmentor
 from mcibi.models.segmentor import onehot_gather_logits
@@ -94,3 +95,18 @@ def test_same_seed_same_weights():
 
     a, b = run(), run()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("align", [False, True])
+def test_upsampled_cross_entropy_equals_the_nchw_formulation(align):
+    from mcibi.training import upsampled_cross_entropy
+
+    logits = torch.randn(2, 7, 5, 6, requires_grad=True)
+    labels = torch.randint(0, 7, (2, 37, 41))
+    labels[0, :3] = 255
+    ours = upsampled_cross_entropy(logits, labels, align)
+    (grad,) = torch.autograd.grad(ours, logits)
+    up = F.interpolate(logits, size=(37, 41), mode="bilinear", align_corners=align)
+    reference = F.cross_entropy(up, labels, ignore_index=255)
+    (ref_grad,) = torch.autograd.grad(reference, logits)
+    assert torch.allclose(ours, reference, rtol=1e-6) and torch.allclose(grad, ref_grad, atol=1e-7, rtol=1e-5)
