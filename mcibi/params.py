@@ -117,20 +117,40 @@ class ModelParams:
 # -------------------------------------------------------------------------------------------------------- train
 @dataclass(frozen=True)
 class OptimizerParams:
-    """SGD with momentum, as in every R-50/R-101 row of the seed tables."""
+    """SGD with momentum (every R-50/R-101 row of the seed tables) or AdamW (Swin rows), with parameter rules."""
 
-    name: Literal["sgd"]
+    name: Literal["sgd", "adamw"]
     lr: float
-    momentum: float
+    momentum: float  # SGD only
     weight_decay: float
+    betas: tuple[float, float]  # AdamW only
+    no_decay_norms: bool  # no weight decay on normalisation layers' weights and biases (seed's Swin configs)
+    no_decay_keys: tuple[str, ...] | None  # no weight decay on parameters whose name contains one of these
+    backbone_lr_mult: float  # lr of the backbone's parameters = lr x this (1.0 = same as the heads)
 
 
 @dataclass(frozen=True)
 class ScheduleParams:
-    """Poly decay per iteration: lr = (base - min) * (1 - it / max_it) ** power + min."""
+    """Poly decay per iteration, lr = (base - min) * (1 - it / max_it) ** power + min, times a linear warmup.
+
+    During the first ``warmup_iters`` iterations the poly value is scaled by a factor rising linearly from
+    ``warmup_ratio`` to 1 (mmseg's ``warmup='linear'``); 0 iterations = no warmup.
+    """
 
     power: float
     min_lr: float
+    warmup_iters: int
+    warmup_ratio: float
+
+
+@dataclass(frozen=True)
+class ResourceParams:
+    """What one job asks its scheduler for (SLURM via the Snakemake executor plugin; local runs use the CPUs)."""
+
+    gpus: int  # 0 = CPU job; > 1 launches torchrun --nproc_per_node=gpus
+    cpus_per_gpu: int  # CPU cores per GPU (per job when gpus is 0): data-loading workers and torch threads
+    mem_mb: int  # host memory of the job
+    runtime: int  # wall-time limit in minutes (a cut training job resumes from its last checkpoint)
 
 
 @dataclass(frozen=True)
@@ -146,10 +166,11 @@ class LossWeights:
 
 @dataclass(frozen=True)
 class TrainParams:
-    """The optimisation schedule; batch size is the total over all processes."""
+    """The optimisation schedule; the batch size is the total over all processes and accumulation steps."""
 
     seed: int
-    total_batch_size: int
+    total_batch_size: int  # images per optimiser step, whatever the number of GPUs
+    batch_per_device: int  # most images one device holds in one forward; more means gradient accumulation
     epochs: int
     optimizer: OptimizerParams
     schedule: ScheduleParams
@@ -157,6 +178,12 @@ class TrainParams:
     num_workers: int
     log_every: int  # iterations between loss records
     channels_last: bool  # NHWC activations (same arithmetic; faster convolutions on CPU and tensor cores)
+    precision: Literal["fp32", "bf16", "fp16"]  # autocast dtype (fp16 adds a gradient scaler); memory stays fp32
+    compile: bool  # torch.compile the model for training
+    sync_batchnorm: bool  # SyncBatchNorm under multi-GPU DDP (batch statistics over every GPU's images)
+    checkpoint_every: int  # iterations between resumable checkpoints (0 = none until the final weights)
+    keep_checkpoints: int  # resumable checkpoints kept (the newest N); the final model.pt is kept apart
+    resources: ResourceParams
 
 
 # --------------------------------------------------------------------------------------------------------- eval
@@ -183,6 +210,8 @@ class EvalParams:
     protocols: dict[str, ProtocolParams]
     channels_last: bool  # NHWC activations
     fold_batchnorm: bool  # fold eval-mode BatchNorm into the preceding convolutions (same logits up to rounding)
+    window_batch: int  # sliding windows (x flips) per forward pass; bounds GPU memory, not the result
+    resources: ResourceParams
 
 
 # --------------------------------------------------------------------------------------------------- experiment
@@ -323,10 +352,35 @@ def _check(params: ExperimentParams, file: Path) -> None:
         "train.epochs": params.train.epochs,
         "train.log_every": params.train.log_every,
         "train.optimizer.lr": params.train.optimizer.lr,
+        "train.batch_per_device": params.train.batch_per_device,
+        "train.keep_checkpoints": params.train.keep_checkpoints,
+        "train.optimizer.backbone_lr_mult": params.train.optimizer.backbone_lr_mult,
+        "evaluate.window_batch": params.evaluate.window_batch,
+        "train.resources.cpus_per_gpu": params.train.resources.cpus_per_gpu,
+        "evaluate.resources.cpus_per_gpu": params.evaluate.resources.cpus_per_gpu,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ParamsError(f"{file}: key '{key}' must be positive, got {value}.")
+    non_negative = {
+        "train.checkpoint_every": params.train.checkpoint_every,
+        "train.schedule.warmup_iters": params.train.schedule.warmup_iters,
+        "train.resources.gpus": params.train.resources.gpus,
+        "evaluate.resources.gpus": params.evaluate.resources.gpus,
+        "train.num_workers": params.train.num_workers,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ParamsError(f"{file}: key '{key}' must be zero or positive, got {value}.")
+    if not 0.0 <= params.train.schedule.warmup_ratio <= 1.0:
+        raise ParamsError(f"{file}: key 'train.schedule.warmup_ratio' must be in [0, 1].")
+    per_device = min(params.train.batch_per_device, params.train.total_batch_size)
+    if params.train.total_batch_size % per_device:
+        raise ParamsError(
+            f"{file}: key 'train.total_batch_size' ({params.train.total_batch_size}) is not a multiple of "
+            f"'train.batch_per_device' ({params.train.batch_per_device}); make it one so that gradient "
+            "accumulation covers the batch exactly."
+        )
     if not 0.0 < params.model.memory.momentum <= 1.0:
         raise ParamsError(f"{file}: key 'model.memory.momentum' must be in (0, 1].")
     if not 0.0 <= params.model.backbone.drop_path_rate < 1.0:

@@ -118,6 +118,22 @@ class RunLogger:
             _retry(lambda: client.log_batch(run.info.run_id, tags=[RunTag("mlflow.note.content", description)]))
         return cls(uri, run.info.run_id)
 
+    @classmethod
+    def resume(cls, uri: str, run_id: str) -> RunLogger:
+        """Continue a run that a killed job left behind (its status goes back to RUNNING).
+
+        Metrics logged after the checkpoint the job resumes from are logged again at the same steps.
+        """
+        client = _client(uri)
+        _retry(lambda: client.update_run(run_id, status="RUNNING"))
+        return cls(uri, run_id)
+
+    def tags(self, values: dict[str, str]) -> None:
+        """Set (or overwrite) tags of the run."""
+        from mlflow.entities import RunTag
+
+        _retry(lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in values.items()]))
+
     def metrics(self, values: dict[str, float], step: int | None = None) -> None:
         """Log several metrics at one step."""
         from mlflow.entities import Metric
