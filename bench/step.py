@@ -3,6 +3,8 @@ module (read, update) for a params file — and, with ``--official NAME``, the o
 same inputs, interleaved repetition by repetition so that a change of machine load hits both alike.
 
 Prints one JSON object (wall seconds median/min, process CPU seconds, speedups = official / ours on medians).
+``memory_read_update`` is the whole memory module; ``memory_specific`` leaves out its attention and output
+convolutions (identical arithmetic on both sides) and times the rest: class representations, aggregation, update.
 Examples (the issue's CPU setting is the default: batch 2, crop 256, 2 threads):
 
     python bench/step.py params/demo/upernet_mcibipp.yaml
@@ -40,6 +42,32 @@ from mcibi.params import ChannelParams, load_params
 from mcibi.training import build_optimizer, train_step
 
 Timer = Callable[[], None]
+
+
+class _KeepContext(torch.nn.Module):
+    """Stands in for a self-attention block: returns the key/value map unchanged."""
+
+    def forward(self, query: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return context
+
+
+class _FirstHalf(torch.nn.Module):
+    """Stands in for the memory's output convolution: returns the first half of the channels."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, : x.shape[1] // 2]
+
+
+def _without_shared_convs(memory: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a memory module (ours or the official) whose attention and output convolutions — the same
+    arithmetic in both implementations — are replaced by pass-throughs, leaving what is memory-specific:
+    building the class representations, the soft aggregation W·M and the concatenation."""
+    light = copy.deepcopy(memory)
+    light.self_attention = _KeepContext()
+    light.bottleneck = _FirstHalf()
+    if getattr(light, "downsample_before_sa", None) is not None:
+        light.downsample_before_sa = torch.nn.Identity()
+    return light
 
 
 def _sync(device: torch.device) -> None:
@@ -106,7 +134,13 @@ def ours(model_params, params, images, labels, args, device) -> dict[str, Timer]
             with torch.no_grad():
                 mem.update(feats, labels, momentum=0.1, resolution=model_params.memory.update_resolution)
 
-        timers |= {"memory_read": read, "memory_update": update}
+        light = _without_shared_convs(mem)
+
+        def aggregate() -> None:
+            with torch.inference_mode(), _autocast(device, args.bf16):
+                light(feats, logits)
+
+        timers |= {"memory_read": read, "memory_update": update, "memory_aggregate": aggregate}
     return timers
 
 
@@ -155,7 +189,14 @@ def official(cfg: dict, images, labels, args, device) -> dict[str, Timer]:
             full = F.interpolate(feats, size=labels.shape[-2:], mode="bilinear", align_corners=False)
             mem.update(full, targets, ignore_index=-100, learning_rate=0.01, momentum_cfg=momentum_cfg)
 
-    return {"train_step": train, "eval_forward": forward, "memory_read": read, "memory_update": update}
+    light = _without_shared_convs(mem).eval()
+
+    def aggregate() -> None:
+        with torch.inference_mode(), _autocast(device, args.bf16):
+            light(feats, logits)
+
+    return {"train_step": train, "eval_forward": forward, "memory_read": read, "memory_update": update,
+            "memory_aggregate": aggregate}
 
 
 def main() -> None:
@@ -207,7 +248,7 @@ def main() -> None:
         timers |= {f"official.{k}": fn for k, fn in official(official_cfg, images, labels, args, device).items()}
     load_before = os.getloadavg()[0]
     times: dict[str, dict] = {}
-    for what in ("train_step", "eval_forward", "memory_read", "memory_update"):
+    for what in ("train_step", "eval_forward", "memory_read", "memory_update", "memory_aggregate"):
         group = {k: fn for k, fn in timers.items() if k.endswith(f".{what}")}
         if group:
             times |= _interleaved(group, args.repeats, args.warmup, device)
@@ -231,14 +272,16 @@ def main() -> None:
         "seconds": times,
     }
     for side in ("ours", "official"):
-        if f"{side}.memory_read" in times:
-            times[f"{side}.memory_read_update"] = {
-                stat: times[f"{side}.memory_read"][stat] + times[f"{side}.memory_update"][stat]
-                for stat in ("median", "min", "cpu_median")}
+        for total, parts in (("memory_read_update", ("memory_read", "memory_update")),
+                             ("memory_specific", ("memory_aggregate", "memory_update"))):
+            if all(f"{side}.{part}" in times for part in parts):
+                times[f"{side}.{total}"] = {stat: sum(times[f"{side}.{part}"][stat] for part in parts)
+                                            for stat in ("median", "min", "cpu_median")}
     if official_cfg is not None:
         result["speedup"] = {what: round(times[f"official.{what}"]["median"] / times[f"ours.{what}"]["median"], 3)
                              for what in ("train_step", "eval_forward", "memory_read", "memory_update",
-                                          "memory_read_update") if f"ours.{what}" in times}
+                                          "memory_read_update", "memory_aggregate", "memory_specific")
+                             if f"ours.{what}" in times}
     print(json.dumps(result, indent=2))
 
 

@@ -156,3 +156,33 @@ def test_backward_reaches_every_parameter(framework, kind):
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing, missing
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+SEED_BACKBONE_CONFIGS = [  # one official config per seed backbone, with the channels its heads must see
+    ("mcibiplusplus_upernet_resnet101os8_ade20k", "resnet101c", 2048),  # R-101-D8
+    ("mcibiplusplus_upernet_resnest101os8_ade20k", "resnest101e", 2048),  # S-101-D8
+    ("mcibiplusplus_aspp_resnest101os8_cityscapes", "resnest101e", 2048),
+    ("mcibiplusplus_aspp_hrnetv2w48_cityscapes", "hrnet_w48", 720),  # HRNetV2p-W48, mcibi_version stem
+    ("mcibiplusplus_upernet_swinlarge_ade20k", "swin_large_patch4_window12_384", 1536),  # Swin-L, window 12
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,backbone,top_channels", SEED_BACKBONE_CONFIGS)
+def test_every_seed_backbone_builds_and_runs(name, backbone, top_channels):
+    from pathlib import Path
+
+    from mcibi.official import load_official_config, model_params_from_official
+
+    configs = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_configs.yaml"
+    if not configs.is_file():
+        pytest.skip("../shared/reference/official_configs.yaml is not beside the repository")
+    cfg = load_official_config(configs, name)
+    params = model_params_from_official(name, cfg, pretrained=False)
+    model = build_segmentor(params).eval()
+    assert params.backbone.name == backbone and model.backbone.channels[-1] == top_channels
+    if backbone.startswith("swin"):
+        assert model.backbone.body.layers_0.blocks[0].window_size == (12, 12)
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 64, 64))
+    assert out.logits.shape[:2] == (1, cfg["num_classes"]) and torch.isfinite(out.logits).all()
