@@ -80,7 +80,7 @@ def _cmd_train(a: argparse.Namespace) -> None:
     params = load_params(a.params)
     out = a.out or Path("runs") / params.name
     uri = None if a.no_mlflow else default_tracking_uri()
-    train(params, a.data_root, out, tracking_uri=uri, device=a.device, threads=a.threads)
+    train(params, a.data_root, out, tracking_uri=uri, device=a.device, threads=a.threads, resume=not a.no_resume)
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> None:
@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, help="write the experiment id here")
     s.set_defaults(func=_cmd_mlflow_init)
 
-    for name, func, help_ in (("train", _cmd_train, "train one experiment"),
+    for name, func, help_ in (("train", _cmd_train, "train one experiment (resumes from its last checkpoint; "
+                               "multi-GPU: torchrun --nproc_per_node=N -m mcibi train ...)"),
                               ("evaluate", _cmd_evaluate, "evaluate a checkpoint under one protocol")):
         s = sub.add_parser(name, help=help_)
         s.add_argument("params", type=Path)
@@ -190,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.set_defaults(func=func)
         if name == "train":
             s.add_argument("--out", type=Path, help="run folder (default runs/<dataset>/<experiment>)")
+            s.add_argument("--no-resume", action="store_true",
+                           help="start from scratch even if <out>/checkpoints/ holds a checkpoint of these params")
         else:
             s.add_argument("--checkpoint", type=Path, required=True)
             s.add_argument("--protocol", required=True, help="ss, flip or msflip")

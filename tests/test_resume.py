@@ -1,0 +1,94 @@
+"""Exact resume: a training run killed with SIGKILL and rerun ends with the weights of an uninterrupted run."""
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from tiny_training import env_one_thread, mcibi_cmd, run, tiny_dataset, tiny_params
+
+from mcibi.checkpoint import load_checkpoint
+from mcibi.params import load_params
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return tiny_dataset(tmp_path_factory.mktemp("tiny"))
+
+
+def _train_cmd(params, data_root, out):
+    return mcibi_cmd("train", str(params), "--data-root", str(data_root), "--out", str(out), "--threads", "1",
+                     "--no-mlflow")
+
+
+def _kill_when(cmd, folder, iteration, timeout=300.0):
+    """Start ``cmd``, SIGKILL it once a checkpoint of ``iteration`` or later exists under ``folder``; its log."""
+    log = folder.parent.parent / f"killed_at_{iteration}.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=fh, env=env_one_thread())
+        deadline = time.time() + timeout
+        while proc.poll() is None and time.time() < deadline:
+            if any(int(p.stem[5:]) >= iteration for p in folder.glob("iter_*.pt")):
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.005)
+        code = proc.wait()
+    assert code == -signal.SIGKILL, f"exit code {code}; the run was not killed mid-way:\n{log.read_text()[-3000:]}"
+
+
+def _weights(path):
+    return load_checkpoint(path)["state_dict"]
+
+
+def test_killed_run_resumes_to_the_uninterrupted_weights(data_root, tmp_path):
+    # MCIBI++ with dropout 0.1: the memory buffers, optimiser momentum and RNG states must all be restored.
+    params = tiny_params(tmp_path / "params")
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    done = run(_train_cmd(params, data_root, straight))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    # Killed right after the mid-epoch checkpoint of iteration 2, then again after the epoch-end checkpoint of
+    # iteration 4 (the two places where the data loader's seed draw sits differently), then run to the end.
+    _kill_when(_train_cmd(params, data_root, cut), cut / "checkpoints", 2)
+    assert not (cut / "model.pt").exists()
+    _kill_when(_train_cmd(params, data_root, cut), cut / "checkpoints", 4)
+    again = run(_train_cmd(params, data_root, cut))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming demo/tiny from" in again.stderr
+    assert json.loads((cut / "run.json").read_text())["resumed_from"] >= 4
+
+    a, b = _weights(straight / "model.pt"), _weights(cut / "model.pt")
+    assert set(a) == set(b)
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different[:5]
+    assert any("memory_module.memory" in k for k in a)
+    assert (straight / "loss.csv").read_text() == (cut / "loss.csv").read_text()
+    # retention: the newest two resumable checkpoints are kept beside the final weights
+    assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["iter_00000006.pt", "iter_00000008.pt"]
+    state = load_checkpoint(straight / "checkpoints" / "iter_00000008.pt")
+    assert state["iteration"] == 8 and state["optimizer"]["state"] and set(state["rng"]) >= {"python", "numpy",
+                                                                                           "torch"}
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_root, tmp_path, monkeypatch):
+    import mcibi.training as training
+
+    params = load_params(tiny_params(tmp_path / "params", memory="none", epochs=1))
+    calls = {"n": 0}
+    real = training.compute_losses
+
+    def poisoned(out, labels, p):
+        calls["n"] += 1
+        losses = real(out, labels, p)
+        if calls["n"] == 3:  # the third iteration's loss is NaN
+            losses["total"] = losses["total"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(training, "compute_losses", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(training.NonFiniteLossError, match=r"iteration 2 .*iter_00000002\.pt"):
+        training.train(params, data_root, out, threads=1)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["iter_00000002.pt"]
+    assert not (out / "model.pt").exists()
