@@ -43,6 +43,7 @@ def model_params_from_official(name: str, cfg: dict, pretrained: bool = False) -
     momentum = head["update_cfg"]["momentum_cfg"]
     return ModelParams(
         framework=framework,
+        context_module=cwi["type"] if cwi["is_on"] else "none",
         num_classes=cfg["num_classes"],
         backbone=BackboneParams(name=backbone, pretrained=pretrained, output_stride=stride,
                                 drop_path_rate=float(cfg["backbone"].get("drop_path_rate", 0.0)),

@@ -99,6 +99,9 @@ class ModelParams:
     """Everything :func:`mcibi.build_segmentor` needs."""
 
     framework: Literal["fcn", "psnet", "upernet", "deeplabv3"]
+    # context within image (official context_within_image): fcn none, psnet ppm, deeplabv3 aspp, and upernet
+    # ppm or aspp (the official UperNet configs use both)
+    context_module: Literal["none", "ppm", "aspp"]
     num_classes: int
     backbone: BackboneParams
     memory: MemoryParams
@@ -200,6 +203,7 @@ class ProtocolParams:
 
 
 PROTOCOL_NAMES = ("ss", "flip", "msflip")
+CONTEXT_MODULES = {"fcn": ("none",), "psnet": ("ppm",), "upernet": ("ppm", "aspp"), "deeplabv3": ("aspp",)}
 PROTOCOL_TITLES = {"ss": "mIoU", "flip": "mIoU (flip)", "msflip": "mIoU (ms+flip)"}
 
 
@@ -383,6 +387,12 @@ def _check(params: ExperimentParams, file: Path) -> None:
         )
     if not 0.0 < params.model.memory.momentum <= 1.0:
         raise ParamsError(f"{file}: key 'model.memory.momentum' must be in (0, 1].")
+    allowed = CONTEXT_MODULES[params.model.framework]
+    if params.model.context_module not in allowed:
+        raise ParamsError(
+            f"{file}: key 'model.context_module' is '{params.model.context_module}', but framework "
+            f"'{params.model.framework}' takes {' or '.join(repr(c) for c in allowed)}."
+        )
     if not 0.0 <= params.model.backbone.drop_path_rate < 1.0:
         raise ParamsError(f"{file}: key 'model.backbone.drop_path_rate' must be in [0, 1).")
     if not params.model.backbone.stem_first_relu and not params.model.backbone.name.startswith("hrnet"):

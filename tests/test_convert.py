@@ -28,8 +28,10 @@ def _official(name: str) -> dict[str, tuple[int, ...]]:
 def _params_for(shapes: dict, framework: str):
     classes = shapes["decoder_cls.conv2.bias"][0]
     kernel = shapes["decoder_cls.conv1.weight"][-1]
+    context = ("aspp" if "context_within_image_module.global_branch.1.weight" in shapes
+               else "ppm" if "context_within_image_module.bottleneck.0.weight" in shapes else "none")
     return dataclasses.replace(
-        BASE, framework=framework, num_classes=classes, classifier_kernel=kernel,
+        BASE, framework=framework, context_module=context, num_classes=classes, classifier_kernel=kernel,
         backbone=dataclasses.replace(BASE.backbone, name="resnet50c", pretrained=False),
         channels=ChannelParams(feats=512, transform=256, decoder=512, aux=512),
         dilations=(1, 12, 24, 36), use_self_attention=any(k.startswith("self_attention.") for k in shapes),
@@ -64,7 +66,7 @@ def test_every_official_r50_model_converts_strictly(file, framework):
 
 
 def test_missing_and_unexpected_tensors_are_named():
-    params = dataclasses.replace(BASE, framework="fcn", classifier_kernel=1)
+    params = dataclasses.replace(BASE, framework="fcn", context_module="none", classifier_kernel=1)
     good = {}
     for k, v in build_segmentor(params).state_dict().items():
         if k.endswith("memory_module.noise"):

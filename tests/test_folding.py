@@ -15,7 +15,8 @@ PARAMS = load_params("params/demo/upernet_mcibipp.yaml")
 
 def _model(backbone: str, framework: str = "upernet"):
     p = PARAMS.model
-    p = dataclasses.replace(p, framework=framework, aux_head=not backbone.startswith("hrnet"),
+    context = {"fcn": "none", "psnet": "ppm", "upernet": "ppm", "deeplabv3": "aspp"}[framework]
+    p = dataclasses.replace(p, framework=framework, context_module=context, aux_head=not backbone.startswith("hrnet"),
                             backbone=dataclasses.replace(p.backbone, name=backbone))
     torch.manual_seed(0)
     model = build_segmentor(p)

@@ -12,11 +12,15 @@ from mcibi.params import load_params
 BASE = load_params(Path(__file__).resolve().parents[1] / "params" / "demo" / "upernet_mcibipp.yaml").model
 
 
+CONTEXT = {"fcn": "none", "psnet": "ppm", "upernet": "ppm", "deeplabv3": "aspp"}
+
+
 def _model_params(framework, kind="mcibi++", **changes):
     memory_changes = {k: v for k, v in changes.items() if hasattr(BASE.memory, k)}
     memory = dataclasses.replace(BASE.memory, kind=kind, **memory_changes)
     rest = {k: v for k, v in changes.items() if not hasattr(BASE.memory, k)}
     channels = dataclasses.replace(BASE.channels, feats=32, transform=16, decoder=32, aux=32)
+    rest.setdefault("context_module", CONTEXT[framework])
     return dataclasses.replace(BASE, framework=framework, memory=memory, channels=channels, **rest)
 
 

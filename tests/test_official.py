@@ -30,3 +30,7 @@ def test_all_official_configs_translate():
     assert hrnet.cwi_classifier_kernel == 3
     assert sum(p.cwi_classifier_kernel == 3 for p in by_name.values()) == 4
     assert swin_ade.backbone.drop_path_rate == pytest.approx(0.3) and lip.backbone.drop_path_rate == 0.0
+    # the official UperNet configs take their context within image from ASPP in 11 of 21 cases
+    assert by_name["mcibiplusplus_upernet_resnet101os8_ade20k"].context_module == "aspp"
+    assert lip.context_module == "ppm" and by_name["mcibiplusplus_resnet50os8_lip"].context_module == "none"
+    assert sum(p.framework == "upernet" and p.context_module == "aspp" for p in by_name.values()) == 11

@@ -19,9 +19,8 @@ from torch import nn
 from mcibi.models.backbone import Backbone
 from mcibi.models.blocks import ASPP, PPM, ConvBNReLU, SelfAttention
 from mcibi.models.memory import ClassMemory, DistributionMemory, VectorMemory
-from mcibi.params import ModelParams
+from mcibi.params import CONTEXT_MODULES, ModelParams
 
-CONTEXT_MODULES = {"fcn": None, "psnet": "ppm", "upernet": "ppm", "deeplabv3": "aspp"}
 MEMORY_KINDS: dict[str, type[ClassMemory]] = {"mcibi++": DistributionMemory, "mcibi": VectorMemory}
 
 
@@ -74,7 +73,10 @@ class MemorySegmentor(nn.Module):
         self.with_memory = p.memory.kind != "none"
         self.is_fpn = p.framework == "upernet"
 
-        cwi = CONTEXT_MODULES[p.framework]
+        if p.context_module not in CONTEXT_MODULES[p.framework]:
+            raise ValueError(f"framework '{p.framework}' cannot use context module '{p.context_module}' "
+                             f"(valid: {CONTEXT_MODULES[p.framework]})")
+        cwi = p.context_module
         self.context_within_image_module: nn.Module | None = None
         if cwi == "ppm":
             self.context_within_image_module = PPM(top_ch, ch.feats, p.pool_scales, p.align_corners)
@@ -86,7 +88,7 @@ class MemorySegmentor(nn.Module):
         self.decoder_pr: nn.Module | None = None
         self.decoder_cwi: nn.Module | None = None
         self.self_attention: nn.Module | None = None
-        if self.with_memory or cwi is None:
+        if self.with_memory or cwi == "none":
             self.bottleneck = ConvBNReLU(top_ch, ch.feats, 3)  # pixel representations R (FCN: its conv)
         if self.with_memory:
             self.decoder_pr = classifier(ch.feats, ch.decoder, k, p.dropout)
