@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -97,6 +98,8 @@ def _cmd_evaluate(a: argparse.Namespace) -> None:
     out_csv = a.out_csv or run_dir / "eval" / f"{a.protocol}_per_class.csv"
     result = evaluate(params, a.checkpoint, a.protocol, a.data_root, device=a.device, threads=a.threads,
                       limit=a.limit)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank has the all-reduced result; rank 0 writes
+        return
     run_file = run_dir / "run.json"
     parent = json.loads(run_file.read_text()).get("mlflow_run_id") if run_file.is_file() else None
     result["mlflow_run_id"] = parent or ""
@@ -104,6 +107,16 @@ def _cmd_evaluate(a: argparse.Namespace) -> None:
     if parent and not a.no_mlflow:
         tags = run_tags(params)
         log_evaluation(default_tracking_uri(), parent, a.protocol, result, out_csv, tags)
+
+
+def _cmd_export(a: argparse.Namespace) -> None:
+    from mcibi.evaluation import export_predictions
+    from mcibi.params import load_params
+
+    params = load_params(a.params)
+    n = export_predictions(params, a.checkpoint, a.protocol, a.data_root, a.out, split=a.split, device=a.device,
+                           threads=a.threads, limit=a.limit)
+    log.info("wrote %d PNGs to %s", n, a.out)
 
 
 def _cmd_table(a: argparse.Namespace) -> None:
@@ -199,6 +212,19 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--out-json", type=Path)
             s.add_argument("--out-csv", type=Path)
             s.add_argument("--limit", type=int, help="evaluate only the first N images (smoke tests)")
+
+    s = sub.add_parser("export", help="write test-set predictions as PNGs for an evaluation server (CityScapes: "
+                       "labelIds); under torchrun each rank writes its share")
+    s.add_argument("params", type=Path)
+    s.add_argument("--checkpoint", type=Path, required=True)
+    s.add_argument("--protocol", default="msflip", help="ss, flip or msflip (default msflip)")
+    s.add_argument("--split", default="test")
+    s.add_argument("--out", type=Path, required=True, help="folder of <image id>.png files")
+    s.add_argument("--data-root", type=Path, default=Path("data"))
+    s.add_argument("--device")
+    s.add_argument("--threads", type=int)
+    s.add_argument("--limit", type=int, help="only the first N images")
+    s.set_defaults(func=_cmd_export)
 
     s = sub.add_parser("convert", help="convert an official MCIBI++ checkpoint for a params file")
     s.add_argument("official", type=Path, help="the official .pth (loaded with weights_only=True)")

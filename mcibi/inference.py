@@ -84,6 +84,7 @@ def predict_tta(
     stride: tuple[int, int] | None = None,
     probs_before_resize: bool = False,
     align_corners: bool = False,
+    max_batch: int = 16,
 ) -> torch.Tensor:
     """Average of the scores of every (scale, flip) pass, each resized to ``out_size``; shape (B, K, *out_size).
 
@@ -91,6 +92,7 @@ def predict_tta(
         flip_permutation: class permutation of a horizontal flip (left/right pairs swapped); identity if None.
         mode: "whole" or "slide" (then ``crop`` and ``stride`` as (h, w)).
         probs_before_resize: softmax each pass before resizing and averaging (official use_probs_before_resize).
+        max_batch: slide windows per forward (times the batch, flips included); bounds memory, not the result.
     """
     if mode not in ("whole", "slide"):
         raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
@@ -107,7 +109,7 @@ def predict_tta(
         if mode == "whole":
             scores = predict_whole(model, x, probs_before_resize)
         else:
-            scores = predict_slide(model, x, crop, stride, probs_before_resize, align_corners)
+            scores = predict_slide(model, x, crop, stride, probs_before_resize, align_corners, max_batch=max_batch)
         if flip:
             flipped = scores[b:]
             if flip_permutation is not None:

@@ -1,7 +1,9 @@
 """Whole / slide / flip / multi-scale prediction on toy models whose answers are known."""
 
+import dataclasses
 from types import SimpleNamespace
 
+import pytest
 import torch
 from torch import nn
 
@@ -91,3 +93,65 @@ def test_multiscale_output_size_and_mean():
     one = predict_tta(model, x, out_size=(40, 36), scales=(1.0,))
     two = predict_tta(model, x, out_size=(40, 36), scales=(1.0, 1.0))
     assert one.shape == (1, 4, 40, 36) and torch.allclose(one, two, atol=1e-6)
+
+
+# ------------------------------------------------------------------------ evaluation of a checkpoint on real data
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A briefly trained tiny MCIBI++ model and the data it was trained on (test images at their own 128 px)."""
+    from tiny_training import tiny_dataset, tiny_params
+
+    from mcibi.params import load_params
+    from mcibi.training import train
+
+    root = tmp_path_factory.mktemp("eval")
+    data_root = tiny_dataset(root / "data")
+    params = load_params(tiny_params(root / "params", epochs=1))
+    params = dataclasses.replace(params, data=dataclasses.replace(
+        params.data, test_resize=dataclasses.replace(params.data.test_resize, size=(128, 128))))
+    result = train(params, data_root, root / "run", threads=1)
+    return params, result.checkpoint, data_root
+
+
+def _with_protocol(params, **changes):
+    proto = dataclasses.replace(params.evaluate.protocols["ss"], **changes)
+    return dataclasses.replace(params, evaluate=dataclasses.replace(params.evaluate, protocols={"ss": proto}))
+
+
+def test_whole_slide_and_batched_windows_give_the_same_confusion_matrix(tiny_checkpoint):
+    from mcibi.evaluation import evaluate
+
+    params, ckpt, data_root = tiny_checkpoint
+    whole = evaluate(params, ckpt, "ss", data_root, threads=1)
+    one_window = evaluate(_with_protocol(params, mode="slide", crop=(160, 160), stride=(96, 96)), ckpt, "ss",
+                          data_root, threads=1)  # crop >= image: a single window
+    assert whole["confusion"] == one_window["confusion"]
+    assert sum(map(sum, whole["confusion"])) == 4 * 128 * 128 and whole["mIoU"] > 0
+    windows = _with_protocol(params, mode="slide", crop=(64, 64), stride=(40, 40), flip=True)
+    batched = evaluate(windows, ckpt, "ss", data_root, threads=1)
+    single = dataclasses.replace(windows, evaluate=dataclasses.replace(windows.evaluate, window_batch=1))
+    assert evaluate(single, ckpt, "ss", data_root, threads=1)["confusion"] == batched["confusion"]
+    # every record says how it was measured
+    assert batched["protocol"] == {"scales": [1.0], "flip": True, "mode": "slide", "crop": [64, 64],
+                                   "stride": [40, 40], "probs_before_resize": False}
+    assert batched["protocol_title"] == "mIoU" and batched["checkpoint"] == str(ckpt)
+
+
+def test_cityscapes_export_table_and_demo_export(tiny_checkpoint, tmp_path):
+    import cv2
+    import numpy as np
+
+    from mcibi.evaluation import cityscapes_train_to_label_ids, export_predictions
+
+    table = cityscapes_train_to_label_ids()
+    assert table[0] == 7 and table[1] == 8 and table[10] == 23 and table[13] == 26 and table[18] == 33
+    assert table[19] == 0 and table[255] == 0 and len(set(table[:19].tolist())) == 19
+
+    params, ckpt, data_root = tiny_checkpoint
+    assert export_predictions(params, ckpt, "ss", data_root, tmp_path / "png", split="val", threads=1) == 4
+    pngs = sorted((tmp_path / "png").rglob("*.png"))
+    assert len(pngs) == 4
+    image = cv2.imread(str(pngs[0]), cv2.IMREAD_UNCHANGED)
+    assert image.shape == (128, 128) and image.dtype == np.uint8 and image.max() < 8
+    # an interrupted export continues: existing PNGs are kept
+    assert export_predictions(params, ckpt, "ss", data_root, tmp_path / "png", split="val", threads=1) == 0
