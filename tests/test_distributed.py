@@ -1,11 +1,20 @@
-"""Under DDP (2 CPU processes, gloo) the memory is averaged after each update and confusion matrices are summed."""
+"""Under DDP (2 CPU processes, gloo) the memory is averaged after each update and confusion matrices are summed;
+torchrun training equals one process accumulating, and torchrun evaluation equals one process."""
+
+import json
+import sys
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tiny_training import mcibi_cmd, run, tiny_dataset, tiny_params
 
+from mcibi.checkpoint import load_checkpoint
+from mcibi.evaluation import evaluate
 from mcibi.metrics import ConfusionMatrix
+from mcibi.models import build_segmentor
 from mcibi.models.memory import DistributionMemory
+from mcibi.params import load_params
 
 
 def _worker(rank: int, world: int, init_file: str, out: dict) -> None:
@@ -36,3 +45,41 @@ def test_memory_sync_averages_and_confusion_sums(tmp_path):
     assert torch.allclose(synced0, (local0 + local1) / 2) and torch.equal(synced0, synced1)
     assert torch.equal(synced0[2:], torch.tensor([[0.0, 1.0]] * 2))  # classes no rank saw stay at init
     assert torch.equal(cm0, torch.diag(torch.tensor([1, 1, 0]))) and torch.equal(cm0, cm1)
+
+
+# ------------------------------------------------------------------------------- torchrun: training, evaluation
+def _torchrun(*args):
+    return run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mcibi",
+                *args])
+
+
+def test_two_process_training_equals_one_process_accumulating_and_evaluation_sums(tmp_path):
+    data_root = tiny_dataset(tmp_path / "data")
+    # no dropout: two ranks draw the same masks where one process accumulating draws two different ones
+    params = tiny_params(tmp_path / "params", dropout=0.0, epochs=1, batch_per_device=2)
+    common = ["--data-root", str(data_root), "--threads", "1", "--no-mlflow"]
+    ddp = _torchrun("train", str(params), "--out", str(tmp_path / "ddp"), *common)
+    assert ddp.returncode == 0, ddp.stdout[-2000:] + ddp.stderr[-4000:]
+    assert "effective batch 4 = 2 process(es) x 1 accumulation step(s) x 2 images" in ddp.stderr
+    single = run(mcibi_cmd("train", str(params), "--out", str(tmp_path / "one"), *common))
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert "effective batch 4 = 1 process(es) x 2 accumulation step(s) x 2 images" in single.stderr
+    assert json.loads((tmp_path / "ddp" / "run.json").read_text())["world_size"] == 2
+
+    a = load_checkpoint(tmp_path / "ddp" / "model.pt")["state_dict"]
+    b = load_checkpoint(tmp_path / "one" / "model.pt")["state_dict"]
+    model = build_segmentor(load_params(params).model)
+    trained = [n for n, _ in model.named_parameters()] + ["memory_module.memory"]
+    for name in trained:  # BatchNorm running statistics differ: each rank keeps its own
+        assert torch.allclose(a[name], b[name], atol=1e-5, rtol=1e-4), name
+    assert not torch.equal(a["memory_module.memory"], model.memory_module.memory)  # the memory did move
+
+    # evaluation: each rank scores half the images; the summed confusion equals one process's
+    out = tmp_path / "ddp" / "eval.json"
+    ev = _torchrun("evaluate", str(params), "--checkpoint", str(tmp_path / "ddp" / "model.pt"), "--protocol", "flip",
+                   "--out-json", str(out), "--out-csv", str(tmp_path / "ddp" / "eval.csv"), *common)
+    assert ev.returncode == 0, ev.stdout[-2000:] + ev.stderr[-4000:]
+    two = json.loads(out.read_text())
+    one = evaluate(load_params(params), tmp_path / "ddp" / "model.pt", "flip", data_root, threads=1)
+    assert two["processes"] == 2 and one["processes"] == 1
+    assert two["confusion"] == one["confusion"] and two["num_images"] == 4

@@ -27,7 +27,7 @@ def tiny_dataset(folder: Path, train_images: int = 16, val_images: int = 4) -> P
     return folder
 
 
-def tiny_params(folder: Path, name: str = "tiny", memory: str = "mcibi++", **train) -> Path:
+def tiny_params(folder: Path, name: str = "tiny", memory: str = "mcibi++", dropout: float = 0.1, **train) -> Path:
     """Write ``folder/demo/{defaults,<name>}.yaml``: the demo defaults shrunk (48 px crops, 16 channels).
 
     ``train`` overrides keys of the ``train`` section (nested dicts merge one level deep).
@@ -38,6 +38,7 @@ def tiny_params(folder: Path, name: str = "tiny", memory: str = "mcibi++", **tra
     data["data"]["test_resize"]["size"] = [64, 64]
     data["model"]["channels"] = {"feats": 16, "transform": 8, "decoder": 16, "aux": 16}
     data["model"]["pool_scales"] = [1, 2]
+    data["model"]["dropout"] = dropout
     t = data["train"]
     t.update({"total_batch_size": 4, "batch_per_device": 4, "epochs": 2, "log_every": 1, "checkpoint_every": 2,
               "keep_checkpoints": 2})
