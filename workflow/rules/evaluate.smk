@@ -1,4 +1,5 @@
 # Each checkpoint under each protocol its params define: ss (single scale), flip, msflip (multi-scale + flip).
+# Resources come from evaluate.resources; several GPUs split the images (torchrun) and sum confusion matrices.
 
 
 rule evaluate:
@@ -12,15 +13,47 @@ rule evaluate:
         per_class=f"{RUNS}/{{dataset}}/{{experiment}}/eval/{{protocol}}_per_class.csv",
     log:
         "logs/evaluate/{dataset}/{experiment}/{protocol}.log",
-    threads: 1
+    threads: lambda wc: job_threads(EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources)
     resources:
-        mem_mb=4000,
-        runtime=30,
+        mem_mb=lambda wc: EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources.mem_mb,
+        runtime=lambda wc: EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources.runtime,
+        gpu=lambda wc: EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources.gpus,
+        cpus_per_task=lambda wc: job_threads(EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources),
     params:
         data=lambda wc, input: os.path.dirname(os.path.dirname(input.data[0])),
+        launcher=lambda wc: launcher(EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources),
+        torch_threads=lambda wc: EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources.cpus_per_gpu,
     conda:
         "../envs/mcibi.yaml"
     shell:
-        "mcibi evaluate {input.params[0]} --checkpoint {input.checkpoint} --protocol {wildcards.protocol}"
-        " --data-root {params.data} --out-json {output.metrics} --out-csv {output.per_class} --threads {threads}"
-        " > {log} 2>&1"
+        "{params.launcher} evaluate {input.params[0]} --checkpoint {input.checkpoint} --protocol {wildcards.protocol}"
+        " --data-root {params.data} --out-json {output.metrics} --out-csv {output.per_class}"
+        " --threads {params.torch_threads} > {log} 2>&1"
+
+
+# Test-set predictions for an evaluation server (CityScapes: labelIds PNGs), built only on request, e.g.
+#   snakemake --cores all runs/cityscapes/<experiment>/test_msflip
+rule export_test:
+    input:
+        data=rules.verify_data.output,
+        checkpoint=rules.train.output.checkpoint,
+        params=experiment_params,
+    output:
+        directory(f"{RUNS}/{{dataset}}/{{experiment}}/test_{{protocol}}"),
+    log:
+        "logs/export_test/{dataset}/{experiment}/{protocol}.log",
+    threads: lambda wc: job_threads(EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources)
+    resources:
+        mem_mb=lambda wc: EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources.mem_mb,
+        runtime=lambda wc: EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources.runtime,
+        gpu=lambda wc: EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources.gpus,
+        cpus_per_task=lambda wc: job_threads(EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources),
+    params:
+        data=lambda wc, input: os.path.dirname(os.path.dirname(input.data[0])),
+        launcher=lambda wc: launcher(EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources),
+        torch_threads=lambda wc: EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources.cpus_per_gpu,
+    conda:
+        "../envs/mcibi.yaml"
+    shell:
+        "{params.launcher} export {input.params[0]} --checkpoint {input.checkpoint} --protocol {wildcards.protocol}"
+        " --split test --data-root {params.data} --out {output} --threads {params.torch_threads} > {log} 2>&1"

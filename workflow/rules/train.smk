@@ -1,4 +1,11 @@
 # One training job per experiment; the dataset's MLflow experiment is created once, before any job logs to it.
+# Jobs ask for the resources their params state (train.resources: gpus, cpus_per_gpu, mem_mb, runtime); more than
+# one GPU launches `torchrun --nproc_per_node=<gpus>`. `mcibi train` resumes from the newest checkpoint under
+# runs/<dataset>/<experiment>/checkpoints/ (not a declared output, so Snakemake never deletes it): a job cut by a
+# wall-time limit continues when it is resubmitted (the SLURM profile retries failed jobs).
+
+
+from mcibi.distributed import job_threads, launcher
 
 
 localrules:
@@ -27,15 +34,19 @@ rule train:
         run=f"{RUNS}/{{dataset}}/{{experiment}}/run.json",
     log:
         "logs/train/{dataset}/{experiment}.log",
-    threads: 1
+    threads: lambda wc: job_threads(EXPERIMENTS[wc.dataset][wc.experiment].train.resources)
     resources:
-        mem_mb=4000,
-        runtime=60,
+        mem_mb=lambda wc: EXPERIMENTS[wc.dataset][wc.experiment].train.resources.mem_mb,
+        runtime=lambda wc: EXPERIMENTS[wc.dataset][wc.experiment].train.resources.runtime,
+        gpu=lambda wc: EXPERIMENTS[wc.dataset][wc.experiment].train.resources.gpus,
+        cpus_per_task=lambda wc: job_threads(EXPERIMENTS[wc.dataset][wc.experiment].train.resources),
     params:
         data=lambda wc, input: os.path.dirname(os.path.dirname(input.data[0])),
         out=lambda wc, output: os.path.dirname(output.checkpoint),
+        launcher=lambda wc: launcher(EXPERIMENTS[wc.dataset][wc.experiment].train.resources),
+        torch_threads=lambda wc: EXPERIMENTS[wc.dataset][wc.experiment].train.resources.cpus_per_gpu,
     conda:
         "../envs/mcibi.yaml"
     shell:
-        "mcibi train {input.params[0]} --data-root {params.data} --out {params.out}"
-        " --threads {threads} > {log} 2>&1"
+        "{params.launcher} train {input.params[0]} --data-root {params.data} --out {params.out}"
+        " --threads {params.torch_threads} >> {log} 2>&1"
