@@ -100,6 +100,10 @@ def convert_official_checkpoint(state_dict: dict[str, torch.Tensor], model_param
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
     model = build_segmentor(model_params)
     ours = model.state_dict()
+    if model_params.backbone.name.startswith("swin"):
+        from mcibi.official import official_swin_to_ours
+
+        state_dict = official_swin_to_ours(state_dict)
     converted = {official_key_to_ours(k): v for k, v in state_dict.items()}
     derived = [k for k in ours if k.endswith("memory_module.noise")]
     for key in derived:

@@ -83,3 +83,40 @@ def test_missing_and_unexpected_tensors_are_named():
     del good["decoder_cls.conv2.bias"]
     with pytest.raises(CheckpointError, match="missing \\['decoder_cls.conv2.bias'\\]"):
         convert_official_checkpoint(good, params)
+
+
+def test_swin_patch_merging_order_maps_the_official_unfold_to_timm():
+    from mcibi.official import _unfold_to_timm_order
+
+    b, h, w, c = 2, 6, 8, 5
+    x = torch.randn(b, h, w, c)
+    official = torch.nn.Unfold(kernel_size=2, stride=2)(x.permute(0, 3, 1, 2)).transpose(1, 2)  # (B, L, 4C)
+    timm_order = x.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).flatten(3).reshape(b, -1, 4 * c)
+    assert torch.equal(timm_order, official[..., _unfold_to_timm_order(c)])
+
+
+def test_official_swin_tensors_rename_and_reorder():
+    from mcibi.official import _unfold_to_timm_order, official_swin_to_ours
+
+    reduction, norm = torch.randn(8, 16), torch.randn(16)
+    state = {
+        "backbone_net.patch_embed.projection.weight": torch.zeros(1),
+        "backbone_net.stages.0.blocks.1.attn.w_msa.qkv.weight": torch.zeros(2),
+        "backbone_net.stages.0.blocks.1.attn.w_msa.relative_position_index": torch.zeros(3),
+        "backbone_net.stages.2.blocks.0.ffn.layers.0.0.bias": torch.zeros(4),
+        "backbone_net.stages.2.blocks.0.ffn.layers.1.weight": torch.zeros(5),
+        "backbone_net.stages.0.downsample.reduction.weight": reduction,
+        "backbone_net.stages.0.downsample.norm.weight": norm,
+        "backbone_net.norm3.bias": torch.zeros(6),
+        "decoder_cls.conv1.weight": torch.zeros(7),
+    }
+    out = official_swin_to_ours(state)
+    assert set(out) == {
+        "backbone.body.patch_embed.proj.weight", "backbone.body.layers_0.blocks.1.attn.qkv.weight",
+        "backbone.body.layers_2.blocks.0.mlp.fc1.bias", "backbone.body.layers_2.blocks.0.mlp.fc2.weight",
+        "backbone.body.layers_1.downsample.reduction.weight", "backbone.body.layers_1.downsample.norm.weight",
+        "backbone.out_norms.3.bias", "decoder_cls.conv1.weight",
+    }
+    order = _unfold_to_timm_order(4)
+    assert torch.equal(out["backbone.body.layers_1.downsample.reduction.weight"], reduction[:, order])
+    assert torch.equal(out["backbone.body.layers_1.downsample.norm.weight"], norm[order])

@@ -190,3 +190,25 @@ def test_every_seed_backbone_builds_and_runs(name, backbone, top_channels):
     with torch.no_grad():
         out = model(torch.randn(1, 3, 64, 64))
     assert out.logits.shape[:2] == (1, cfg["num_classes"]) and torch.isfinite(out.logits).all()
+
+
+def test_swin_official_window_order_equals_timm_where_no_padding_is_needed():
+    from timm.models.swin_transformer import SwinTransformerBlock
+
+    from mcibi.models.backbone import Backbone
+
+    backbone = Backbone("swin_tiny_patch4_window7_224", pretrained=False).eval()
+    blocks = [m for m in backbone.modules() if isinstance(m, SwinTransformerBlock)]
+    assert blocks and all(b.always_partition for b in blocks)
+    x = torch.randn(1, 3, 224, 224)  # maps 56, 28, 14, 7: whole windows, so the order cannot matter
+    with torch.no_grad():
+        ours = backbone(x)
+        for b in blocks:
+            del b._attn  # back to timm's shift-then-pad
+        theirs = backbone(x)
+        odd = torch.randn(1, 3, 100, 124)
+        timm_odd = backbone(odd)
+        backbone._use_official_window_padding()
+        official_odd = backbone(odd)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours, theirs, strict=True))
+    assert not torch.allclose(timm_odd[0], official_odd[0], atol=1e-5)  # padded maps: the order matters

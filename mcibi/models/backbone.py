@@ -4,11 +4,14 @@ Three layouts are handled here and nowhere else:
 - CNNs (ResNet-D "c" variants, ResNeSt, ...): the last four stages, dilated to the requested output stride;
 - HRNet: the four branch outputs upsampled to the finest (stride 4) and concatenated (HRNetV2, 720 channels
   for W48); the official models feed that one map to every head input, so it is returned four times;
-- transformers with channels-last outputs (Swin): permuted to NCHW; arbitrary input sizes are padded inside
-  timm (``strict_img_size=False``) so crops need not match the pretraining resolution.
+- transformers with channels-last outputs (Swin): a LayerNorm per output stage (the official backbone's
+  norm0..norm3), then permuted to NCHW; arbitrary input sizes are padded inside timm (``strict_img_size=False``)
+  so crops need not match the pretraining resolution.
 """
 
 from __future__ import annotations
+
+import types
 
 import timm
 import torch
@@ -22,6 +25,29 @@ def _is_hrnet(name: str) -> bool:
 
 def _is_swin(name: str) -> bool:
     return name.startswith(("swin", "swinv2"))
+
+
+def _official_window_attention(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(Shifted) window attention of a timm Swin block in the official order: pad to whole windows, then shift.
+
+    timm shifts first and pads after, so on maps that are not a multiple of the window (a 640 crop gives
+    160×160 at stride 4, windows of 12) the windows hold other tokens than the official ones.
+    """
+    from timm.models.swin_transformer import window_partition, window_reverse
+
+    _, h, w, c = x.shape
+    wh, ww = block.window_size
+    x = F.pad(x, (0, 0, 0, (ww - w % ww) % ww, 0, (wh - h % wh) % wh))
+    hp, wp = x.shape[1:3]
+    shift = tuple(block.shift_size)
+    if any(shift):
+        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    mask = block.get_attn_mask(x) if any(shift) else None  # regions of the padded, shifted map
+    windows = block.attn(window_partition(x, (wh, ww)).view(-1, wh * ww, c), mask=mask)
+    x = window_reverse(windows.view(-1, wh, ww, c), (wh, ww), hp, wp)
+    if any(shift):
+        x = torch.roll(x, shifts=shift, dims=(1, 2))
+    return x[:, :h, :w, :].contiguous()
 
 
 class Backbone(nn.Module):
@@ -47,6 +73,8 @@ class Backbone(nn.Module):
             kwargs["out_indices"] = (1, 2, 3, 4)
         elif _is_swin(name):
             kwargs["strict_img_size"] = False
+            kwargs["always_partition"] = True  # the official keeps the 12×12 window on maps smaller than it
+            kwargs["dynamic_img_size"] = True
             kwargs["out_indices"] = (0, 1, 2, 3)
         else:
             kwargs["out_indices"] = self._last_four(name)
@@ -56,11 +84,36 @@ class Backbone(nn.Module):
             self.body = timm.create_model(name, **kwargs)
         except (RuntimeError, TypeError, ValueError) as exc:
             raise ValueError(f"backbone '{name}' cannot be built by timm with {kwargs}: {exc}") from exc
+        if output_stride < 32:
+            self._undo_dilated_shortcut_pooling()
+        if _is_swin(name):
+            self._use_official_window_padding()
         if not stem_first_relu:  # official HRNet mcibi_version: conv1 -> bn1 -> conv2 (no ReLU in between)
             self.body.act1 = nn.Identity()
         stage_channels = list(self.body.feature_info.channels())
         self.channels = [sum(stage_channels)] * 4 if self.hrnet else stage_channels
         self.channels_last_output = str(getattr(self.body, "output_fmt", "NCHW")).upper().endswith("NHWC")
+        # transformers: a LayerNorm on every output stage, as the official (mmseg-style) Swin has (norm0..norm3);
+        # timm's features_only outputs are un-normalised. Fresh (identity) on ImageNet weights, as officially.
+        self.out_norms = nn.ModuleList(nn.LayerNorm(c) for c in stage_channels) if _is_swin(name) else None
+
+    def _undo_dilated_shortcut_pooling(self) -> None:
+        """Average-pool shortcuts (ResNeSt, ResNet-D) of dilated stages: timm blurs them with a 2×2 stride-1
+        pool, the official backbones (sssegmentation, mmseg) pool with kernel = stride = 1, i.e. not at all."""
+        for module in self.body.modules():
+            shortcut = getattr(module, "downsample", None)
+            if isinstance(shortcut, nn.Sequential) and len(shortcut) and "AvgPool" in type(shortcut[0]).__name__:
+                stride = shortcut[0].stride
+                if stride in (1, (1, 1)):
+                    shortcut[0] = nn.Identity()
+
+    def _use_official_window_padding(self) -> None:
+        """Swin on any input size as the official backbone computes it: the image padded right/bottom to the
+        patch size, and in every block the map padded to whole windows *before* the cyclic shift."""
+        self.body.patch_embed.dynamic_img_pad = True
+        for module in self.body.modules():
+            if type(module).__name__ == "SwinTransformerBlock":
+                module._attn = types.MethodType(_official_window_attention, module)
 
     @staticmethod
     def _last_four(name: str) -> tuple[int, ...]:
@@ -70,6 +123,8 @@ class Backbone(nn.Module):
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         feats = list(self.body(images))
+        if self.out_norms is not None:
+            feats = [norm(f) for norm, f in zip(self.out_norms, feats, strict=True)]  # NHWC: over channels
         if self.channels_last_output:
             feats = [f.permute(0, 3, 1, 2).contiguous() for f in feats]
         if self.hrnet:
