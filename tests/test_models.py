@@ -212,3 +212,14 @@ def test_swin_official_window_order_equals_timm_where_no_padding_is_needed():
         official_odd = backbone(odd)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours, theirs, strict=True))
     assert not torch.allclose(timm_odd[0], official_odd[0], atol=1e-5)  # padded maps: the order matters
+
+
+def test_hrnet_fuses_bilinearly_and_takes_odd_sizes():
+    from mcibi.models.backbone import Backbone
+
+    backbone = Backbone("hrnet_w18_small", pretrained=False).eval()
+    ups = [m for m in backbone.modules() if isinstance(m, torch.nn.Upsample)]
+    assert ups and all(m.mode == "bilinear" and m.align_corners is False for m in ups)
+    with torch.no_grad():
+        feats = backbone(torch.randn(1, 3, 65, 81))  # timm's own fusion fails on the 17x21 -> 9x11 branch sizes
+    assert feats[0].shape == (1, 240, 17, 21)

@@ -3,7 +3,8 @@
 Three layouts are handled here and nowhere else:
 - CNNs (ResNet-D "c" variants, ResNeSt, ...): the last four stages, dilated to the requested output stride;
 - HRNet: the four branch outputs upsampled to the finest (stride 4) and concatenated (HRNetV2, 720 channels
-  for W48); the official models feed that one map to every head input, so it is returned four times;
+  for W48); the official models feed that one map to every head input, so it is returned four times; the
+  cross-branch fusion upsamples bilinearly, as the official backbone does (timm: nearest);
 - transformers with channels-last outputs (Swin): a LayerNorm per output stage (the official backbone's
   norm0..norm3), then permuted to NCHW; arbitrary input sizes are padded inside timm (``strict_img_size=False``)
   so crops need not match the pretraining resolution.
@@ -25,6 +26,24 @@ def _is_hrnet(name: str) -> bool:
 
 def _is_swin(name: str) -> bool:
     return name.startswith(("swin", "swinv2"))
+
+
+def _official_hrnet_fusion(module: nn.Module, x: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Forward of a timm ``HighResolutionModule`` with the official fusion: each coarser branch is resized to
+    the target branch's size after its (bilinear) upsampling, so odd sizes line up."""
+    if module.num_branches == 1:
+        return [module.branches[0](x[0])]
+    x = [branch(xi) for branch, xi in zip(module.branches, x, strict=True)]
+    fused = []
+    for i, fuse_outer in enumerate(module.fuse_layers):
+        y = None
+        for j, fuse in enumerate(fuse_outer):
+            term = fuse(x[j])
+            if j > i:
+                term = F.interpolate(term, size=x[i].shape[2:], mode="bilinear", align_corners=False)
+            y = term if y is None else y + term
+        fused.append(module.fuse_act(y))
+    return fused
 
 
 def _official_window_attention(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -88,6 +107,8 @@ class Backbone(nn.Module):
             self._undo_dilated_shortcut_pooling()
         if _is_swin(name):
             self._use_official_window_padding()
+        if self.hrnet:
+            self._use_official_hrnet_fusion()
         if not stem_first_relu:  # official HRNet mcibi_version: conv1 -> bn1 -> conv2 (no ReLU in between)
             self.body.act1 = nn.Identity()
         stage_channels = list(self.body.feature_info.channels())
@@ -106,6 +127,15 @@ class Backbone(nn.Module):
                 stride = shortcut[0].stride
                 if stride in (1, (1, 1)):
                     shortcut[0] = nn.Identity()
+
+    def _use_official_hrnet_fusion(self) -> None:
+        """HRNet's cross-branch fusion as the official backbone computes it: bilinear (not nearest) upsampling
+        of the coarser branches, resized to the finer branch's exact size (which also admits odd input sizes)."""
+        for module in self.body.modules():
+            if isinstance(module, nn.Upsample):
+                module.mode, module.align_corners = "bilinear", False
+            if type(module).__name__ == "HighResolutionModule":
+                module.forward = types.MethodType(_official_hrnet_fusion, module)
 
     def _use_official_window_padding(self) -> None:
         """Swin on any input size as the official backbone computes it: the image padded right/bottom to the
