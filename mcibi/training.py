@@ -156,10 +156,12 @@ def train_step(
     start = memory.memory.clone() if memory is not None and accumulation > 1 else None
     updated = torch.zeros_like(start) if start is not None else None
     sums: dict[str, float] = {}
+    ddp = getattr(model, "_orig_mod", model)  # DDP inside torch.compile's wrapper
     optimizer.zero_grad(set_to_none=True)
     for i, (x, y) in enumerate(chunks):
         last = i == len(chunks) - 1
-        no_sync = model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) and not last \
+        # gradients are all-reduced once per step, after the last micro-batch
+        no_sync = ddp.no_sync() if isinstance(ddp, nn.parallel.DistributedDataParallel) and not last \
             else contextlib.nullcontext()
         with no_sync:
             with autocast(x.device, precision):

@@ -56,14 +56,15 @@ def _torchrun(*args):
 def test_two_process_training_equals_one_process_accumulating_and_evaluation_sums(tmp_path):
     data_root = tiny_dataset(tmp_path / "data")
     # no dropout: two ranks draw the same masks where one process accumulating draws two different ones
-    params = tiny_params(tmp_path / "params", dropout=0.0, epochs=1, batch_per_device=2)
+    # total 8 in micro-batches of 2: two ranks accumulate two each, one process accumulates four
+    params = tiny_params(tmp_path / "params", dropout=0.0, epochs=1, total_batch_size=8, batch_per_device=2)
     common = ["--data-root", str(data_root), "--threads", "1", "--no-mlflow"]
     ddp = _torchrun("train", str(params), "--out", str(tmp_path / "ddp"), *common)
     assert ddp.returncode == 0, ddp.stdout[-2000:] + ddp.stderr[-4000:]
-    assert "effective batch 4 = 2 process(es) x 1 accumulation step(s) x 2 images" in ddp.stderr
+    assert "effective batch 8 = 2 process(es) x 2 accumulation step(s) x 2 images" in ddp.stderr
     single = run(mcibi_cmd("train", str(params), "--out", str(tmp_path / "one"), *common))
     assert single.returncode == 0, single.stderr[-3000:]
-    assert "effective batch 4 = 1 process(es) x 2 accumulation step(s) x 2 images" in single.stderr
+    assert "effective batch 8 = 1 process(es) x 4 accumulation step(s) x 2 images" in single.stderr
     assert json.loads((tmp_path / "ddp" / "run.json").read_text())["world_size"] == 2
 
     a = load_checkpoint(tmp_path / "ddp" / "model.pt")["state_dict"]
