@@ -54,6 +54,11 @@ class ClassMemory(nn.Module):
             else None
         self.self_attention = SelfAttention(feats_channels, feats_channels, transform_channels, feats_channels)
         self.bottleneck = ConvBNReLU(feats_channels * 2, feats_channels, 3)
+        self.init_state(num_classes, feats_channels)
+
+    def init_state(self, num_classes: int, feats_channels: int) -> None:
+        """Register the memory's buffers (``memory`` and whatever else the kind keeps)."""
+        raise NotImplementedError
 
     def class_representations(self) -> torch.Tensor:
         """M (K×C): one representation per class."""
@@ -103,17 +108,8 @@ def _labels_at(labels: torch.Tensor, size: torch.Size, resolution: str) -> torch
 class DistributionMemory(ClassMemory):
     """MCIBI++: dataset-level class distributions (μ_k, σ_k) turned into context for every pixel."""
 
-    def __init__(
-        self,
-        num_classes: int,
-        feats_channels: int,
-        transform_channels: int,
-        hard_aggregate: bool = False,
-        downsample_before_sa: bool = False,
-        align_corners: bool = False,
-    ) -> None:
-        super().__init__(num_classes, feats_channels, transform_channels, hard_aggregate, downsample_before_sa,
-                         align_corners)
+    def init_state(self, num_classes: int, feats_channels: int) -> None:
+        """(μ, σ) = (0, 1) per class, and the official per-class noise vectors."""
         init = torch.stack([torch.zeros(num_classes), torch.ones(num_classes)], dim=1)
         self.register_buffer("memory", init)
         self.register_buffer("noise", official_noise(num_classes, feats_channels))
@@ -191,17 +187,8 @@ class VectorMemory(ClassMemory):
     so pixels unlike the stored vector weigh more (the official ``cosine_similarity`` strategy).
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        feats_channels: int,
-        transform_channels: int,
-        hard_aggregate: bool = False,
-        downsample_before_sa: bool = False,
-        align_corners: bool = False,
-    ) -> None:
-        super().__init__(num_classes, feats_channels, transform_channels, hard_aggregate, downsample_before_sa,
-                         align_corners)
+    def init_state(self, num_classes: int, feats_channels: int) -> None:
+        """All-zero vectors: a class's slot is empty until it is first seen."""
         self.register_buffer("memory", torch.zeros(num_classes, feats_channels))
 
     def class_representations(self) -> torch.Tensor:
