@@ -92,3 +92,23 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_root, tmp
         training.train(params, data_root, out, threads=1)
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["iter_00000002.pt"]
     assert not (out / "model.pt").exists()
+
+
+def test_resume_ignores_execution_settings_and_restarts_on_other_params(data_root, tmp_path):
+    import dataclasses
+
+    from mcibi.training import train
+
+    params = load_params(tiny_params(tmp_path / "params", memory="none", epochs=1))
+    out = tmp_path / "run"
+    assert train(params, data_root, out, threads=1).resumed_from == 0
+    # more wall time, another checkpoint interval: the finished run's last checkpoint is picked up (no iterations)
+    execution = dataclasses.replace(params.train, checkpoint_every=3, resources=dataclasses.replace(
+        params.train.resources, runtime=600))
+    again = train(dataclasses.replace(params, train=execution), data_root, out, threads=1)
+    assert again.resumed_from == 4 and again.iterations == 4
+    # another learning rate is another run: its stale checkpoints are removed and training starts afresh
+    other = dataclasses.replace(params.train, optimizer=dataclasses.replace(params.train.optimizer, lr=0.02))
+    fresh = train(dataclasses.replace(params, train=other), data_root, out, threads=1)
+    assert fresh.resumed_from == 0 and fresh.iterations == 4
+    assert load_checkpoint(out / "checkpoints" / "iter_00000004.pt")["params"]["train"]["optimizer"]["lr"] == 0.02
