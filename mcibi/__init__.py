@@ -1,7 +1,8 @@
 """mcibi: MCIBI++ (MemoryNetV2, TPAMI 2022) semantic segmentation as a reproducible experiment pipeline.
 
-The public API is small: :func:`load_params` reads a strictly validated experiment file and
-:func:`build_segmentor` builds the model its ``model`` section describes (torch and timm load on first use).
+The public API is small: :func:`load_params` reads a strictly validated experiment file,
+:func:`build_segmentor` builds the model its ``model`` section describes and :func:`convert_official_checkpoint`
+turns an official sssegmentation state dict into that model's (torch and timm load on first use).
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ from typing import TYPE_CHECKING
 from mcibi.params import ExperimentParams, ModelParams, ParamsError, load_params
 
 if TYPE_CHECKING:
+    import torch
+
     from mcibi.models.segmentor import MemorySegmentor
 
-__all__ = ["ExperimentParams", "ModelParams", "ParamsError", "build_segmentor", "load_params"]
+__all__ = ["ExperimentParams", "ModelParams", "ParamsError", "build_segmentor", "convert_official_checkpoint",
+           "load_params"]
 __version__ = "0.1.0"
 
 
@@ -22,3 +26,12 @@ def build_segmentor(model_params: ModelParams) -> MemorySegmentor:
     from mcibi.models import build_segmentor as _build
 
     return _build(model_params)
+
+
+def convert_official_checkpoint(
+    state_dict: dict[str, torch.Tensor], model_params: ModelParams
+) -> dict[str, torch.Tensor]:
+    """Our state dict for ``model_params`` from an official MCIBI++ one; strict (errors name the tensors)."""
+    from mcibi.checkpoint import convert_official_checkpoint as _convert
+
+    return _convert(state_dict, model_params)

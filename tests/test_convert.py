@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mcibi.checkpoint import CheckpointError, convert_official_checkpoint, official_key_to_ours
+import mcibi
+from mcibi.checkpoint import CheckpointError, official_key_to_ours
 from mcibi.models import build_segmentor
 from mcibi.params import ChannelParams, load_params
 
@@ -58,7 +59,7 @@ def test_every_official_r50_model_converts_strictly(file, framework):
     params = _params_for(shapes, framework)
     gen = torch.Generator().manual_seed(0)
     official = {k: torch.randn(s, generator=gen) if s else torch.tensor(1) for k, s in shapes.items()}
-    converted = convert_official_checkpoint({"model": official}, params)
+    converted = mcibi.convert_official_checkpoint({"model": official}, params)
     model = build_segmentor(params)
     model.load_state_dict(converted, strict=True)
     assert torch.equal(model.memory_module.memory, official["memory_module.memory"])
@@ -76,13 +77,13 @@ def test_missing_and_unexpected_tensors_are_named():
             k = k.replace("backbone_net.conv1.", "backbone_net.stem.")
             k = k.replace("backbone_net.bn1.", "backbone_net.stem.7.")
         good[k] = v
-    convert_official_checkpoint(good, params)  # the round trip is accepted
+    mcibi.convert_official_checkpoint(good, params)  # the round trip is accepted
     extra = dict(good, **{"decoder_cwi.conv2.bias": torch.zeros(8)})
     with pytest.raises(CheckpointError, match="unexpected \\['decoder_cwi.conv2.bias'\\]"):
-        convert_official_checkpoint(extra, params)
+        mcibi.convert_official_checkpoint(extra, params)
     del good["decoder_cls.conv2.bias"]
     with pytest.raises(CheckpointError, match="missing \\['decoder_cls.conv2.bias'\\]"):
-        convert_official_checkpoint(good, params)
+        mcibi.convert_official_checkpoint(good, params)
 
 
 def test_swin_patch_merging_order_maps_the_official_unfold_to_timm():

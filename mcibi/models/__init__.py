@@ -1,6 +1,6 @@
-"""Models: timm backbone, context heads, the MCIBI++ memory and the segmentor that combines them."""
+"""Models: timm backbone, context heads, the MCIBI++ / MCIBI memories and the segmentor that combines them."""
 
-from mcibi.models.memory import DistributionMemory
+from mcibi.models.memory import DistributionMemory, VectorMemory
 from mcibi.models.segmentor import MemorySegmentor, SegmentorOutput, build_segmentor
 
-__all__ = ["DistributionMemory", "MemorySegmentor", "SegmentorOutput", "build_segmentor"]
+__all__ = ["DistributionMemory", "MemorySegmentor", "SegmentorOutput", "VectorMemory", "build_segmentor"]
