@@ -103,7 +103,7 @@ class Backbone(nn.Module):
             self.body = timm.create_model(name, **kwargs)
         except (RuntimeError, TypeError, ValueError) as exc:
             raise ValueError(f"backbone '{name}' cannot be built by timm with {kwargs}: {exc}") from exc
-        if output_stride < 32:
+        if output_stride < 32 and name.startswith("resnest"):
             self._undo_dilated_shortcut_pooling()
         if _is_swin(name):
             self._use_official_window_padding()
@@ -119,8 +119,9 @@ class Backbone(nn.Module):
         self.out_norms = nn.ModuleList(nn.LayerNorm(c) for c in stage_channels) if _is_swin(name) else None
 
     def _undo_dilated_shortcut_pooling(self) -> None:
-        """Average-pool shortcuts (ResNeSt, ResNet-D) of dilated stages: timm blurs them with a 2×2 stride-1
-        pool, the official backbones (sssegmentation, mmseg) pool with kernel = stride = 1, i.e. not at all."""
+        """ResNeSt's average-pool shortcuts in dilated stages: timm blurs them with a 2×2 stride-1 pool, the
+        official ResNeSt pools with kernel = stride = 1, i.e. not at all. (Other timm ResNet-D models, such as
+        the demo's resnet10t, keep timm's behaviour: no official model to match.)"""
         for module in self.body.modules():
             shortcut = getattr(module, "downsample", None)
             if isinstance(shortcut, nn.Sequential) and len(shortcut) and "AvgPool" in type(shortcut[0]).__name__:
