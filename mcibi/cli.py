@@ -55,9 +55,12 @@ def _cmd_verify_data(a: argparse.Namespace) -> None:
 
 
 def _cmd_validate(a: argparse.Namespace) -> None:
-    from mcibi.params import load_params
+    from mcibi.params import experiment_files, load_params
 
-    for file in a.params:
+    files = [f for path in a.params for f in (experiment_files(path.parent, path.name) if path.is_dir() else [path])]
+    if not files:
+        raise ValueError(f"{' '.join(map(str, a.params))}: no experiment files to validate.")
+    for file in files:
         p = load_params(file)
         log.info("ok: %s (%s, %s, memory %s)", file, p.model.framework, p.model.backbone.name, p.model.memory.kind)
 
@@ -127,7 +130,9 @@ def _cmd_table(a: argparse.Namespace) -> None:
     if a.experiments:
         wanted = set(a.experiments)
         exps = [e for e in exps if e.name.split("/")[-1] in wanted]
-    df = build_table(exps, Path(a.runs) / a.dataset)
+    id_file = a.experiment_id_file
+    exp_id = id_file.read_text().strip() if id_file and id_file.is_file() else None
+    df = build_table(exps, Path(a.runs) / a.dataset, seeds=a.seeds, mlflow_ui=a.mlflow_ui, experiment_id=exp_id)
     md, _ = write_tables(df, a.out or Path("results") / a.dataset, title=a.dataset)
     sys.stdout.write(md.read_text())
 
@@ -183,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--report", type=Path)
     s.set_defaults(func=_cmd_verify_data)
 
-    s = sub.add_parser("validate", help="strictly validate params files")
+    s = sub.add_parser("validate", help="strictly validate params files (or every experiment of params/<dataset>/)")
     s.add_argument("params", nargs="+", type=Path)
     s.set_defaults(func=_cmd_validate)
 
@@ -238,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--runs", type=Path, default=Path("runs"))
     s.add_argument("--out", type=Path)
     s.add_argument("--experiments", nargs="*", help="only these experiment names (file stems)")
+    s.add_argument("--seeds", type=int, default=1, help="runs per experiment (mean ± sd over those evaluated)")
+    s.add_argument("--mlflow-ui", help="base URL of the MLflow UI, e.g. http://127.0.0.1:5000 (links in the table)")
+    s.add_argument("--experiment-id-file", type=Path, help="file holding the dataset's MLflow experiment id")
     s.set_defaults(func=_cmd_table)
     return parser
 

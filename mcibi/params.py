@@ -65,7 +65,7 @@ class BackboneParams:
 
     name: str  # timm model name, e.g. resnet50c, resnet101c, resnet10t
     pretrained: bool
-    output_stride: Literal[8, 16, 32]
+    output_stride: Literal[4, 8, 16, 32]  # HRNet: 4 (its finest branch; the official configs say so)
     drop_path_rate: float  # stochastic depth (official Swin-L: 0.3; CNNs: 0)
     stem_first_relu: bool  # false = official HRNet 'mcibi_version' stem (no ReLU after bn1); HRNet only
 

@@ -1,8 +1,17 @@
-"""Results tables in the seed model zoo's layout, built from the evaluation JSON files of our own runs."""
+"""Results tables in the seed model zoo's layout, built from the evaluation JSON files of our own runs.
+
+One row per experiment: our mIoU per protocol (mean ± sd over the seeds run), the published mIoU of its seed row
+(``mcibi/published.csv``), the difference, the paired baseline's mIoU (``<x>_baseline`` beside ``<x>_mcibipp``)
+and the gain MCIBI++ brings over it, and links to the MLflow runs. Nothing is filled in that was not measured:
+a run without its evaluation file reads "not run".
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import statistics
+from decimal import Decimal
 from pathlib import Path
 
 import pandas as pd
@@ -20,6 +29,8 @@ BACKBONE_NAMES = {
 }
 MEMORY_NAMES = {"none": "-", "mcibi++": "MCIBI++", "mcibi": "MCIBI"}
 NOT_RUN = "not run"
+SERVER = "test server"  # the eval split's labels are private: the number comes from the benchmark's server
+OTHER_SECTION = "Other experiments"
 
 
 def backbone_title(name: str, output_stride: int) -> str:
@@ -27,53 +38,177 @@ def backbone_title(name: str, output_stride: int) -> str:
     return BACKBONE_NAMES.get(name, f"{name}-D{{os}}").format(os=output_stride)
 
 
+def lr_title(lr: float) -> str:
+    """A learning rate as the seed tables write it: positional decimals (0.00006, not 6e-05)."""
+    return format(Decimal(repr(lr)).normalize(), "f")
+
+
 def schedule_title(params: ExperimentParams) -> str:
     """'LR/POLICY/BS/EPOCH: lr/poly/batch/epochs' as in the seed tables."""
     t = params.train
-    return f"LR/POLICY/BS/EPOCH: {t.optimizer.lr:g}/poly/{t.total_batch_size}/{t.epochs}"
+    return f"LR/POLICY/BS/EPOCH: {lr_title(t.optimizer.lr)}/poly/{t.total_batch_size}/{t.epochs}"
 
 
-def build_table(experiments: list[ExperimentParams], runs_dir: str | Path) -> pd.DataFrame:
-    """One row per experiment; mIoU per protocol read from ``<runs_dir>/<exp>/eval/<protocol>.json`` (NaN if absent)."""
+def seed_runs(stem: str, base_seed: int, seeds: int) -> list[tuple[str, int]]:
+    """(run folder name, seed) of the ``seeds`` runs of one experiment: the params' own seed keeps the plain
+    name (so a single-seed run is unchanged), seed ``base + k`` runs as ``<stem>-seed<base + k>``."""
+    return [(stem, base_seed)] + [(f"{stem}-seed{base_seed + k}", base_seed + k) for k in range(1, seeds)]
+
+
+def baseline_of(stem: str) -> str | None:
+    """The paired baseline's stem of a memory experiment (``x_mcibipp`` -> ``x_baseline``)."""
+    return stem.removesuffix("_mcibipp") + "_baseline" if stem.endswith("_mcibipp") else None
+
+
+def _read(file: Path) -> dict | None:
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def build_table(experiments: list[ExperimentParams], runs_dir: str | Path, seeds: int = 1,
+                mlflow_ui: str | None = None, experiment_id: str | None = None) -> pd.DataFrame:
+    """One row per experiment with, per protocol, our mean/sd/count over the seed runs that have an evaluation
+    file ``<runs_dir>/<run>/eval/<protocol>.json``, the published value, delta, paired baseline and gain."""
+    from mcibi.catalogue import SECTIONS, catalogue_entry, published_miou
+    from mcibi.data.specs import get_spec
+
+    runs_dir = Path(runs_dir)
+    by_stem = {p.name.split("/")[-1]: p for p in experiments}
+    ours: dict[str, dict[str, list[float]]] = {}
+    run_ids: dict[str, list[str]] = {}
+    for stem, p in by_stem.items():
+        ours[stem] = {proto: [] for proto in PROTOCOL_NAMES}
+        run_ids[stem] = []
+        for run, _seed in seed_runs(stem, p.train.seed, seeds):
+            run_id = ""
+            for proto in p.evaluate.protocols:
+                result = _read(runs_dir / run / "eval" / f"{proto}.json")
+                if result is not None:
+                    ours[stem][proto].append(100.0 * result["mIoU"])
+                    run_id = run_id or result.get("mlflow_run_id") or ""
+            run_id = run_id or ((_read(runs_dir / run / "run.json") or {}).get("mlflow_run_id") or "")
+            if run_id:
+                run_ids[stem].append(run_id)
+
     rows = []
-    for p in experiments:
-        stem = p.name.split("/")[-1]
+    for stem, p in by_stem.items():
+        entry = catalogue_entry(p.data.name, stem)
+        base = baseline_of(stem)
+        base = base if base in by_stem else None
+        server = p.data.eval_split in get_spec(p.data.name).unlabelled_splits
         row = {
             "Experiment": stem,
+            "Section": SECTIONS[entry[0].section] if entry else OTHER_SECTION,
             "Segmentor": FRAMEWORK_NAMES[p.model.framework],
             "Memory": MEMORY_NAMES[p.model.memory.kind],
             "Backbone": backbone_title(p.model.backbone.name, p.model.backbone.output_stride),
             "Crop Size": "x".join(map(str, p.data.crop_size)),
             "Schedule": schedule_title(p),
             "Train/Eval Set": f"{p.data.train_split}/{p.data.eval_split}",
+            "Protocols": " ".join(p.evaluate.protocols),
+            "Seeds": seeds,
+            "Baseline": base or "",
         }
-        run_id = ""
         for proto in PROTOCOL_NAMES:
-            file = Path(runs_dir) / stem / "eval" / f"{proto}.json"
-            value = float("nan")
-            if proto in p.evaluate.protocols and file.is_file():
-                result = json.loads(file.read_text())
-                value = 100.0 * result["mIoU"]
-                run_id = run_id or result.get("mlflow_run_id") or ""
-            row[PROTOCOL_TITLES[proto]] = value
-        row["MLflow run"] = run_id
+            title = PROTOCOL_TITLES[proto]
+            mean, sd = _stats(ours[stem][proto])
+            pub, source = math.nan, ""
+            if entry and not entry[1] and proto in p.evaluate.protocols:
+                for src in ("seed", "official"):
+                    value = published_miou(p.data.name, stem, proto, src)
+                    if value is not None:
+                        pub, source = value, src
+                        break
+            b_mean = _stats(ours[base][proto])[0] if base else math.nan
+            row |= {title: mean, f"{title} sd": sd, f"{title} n": len(ours[stem][proto]),
+                    f"{title} published": pub, f"{title} published source": source,
+                    f"{title} delta": mean - pub, f"{title} baseline": b_mean, f"{title} gain": mean - b_mean}
+        exported = server and any((runs_dir / run / f"test_{proto}").is_dir()
+                                  for run, _ in seed_runs(stem, p.train.seed, seeds) for proto in p.evaluate.protocols)
+        row["Status"] = (f"{SERVER}: predictions exported" if exported else SERVER) if server else ""
+        row["MLflow run"] = " ".join(run_ids[stem])
+        row["MLflow link"] = " ".join(f"{mlflow_ui.rstrip('/')}/#/experiments/{experiment_id}/runs/{r}"
+                                      for r in run_ids[stem]) if mlflow_ui and experiment_id else ""
         rows.append(row)
-    return pd.DataFrame(rows)
+    order = {title: i for i, title in enumerate([*SECTIONS.values(), OTHER_SECTION])}
+    df = pd.DataFrame(rows)
+    if not df.empty:
+        df = df.sort_values("Section", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
+    return df
+
+
+def _pct(v: float) -> str:
+    return "-" if pd.isna(v) else f"{v:.2f}%"
+
+
+def _signed(v: float) -> str:
+    return "-" if pd.isna(v) else f"{v:+.2f}"
+
+
+def _ours(row: pd.Series, proto: str, in_params: bool) -> str:
+    title = PROTOCOL_TITLES[proto]
+    if not in_params:
+        return "-"
+    n, seeds = int(row[f"{title} n"]), int(row["Seeds"])
+    if n == 0:
+        if row["Status"].startswith(SERVER):
+            return "exported, submit to the server" if "exported" in row["Status"] else f"{NOT_RUN} ({SERVER})"
+        return NOT_RUN
+    if seeds == 1:
+        return f"{row[title]:.2f}%"
+    spread = f" ± {row[f'{title} sd']:.2f}" if n > 1 else ""
+    return f"{row[title]:.2f}{spread}% (n={n}/{seeds})"
 
 
 def to_markdown(df: pd.DataFrame, title: str) -> str:
-    """Markdown table with centred columns like the seed page; missing results read 'not run'."""
-    headers = [c for c in df.columns if c != "Experiment"]
-    lines = [f"#### {title}", "", "| " + " | ".join(headers) + " |", "| " + " | ".join(":-:" for _ in headers) + " |"]
-    for _, row in df.iterrows():
-        cells = []
-        for h in headers:
-            v = row[h]
-            if h in PROTOCOL_TITLES.values():
-                cells.append(NOT_RUN if pd.isna(v) else f"{v:.2f}%")
+    """Markdown tables, one per section, with centred columns like the seed page. Our mIoU has a column per
+    protocol the section reports; published / delta / baseline / gain are joined with '/' over those protocols
+    as the seed writes 'mIoU/mIoU (ms+flip)'. Missing results read 'not run'."""
+    lines = [f"### {title}", ""]
+    if df.empty:
+        return "\n".join([*lines, "No experiments selected.", ""])
+    official_used = False
+    for section, part in df.groupby("Section", sort=False):
+        protos = [p for p in PROTOCOL_NAMES if any(p in s.split() for s in part["Protocols"])]
+        joined = "/".join(PROTOCOL_TITLES[p] for p in protos)
+        headers = ["Segmentor", "Memory", "Backbone", "Crop Size", "Schedule", "Train/Eval Set",
+                   *(PROTOCOL_TITLES[p] for p in protos), f"Published {joined}", "Δ", "Baseline", "Gain", "MLflow run"]
+        lines += [f"#### {section}", "", "| " + " | ".join(headers) + " |",
+                  "| " + " | ".join(":-:" for _ in headers) + " |"]
+        for _, row in part.iterrows():
+            mine = row["Protocols"].split()
+            cells = [str(row[h]) for h in headers[:6]]
+            cells += [_ours(row, p, p in mine) for p in protos]
+            pubs = []
+            for p in protos:
+                t = PROTOCOL_TITLES[p]
+                mark = "†" if row[f"{t} published source"] == "official" else ""
+                official_used |= bool(mark)
+                pubs.append(_pct(row[f"{t} published"]) + mark)
+            has_pub = any(not pd.isna(row[f"{PROTOCOL_TITLES[p]} published"]) for p in protos)
+            cells.append("/".join(pubs) if has_pub else "-")
+            cells.append("/".join(_signed(row[f"{PROTOCOL_TITLES[p]} delta"]) for p in protos) if has_pub else "-")
+            if row["Baseline"]:
+                cells.append("/".join(_pct(row[f"{PROTOCOL_TITLES[p]} baseline"]) for p in protos))
+                cells.append("/".join(_signed(row[f"{PROTOCOL_TITLES[p]} gain"]) for p in protos))
             else:
-                cells.append(str(v) if v != "" else "-")
-        lines.append("| " + " | ".join(cells) + " |")
+                cells += ["-", "-"]
+            links = row["MLflow link"].split() if row["MLflow link"] else []
+            ids = row["MLflow run"].split() if row["MLflow run"] else []
+            cells.append(", ".join(f"[{i[:8]}]({u})" for i, u in zip(ids, links, strict=True)) if links
+                         else (", ".join(ids) or "-"))
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    if official_used:
+        lines += ["† the seed page leaves this cell empty; the value is the official MCIBI++ model zoo's "
+                  "(mcibi/published.csv, source=official).", ""]
+    lines.append("Δ = ours − published; Gain = ours − the paired baseline without memory (same params otherwise); "
+                 "in percentage points.")
     return "\n".join(lines) + "\n"
 
 
