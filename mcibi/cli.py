@@ -78,10 +78,11 @@ def _cmd_mlflow_init(a: argparse.Namespace) -> None:
 
 def _cmd_train(a: argparse.Namespace) -> None:
     from mcibi.params import load_params
+    from mcibi.report import with_seed
     from mcibi.tracking import default_tracking_uri
     from mcibi.training import train
 
-    params = load_params(a.params)
+    params = with_seed(load_params(a.params), a.seed)
     out = a.out or Path("runs") / params.name
     uri = None if a.no_mlflow else default_tracking_uri()
     train(params, a.data_root, out, tracking_uri=uri, device=a.device, threads=a.threads, resume=not a.no_resume)
@@ -92,10 +93,11 @@ def _cmd_evaluate(a: argparse.Namespace) -> None:
 
     from mcibi.evaluation import evaluate, write_result
     from mcibi.params import load_params
+    from mcibi.report import with_seed
     from mcibi.tracking import default_tracking_uri, log_evaluation
     from mcibi.training import run_tags
 
-    params = load_params(a.params)
+    params = with_seed(load_params(a.params), a.seed)
     run_dir = Path(a.checkpoint).parent
     out_json = a.out_json or run_dir / "eval" / f"{a.protocol}.json"
     out_csv = a.out_csv or run_dir / "eval" / f"{a.protocol}_per_class.csv"
@@ -135,6 +137,22 @@ def _cmd_table(a: argparse.Namespace) -> None:
     df = build_table(exps, Path(a.runs) / a.dataset, seeds=a.seeds, mlflow_ui=a.mlflow_ui, experiment_id=exp_id)
     md, _ = write_tables(df, a.out or Path("results") / a.dataset, title=a.dataset)
     sys.stdout.write(md.read_text())
+
+
+def _cmd_figures(a: argparse.Namespace) -> None:
+    from mcibi.catalogue import SECTIONS, catalogue_entry
+    from mcibi.figures import make_figures
+    from mcibi.params import load_params
+    from mcibi.report import baseline_of, with_seed
+    from mcibi.tracking import default_tracking_uri
+
+    params = with_seed(load_params(a.params), a.seed)
+    stem = Path(a.params).stem
+    entry = catalogue_entry(params.data.name, stem)
+    section = SECTIONS[entry[0].section] if entry else ""
+    uri = None if a.no_mlflow else default_tracking_uri()
+    make_figures(params, a.run_dir, a.data_root, a.out or Path(a.run_dir) / "figures", tracking_uri=uri,
+                 num_images=a.images, device=a.device, section=section, baseline=baseline_of(stem) or "")
 
 
 def _cmd_convert(a: argparse.Namespace) -> None:
@@ -206,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
         s.add_argument("--threads", type=int, help="torch intra-op threads")
         s.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+        s.add_argument("--seed", type=int, help="train/evaluate the run of this seed (run name <experiment>-seed<k> "
+                       "unless it is the params' own seed)")
         s.set_defaults(func=func)
         if name == "train":
             s.add_argument("--out", type=Path, help="run folder (default runs/<dataset>/<experiment>)")
@@ -230,6 +250,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int)
     s.add_argument("--limit", type=int, help="only the first N images")
     s.set_defaults(func=_cmd_export)
+
+    s = sub.add_parser("figures", help="per-run figures (per-class IoU table, confusion heatmap, IoU bars, prediction "
+                       "overlays, memory trajectories) logged as MLflow artifacts, plus comparison tags")
+    s.add_argument("params", type=Path)
+    s.add_argument("--run-dir", type=Path, required=True, help="runs/<dataset>/<run> (model.pt, run.json, eval/)")
+    s.add_argument("--out", type=Path, help="default <run-dir>/figures")
+    s.add_argument("--data-root", type=Path, default=Path("data"))
+    s.add_argument("--seed", type=int, help="the run's seed (see train --seed)")
+    s.add_argument("--images", type=int, default=4, help="evaluation images with prediction overlays")
+    s.add_argument("--device")
+    s.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    s.set_defaults(func=_cmd_figures)
 
     s = sub.add_parser("convert", help="convert an official MCIBI++ checkpoint for a params file")
     s.add_argument("official", type=Path, help="the official .pth (loaded with weights_only=True)")

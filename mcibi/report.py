@@ -55,6 +55,17 @@ def seed_runs(stem: str, base_seed: int, seeds: int) -> list[tuple[str, int]]:
     return [(stem, base_seed)] + [(f"{stem}-seed{base_seed + k}", base_seed + k) for k in range(1, seeds)]
 
 
+def with_seed(params: ExperimentParams, seed: int | None) -> ExperimentParams:
+    """``params`` trained with another seed: ``train.seed`` replaced and the name (MLflow run name, run folder)
+    suffixed ``-seed<k>`` as :func:`seed_runs` names it; the params' own seed (or None) changes nothing."""
+    import dataclasses
+
+    if seed is None or seed == params.train.seed:
+        return params
+    return dataclasses.replace(params, train=dataclasses.replace(params.train, seed=seed),
+                               name=f"{params.name}-seed{seed}")
+
+
 def baseline_of(stem: str) -> str | None:
     """The paired baseline's stem of a memory experiment (``x_mcibipp`` -> ``x_baseline``)."""
     return stem.removesuffix("_mcibipp") + "_baseline" if stem.endswith("_mcibipp") else None

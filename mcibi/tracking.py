@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -21,6 +22,13 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 log = logging.getLogger(__name__)
 
 MAX_PARAM_LEN = 500
+_INVALID_KEY = re.compile(r"[^\w\-. /:]")  # MLflow accepts letters, digits, _ - . space / : in names
+
+
+def metric_key(name: str) -> str:
+    """A metric name MLflow accepts: class names such as ADE20k's 'building, edifice' carry commas, which the
+    store rejects (the whole batch fails); every other character becomes '_'. Idempotent."""
+    return _INVALID_KEY.sub("_", name)[:250]
 
 
 def default_tracking_uri(root: str | Path = ".") -> str:
@@ -139,7 +147,7 @@ class RunLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step or 0) for k, v in values.items()]
+        batch = [Metric(metric_key(k), float(v), now, step or 0) for k, v in values.items()]
         _retry(lambda: self.client.log_batch(self.run_id, metrics=batch))
 
     def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
@@ -187,3 +195,18 @@ def log_evaluation(
                                                             for k, v in scalars.items()]))
     _retry(lambda: client.log_artifact(parent_run_id, str(per_class_csv), f"evaluation/{protocol}"))
     return child.info.run_id
+
+
+def memory_history(uri: str, run_id: str, classes: list[str]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """The per-class memory statistics a training run logged (``memory.<stat>.<class>``, MCIBI++: mu and sigma)
+    as ``{stat: {class: [(iteration, value), ...]}}``; classes never logged are left out."""
+    client = _client(uri)
+    logged = set(client.get_run(run_id).data.metrics)
+    out: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for stat in ("mu", "sigma"):
+        out[stat] = {}
+        for name in classes:
+            key = metric_key(f"memory.{stat}.{name}")
+            if key in logged:
+                out[stat][name] = [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+    return out

@@ -1,13 +1,18 @@
 """The Snakemake chain on the demo dataset: lint, dry run, and a reduced real run through every rule."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
+
+from mcibi.catalogue import DATASETS
+from mcibi.params import experiment_files, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIP = {".git", ".venv", ".snakemake", "runs", "results", "data", "downloads", "logs", "mlflow.db", "mlruns",
@@ -36,8 +41,50 @@ def test_dry_run_plans_the_whole_chain(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     for rule in ("download", "verify_archives", "prepare", "verify_data", "mlflow_experiment", "train", "evaluate",
-                 "report"):
+                 "figures", "report"):
         assert rule in out, f"rule {rule} missing from the dry run"
+
+
+@pytest.fixture(scope="module")
+def repo_copy(tmp_path_factory):
+    return _copy_repo(tmp_path_factory.mktemp("catalogue") / "repo")
+
+
+def _plan(proc: subprocess.CompletedProcess) -> dict[str, int]:
+    """Job counts of a dry run's 'Job stats' table."""
+    out = proc.stdout + proc.stderr
+    stats = out[out.index("Job stats:"):]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.M)}
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_dry_run_plans_every_seed_row_of_the_dataset(repo_copy, dataset):
+    """`snakemake -n results/<dataset>` builds the full DAG in seconds: one training per params file, one
+    evaluation per protocol (CityScapes test rows: an export for the server instead), figures per run."""
+    start = time.time()
+    proc = _snakemake(repo_copy, "-n", "--cores", "1", f"results/{dataset}")
+    seconds = time.time() - start
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    params = [load_params(f) for f in experiment_files(ROOT / "params", dataset)]
+    server = [p for p in params if p.data.eval_split == "test" and dataset == "cityscapes"]
+    plan = _plan(proc)
+    assert plan["train"] == len(params) == plan["figures"]
+    assert plan["evaluate"] == sum(len(p.evaluate.protocols) for p in params if p not in server)
+    assert plan.get("export_test", 0) == sum(len(p.evaluate.protocols) for p in server)
+    assert plan["report"] == 1 and plan["download"] == 1
+    assert seconds < 30, f"dry run took {seconds:.1f} s"
+
+
+def test_selection_and_seeds_from_the_config(repo_copy):
+    proc = _snakemake(repo_copy, "-n", "-p", "--cores", "1", "results/lip", "--config", "seeds=2",
+                      "experiments={lip: frameworks}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    plan = _plan(proc)
+    assert plan["train"] == 16 and plan["evaluate"] == 16  # 4 rows + 4 baselines, 2 seeds, ss only
+    assert "--seed 1" in proc.stdout and "runs/lip/upernet_r50_baseline-seed1/model.pt" in proc.stdout
+    assert "--seeds 2" in proc.stdout
+    bad = _snakemake(repo_copy, "-n", "--cores", "1", "results/lip", "--config", "experiments={lip: [upernet_r18]}")
+    assert bad.returncode != 0 and "experiments.lip names ['upernet_r18']" in bad.stdout + bad.stderr
 
 
 def test_invalid_params_fail_at_dag_build(tmp_path):
@@ -63,8 +110,10 @@ def test_reduced_demo_chain_runs_end_to_end(tmp_path):
     table = (repo / "results" / "demo" / "table.md").read_text()
     assert "| UperNet | MCIBI++ |" in table and "| UperNet | - |" in table
     assert "not run" not in table
+    mem_line = next(line for line in table.splitlines() if "| UperNet | MCIBI++ |" in line)
+    assert "/#/experiments/" in mem_line and mem_line.count("%") >= 6  # ours x3, the baseline's x3, a run link
     csv = (repo / "results" / "demo" / "table.csv").read_text().splitlines()
-    assert len(csv) == 3 and csv[0].startswith("Experiment,Segmentor")
+    assert len(csv) == 3 and csv[0].startswith("Experiment,Section,Segmentor")
 
     from mlflow import MlflowClient
 
@@ -78,6 +127,12 @@ def test_reduced_demo_chain_runs_end_to_end(tmp_path):
     assert {r.data.tags["protocol"] for r in children} == {"ss", "flip", "msflip"}
     for r in parents:
         assert {"mIoU.ss", "mIoU.flip", "mIoU.msflip", "loss_total"} <= set(r.data.metrics)
+        assert {"params_hash", "data_version", "framework", "backbone", "memory", "seed", "crop",
+                "schedule"} <= set(r.data.tags)
+        figures = {a.path for a in client.list_artifacts(r.info.run_id, "figures")}
+        assert {"figures/confusion_ss.png", "figures/iou_ss.png", "figures/per_class_iou.csv",
+                "figures/predictions.png"} <= figures
+        assert ("figures/memory_trajectories.png" in figures) == (r.data.tags["memory"] != "none")
         assert r.data.params["model.framework"] == "upernet"
         assert len(client.get_metric_history(r.info.run_id, "loss_total")) >= 2
 

@@ -5,7 +5,10 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
+from mcibi.catalogue import select
+from mcibi.data.specs import get_spec
 from mcibi.params import PROTOCOL_NAMES, experiment_files, load_params
+from mcibi.report import seed_runs, with_seed
 
 
 validate(config, "../schemas/config.schema.yaml")
@@ -33,40 +36,76 @@ wildcard_constraints:
     protocol="|".join(PROTOCOL_NAMES),
 
 
+def _seeds(dataset):
+    seeds = config["seeds"]
+    return seeds.get(dataset, 1) if isinstance(seeds, dict) else seeds
+
+
 def _selected(dataset):
+    """Run name -> validated params of every selected experiment and seed (mcibi.catalogue.select)."""
     files = experiment_files(PARAMS, dataset)
     if not files:
         raise ValueError(f"{PARAMS}/{dataset}/: no experiment files. Add params/{dataset}/<name>.yaml.")
-    wanted = config["experiments"].get(dataset, "all")
-    if wanted != "all":
-        known = {f.stem for f in files}
-        unknown = sorted(set(wanted) - known)
-        if unknown:
-            raise ValueError(f"workflow/config.yaml: experiments.{dataset} names {unknown}, not in {PARAMS}/{dataset}/.")
-        files = [f for f in files if f.stem in wanted]
-    return {f.stem: load_params(f) for f in files}
+    stems = select(dataset, [f.stem for f in files], config["experiments"].get(dataset, "all"))
+    runs = {}
+    for stem in stems:
+        params = load_params(Path(PARAMS) / dataset / f"{stem}.yaml")
+        for run, seed in seed_runs(stem, params.train.seed, _seeds(dataset)):
+            runs[run] = with_seed(params, seed)
+    return runs
 
 
 # Every params file of every configured dataset is loaded and strictly validated here, at DAG-build time.
 EXPERIMENTS = {ds: _selected(ds) for ds in sorted(set(config["experiments"]) | set(config["default_datasets"]))}
 
 
+def _runs(dataset):
+    runs = EXPERIMENTS.get(dataset)
+    if runs is None:
+        raise ValueError(f"dataset '{dataset}' is not configured in workflow/config.yaml (experiments).")
+    return runs
+
+
+def experiment_stem_of(dataset, run):
+    """The params file stem of a run (``<stem>`` or ``<stem>-seed<k>``)."""
+    return Path(_runs(dataset)[run].path).stem
+
+
+def experiment_stem(wildcards):
+    return experiment_stem_of(wildcards.dataset, wildcards.experiment)
+
+
+def run_seed(wildcards):
+    return _runs(wildcards.dataset)[wildcards.experiment].train.seed
+
+
 def experiment_params(wildcards):
-    """The params file of one experiment plus its dataset's defaults layer (both trigger reruns when edited)."""
-    files = [f"{PARAMS}/{wildcards.dataset}/{wildcards.experiment}.yaml"]
+    """The params file of one run plus its dataset's defaults layer (both trigger reruns when edited)."""
+    files = [f"{PARAMS}/{wildcards.dataset}/{experiment_stem(wildcards)}.yaml"]
     defaults = Path(PARAMS) / wildcards.dataset / "defaults.yaml"
     if defaults.is_file():
         files.append(str(defaults))
     return files
 
 
+def run_results(dataset, run, params):
+    """What one run contributes to its table: an evaluation JSON per protocol, or, where the evaluation split's
+    labels are private (CityScapes test), the exported predictions to submit to the benchmark's server."""
+    server = params.data.eval_split in get_spec(params.data.name).unlabelled_splits
+    if server:
+        return [f"{RUNS}/{dataset}/{run}/test_{protocol}" for protocol in params.evaluate.protocols]
+    return [f"{RUNS}/{dataset}/{run}/eval/{protocol}.json" for protocol in params.evaluate.protocols]
+
+
+def run_evaluations(wildcards):
+    """The evaluation outputs of one run (inputs of its figures job)."""
+    return run_results(wildcards.dataset, wildcards.experiment, _runs(wildcards.dataset)[wildcards.experiment])
+
+
 def evaluations(wildcards):
-    """Evaluation JSON files that the dataset's table reports: each experiment x each of its protocols."""
-    exps = EXPERIMENTS.get(wildcards.dataset)
-    if exps is None:
-        raise ValueError(f"dataset '{wildcards.dataset}' is not configured in workflow/config.yaml (experiments).")
-    return [
-        f"{RUNS}/{wildcards.dataset}/{name}/eval/{protocol}.json"
-        for name, p in exps.items()
-        for protocol in p.evaluate.protocols
-    ]
+    """Everything the dataset's table reports: each run's evaluations and its figures folder."""
+    out = []
+    for run, params in _runs(wildcards.dataset).items():
+        out += run_results(wildcards.dataset, run, params)
+        out.append(f"{RUNS}/{wildcards.dataset}/{run}/figures")
+    return out

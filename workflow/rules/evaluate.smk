@@ -23,12 +23,13 @@ rule evaluate:
         data=lambda wc, input: os.path.dirname(os.path.dirname(input.data[0])),
         launcher=lambda wc: launcher(EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources),
         torch_threads=lambda wc: EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources.cpus_per_gpu,
+        seed=run_seed,
     conda:
         "../envs/mcibi.yaml"
     shell:
         "{params.launcher} evaluate {input.params[0]} --checkpoint {input.checkpoint} --protocol {wildcards.protocol}"
         " --data-root {params.data} --out-json {output.metrics} --out-csv {output.per_class}"
-        " --threads {params.torch_threads} > {log} 2>&1"
+        " --threads {params.torch_threads} --seed {params.seed} > {log} 2>&1"
 
 
 # Test-set predictions for an evaluation server (CityScapes: labelIds PNGs), built only on request, e.g.

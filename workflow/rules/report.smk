@@ -1,9 +1,40 @@
-# results/<dataset>/: table.md and table.csv in the seed model zoo's layout.
+# results/<dataset>/: table.md and table.csv in the seed model zoo's layout (our mIoU per protocol, published,
+# delta, paired baseline, gain, MLflow links), after every selected run is evaluated and has its figures.
+
+
+rule figures:
+    input:
+        evaluations=run_evaluations,
+        checkpoint=rules.train.output.checkpoint,
+        run=rules.train.output.run,
+        data=rules.verify_data.output,
+        params=experiment_params,
+    output:
+        directory(f"{RUNS}/{{dataset}}/{{experiment}}/figures"),
+    log:
+        "logs/figures/{dataset}/{experiment}.log",
+    threads: lambda wc: job_threads(EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources)
+    resources:
+        mem_mb=lambda wc: EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources.mem_mb,
+        runtime=30,
+        gpu=lambda wc: min(1, EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources.gpus),
+        cpus_per_task=lambda wc: job_threads(EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources),
+    params:
+        data=lambda wc, input: os.path.dirname(os.path.dirname(input.data[0])),
+        run_dir=lambda wc, input: os.path.dirname(input.checkpoint),
+        seed=run_seed,
+        images=config["overlay_images"],
+    conda:
+        "../envs/mcibi.yaml"
+    shell:
+        "mcibi figures {input.params[0]} --run-dir {params.run_dir} --data-root {params.data} --seed {params.seed}"
+        " --images {params.images} --out {output} > {log} 2>&1"
 
 
 rule report:
     input:
         evaluations,
+        experiment_id=ancient(rules.mlflow_experiment.output),
     output:
         directory("results/{dataset}"),
     log:
@@ -11,9 +42,12 @@ rule report:
     params:
         params_root=PARAMS,
         runs=RUNS,
-        experiments=lambda wc: " ".join(EXPERIMENTS[wc.dataset]),
+        experiments=lambda wc: " ".join(sorted({experiment_stem_of(wc.dataset, r) for r in EXPERIMENTS[wc.dataset]})),
+        seeds=lambda wc: config["seeds"].get(wc.dataset, 1) if isinstance(config["seeds"], dict) else config["seeds"],
+        ui=config["mlflow_ui"],
     conda:
         "../envs/mcibi.yaml"
     shell:
         "mcibi table {wildcards.dataset} --params-root {params.params_root} --runs {params.runs}"
-        " --out {output} --experiments {params.experiments} > {log} 2>&1"
+        " --out {output} --experiments {params.experiments} --seeds {params.seeds} --mlflow-ui {params.ui}"
+        " --experiment-id-file {input.experiment_id} > {log} 2>&1"

@@ -45,8 +45,9 @@ rule train:
         out=lambda wc, output: os.path.dirname(output.checkpoint),
         launcher=lambda wc: launcher(EXPERIMENTS[wc.dataset][wc.experiment].train.resources),
         torch_threads=lambda wc: EXPERIMENTS[wc.dataset][wc.experiment].train.resources.cpus_per_gpu,
+        seed=run_seed,
     conda:
         "../envs/mcibi.yaml"
     shell:
         "{params.launcher} train {input.params[0]} --data-root {params.data} --out {params.out}"
-        " --threads {params.torch_threads} >> {log} 2>&1"
+        " --threads {params.torch_threads} --seed {params.seed} >> {log} 2>&1"
