@@ -14,6 +14,7 @@ Naming: ``<framework>_<backbone>_<memory>`` with framework ``fcn | psnet | upern
 
     python -m mcibi.catalogue write            # regenerate params/<dataset>/ for the seven datasets
     python -m mcibi.catalogue check            # exit 1 if a committed file differs from the generated one
+    python -m mcibi.catalogue budget           # iterations, images, GPU-hours, checkpoint disk per experiment
 """
 
 from __future__ import annotations
@@ -124,6 +125,10 @@ _LIP_TTA = {"ss": WHOLE, "flip": Protocol(flip=True),
 _LIP_TTA_NOTE = ("ms+flip: the official block resizes test images to 520x520 before sliding 473/315; protocols here "
                  "share data.test_resize (473x473), so the ms+flip scales apply to 473x473 images.")
 
+_VSPW_NOTE = ("the official sampler draws one random frame per training video per epoch (2,806 samples, 42k "
+              "iterations in 240 epochs); mcibi.data.SegmentationDataset iterates every prepared frame, so until it "
+              "samples per video an epoch here is far longer than the official one")
+
 ROWS: tuple[Row, ...] = (
     # ------------------------------------------------------------------ Results of Different Frameworks
     *_framework_rows("lip", (473, 473), 0.01, 32, 150, "val"),
@@ -133,8 +138,8 @@ ROWS: tuple[Row, ...] = (
                      "seed batch 16; the official configs (and official page) use batch 8"),
     *_framework_rows("cocostuff10k", (512, 512), 0.001, 16, 110, "test"),
     # ------------------------------------------------------------------------------------ SOTA Results
-    Row("vspw", "sota", "upernet", "r101", (512, 512), 0.01, 16, 240, "train", "val", {"ss": _slide(512, 341)}),
-    Row("vspw", "sota", "upernet", "swinl", (512, 512), 6e-5, 16, 240, "train", "val", {"ss": _slide(512, 341)}),
+    *(Row("vspw", "sota", "upernet", bb, (512, 512), lr, 16, 240, "train", "val", {"ss": _slide(512, 341)},
+          _VSPW_NOTE) for bb, lr in (("r101", 0.01), ("swinl", 6e-5))),
     Row("pascalvoc", "sota", "upernet", "r50", (512, 512), 0.01, 16, 60, "trainaug", "val", {"ss": WHOLE},
         "seed 'train/val': the official config trains on trainaug (VOC train + SBD, 10,582 images)"),
     Row("pascalvoc", "sota", "upernet", "r101", (512, 512), 0.01, 16, 60, "trainaug", "val", {"ss": WHOLE},
@@ -402,6 +407,56 @@ def generate(dataset: str, configs: dict) -> dict[str, str]:
     return files
 
 
+# ------------------------------------------------------------------------------------------------ budgets
+# ASSUMED training throughput (images per second per GPU) at a 512x512 crop on an A100/H100-class GPU in fp32/TF32
+# with the MCIBI++ head. Not measured here (no GPU was available to this work): replace them with
+# `bench/train.py --device cuda` figures. Other crops scale with their pixel count.
+ASSUMED_IMAGES_PER_GPU_S = {"r50": 14.0, "r101": 10.0, "s101": 8.0, "hr48": 10.0, "swinl": 6.0}
+# parameters of the built models (measured: build_segmentor, pretrained false), for checkpoint sizes
+PARAMETERS_M = {"r50": 73, "r101": 133, "s101": 137, "hr48": 106, "swinl": 275}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What one run of a row costs, derived from its schedule (see :func:`budget`)."""
+
+    iterations: int
+    images: int
+    gpu_hours: float
+    checkpoint_gb: float
+
+
+def budget(row: Row, rate: dict[str, float] | None = None) -> Budget:
+    """Iterations = epochs x floor(train images / total batch) (the training loop's count; VSPW: one frame per
+    video per epoch, as the official sampler), images = iterations x batch, GPU-hours = images / (assumed
+    images/s/GPU at 512x512 x 512^2 / crop pixels) / 3600, checkpoint disk = parameters x 4 bytes x (the final
+    weights + ``keep_checkpoints`` resumable ones holding SGD momentum (x2) or AdamW moments (x3))."""
+    spec = get_spec(row.dataset)
+    iterations = row.epochs * (spec.splits[row.train_split] // row.batch)
+    images = iterations * row.batch
+    per_s = (rate or ASSUMED_IMAGES_PER_GPU_S)[row.backbone] * (512 * 512) / (row.crop[0] * row.crop[1])
+    states = 3 if row.backbone == "swinl" else 2
+    ckpt = PARAMETERS_M[row.backbone] * 1e6 * 4 * (1 + _EXECUTION["keep_checkpoints"] * states) / 1e9
+    return Budget(iterations, images, images / per_s / 3600, ckpt)
+
+
+def budget_markdown(dataset: str) -> str:
+    """A markdown table of the dataset's runs: iterations, images, GPU-hours (assumed rate), checkpoint disk."""
+    lines = ["| experiment | iterations | images seen | GPU-hours (assumed rate) | checkpoints (GB) |",
+             "|---|--:|--:|--:|--:|"]
+    total_h = total_gb = 0.0
+    for row in rows_of(dataset):
+        b = budget(row)
+        for stem in (row.stem, row.baseline_stem):
+            if stem:
+                lines.append(f"| `{stem}` | {b.iterations:,} | {b.images:,} | {b.gpu_hours:.0f} "
+                             f"| {b.checkpoint_gb:.1f} |")
+                total_h += b.gpu_hours
+                total_gb += b.checkpoint_gb
+    lines.append(f"| **all** | | | **{total_h:.0f}** | **{total_gb:.1f}** |")
+    return "\n".join(lines) + "\n"
+
+
 def load_official_configs(path: str | Path = DEFAULT_OFFICIAL_CONFIGS) -> dict:
     """The official configs dump (``../shared/reference/official_configs.yaml``)."""
     file = Path(path)
@@ -436,11 +491,15 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m mcibi.catalogue write|check``."""
     parser = argparse.ArgumentParser(prog="python -m mcibi.catalogue", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=("write", "check"))
+    parser.add_argument("action", choices=("write", "check", "budget"))
     parser.add_argument("--params-root", type=Path, default=Path("params"))
     parser.add_argument("--official", type=Path, default=DEFAULT_OFFICIAL_CONFIGS)
     a = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    if a.action == "budget":
+        for ds in DATASETS:
+            sys.stdout.write(f"\n{ds}\n\n{budget_markdown(ds)}")
+        return 0
     configs = load_official_configs(a.official)
     if a.action == "write":
         paths = write_catalogue(a.params_root, configs)

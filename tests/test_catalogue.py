@@ -182,3 +182,13 @@ def test_every_distinct_model_builds(file, model_params):
 
 def test_rows_of_orders_frameworks_first():
     assert [r.section for r in rows_of("lip")] == ["frameworks"] * 4 + ["sota"] * 4
+
+
+def test_budget_follows_the_schedule():
+    voc = next(r for r in ROWS if r.dataset == "pascalvoc" and r.backbone == "r50")
+    b = catalogue.budget(voc, rate={"r50": 10.0})
+    assert b.iterations == 60 * (10582 // 16) and b.images == b.iterations * 16
+    assert abs(b.gpu_hours - b.images / 10.0 / 3600) < 1e-9
+    city = next(r for r in ROWS if r.dataset == "cityscapes" and r.backbone == "r50")  # 512x1024: half the rate
+    assert abs(catalogue.budget(city, rate={"r50": 10.0}).gpu_hours - 220 * (2975 // 16) * 16 / 5.0 / 3600) < 1e-9
+    assert "| **all** |" in catalogue.budget_markdown("lip")
