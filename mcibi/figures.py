@@ -118,12 +118,12 @@ def memory_trajectories(history: dict[str, dict[str, list[tuple[int, float]]]], 
         series = history.get(stat, {})
         for name, points in series.items():
             steps, values = zip(*sorted(points), strict=True) if points else ((), ())
-            ax.plot(steps, values, linewidth=0.8, label=name)
+            ax.plot(steps, values, linewidth=0.8, label=f" {name}" if name.startswith("_") else name)  # '_x' hides
         ax.set_xlabel("iteration")
         ax.set_ylabel("μ" if stat == "mu" else "σ")
         ax.set_title(f"{'μ' if stat == 'mu' else 'σ'} per class")
-        if 0 < len(series) <= 20:
-            ax.legend(fontsize=6, ncol=2)
+        if 0 < len(series) <= 24 and stat == "sigma":  # one legend for both panels, outside the axes
+            ax.legend(fontsize=6, ncol=1, bbox_to_anchor=(1.01, 1.0), loc="upper left")
     fig.suptitle(title)
     return _save(fig, Path(path))
 
