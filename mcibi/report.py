@@ -85,7 +85,7 @@ def build_table(experiments: list[ExperimentParams], runs_dir: str | Path, seeds
                 mlflow_ui: str | None = None, experiment_id: str | None = None) -> pd.DataFrame:
     """One row per experiment with, per protocol, our mean/sd/count over the seed runs that have an evaluation
     file ``<runs_dir>/<run>/eval/<protocol>.json``, the published value, delta, paired baseline and gain."""
-    from mcibi.catalogue import SECTIONS, catalogue_entry, published_miou
+    from mcibi.catalogue import ROWS, SECTIONS, catalogue_entry, published_miou
     from mcibi.data.specs import get_spec
 
     runs_dir = Path(runs_dir)
@@ -146,11 +146,17 @@ def build_table(experiments: list[ExperimentParams], runs_dir: str | Path, seeds
         row["MLflow link"] = " ".join(f"{mlflow_ui.rstrip('/')}/#/experiments/{experiment_id}/runs/{r}"
                                       for r in run_ids[stem]) if mlflow_ui and experiment_id else ""
         rows.append(row)
-    order = {title: i for i, title in enumerate([*SECTIONS.values(), OTHER_SECTION])}
-    df = pd.DataFrame(rows)
-    if not df.empty:
-        df = df.sort_values("Section", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
-    return df
+    # the seed page's order: its sections, its rows, each memory row followed by its paired baseline; experiments
+    # outside the catalogue (the demo, ablations) keep their file order after them
+    sections = [*SECTIONS.values(), OTHER_SECTION]
+
+    def position(row: dict) -> tuple[int, int, int]:
+        entry = catalogue_entry(by_stem[row["Experiment"]].data.name, row["Experiment"])
+        if entry is None:
+            return (sections.index(OTHER_SECTION), len(ROWS), 0)
+        return (sections.index(row["Section"]), ROWS.index(entry[0]), int(entry[1]))
+
+    return pd.DataFrame(sorted(rows, key=position))
 
 
 def _pct(v: float) -> str:

@@ -69,6 +69,10 @@ def test_catalogue_table_published_delta_sections_and_seeds(tmp_path):
                                                       ("upernet_r50_mcibipp-seed2", 2)]
     df = build_table(exps, runs, seeds=3)
     assert list(df["Section"].unique()) == ["Results of Different Frameworks", "SOTA Results"]
+    assert list(df["Experiment"]) == [  # the seed page's order, each row followed by its baseline
+        "fcn_r50_mcibipp", "fcn_r50_baseline", "psnet_r50_mcibipp", "psnet_r50_baseline", "upernet_r50_mcibipp",
+        "upernet_r50_baseline", "deeplabv3_r50_mcibipp", "deeplabv3_r50_baseline", "upernet_r101_mcibipp",
+        "upernet_s101_mcibipp", "upernet_swinl_mcibipp", "deeplabv3_hr48_mcibipp"]
     t = df.set_index("Experiment")
     up = t.loc["upernet_r50_mcibipp"]
     assert abs(up["mIoU"] - 54.5) < 1e-9 and abs(up["mIoU sd"] - 0.7071067811865476) < 1e-9 and up["mIoU n"] == 2
