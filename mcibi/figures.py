@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from mcibi.files import write_json, write_text  # noqa: E402
-from mcibi.params import PROTOCOL_TITLES, ExperimentParams, to_dict  # noqa: E402
+from mcibi.params import PROTOCOL_TITLES, ExperimentParams, flatten, to_dict  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,11 @@ def palette(num_classes: int) -> np.ndarray:
 
 
 def params_hash(params: ExperimentParams) -> str:
-    """Short sha256 of the merged, validated params (name and path excluded): equal hashes = same experiment."""
-    data = {k: v for k, v in to_dict(params).items() if k not in ("name", "path")}
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+    """Short sha256 of the merged, validated params (name and path excluded): equal hashes = same experiment.
+    The same value the training run was tagged with (:func:`mcibi.tracking.params_hash`)."""
+    from mcibi.tracking import params_hash as flat_hash
+
+    return flat_hash(flatten(to_dict(params)))
 
 
 def data_version(data_root: str | Path, dataset: str) -> str:
@@ -254,6 +256,8 @@ def make_figures(params: ExperimentParams, run_dir: str | Path, data_root: str |
 
         run = RunLogger(tracking_uri, run_id)
         run.tags(tags)
+        for child in run.children():  # the evaluation runs carry the same comparison tags
+            RunLogger(tracking_uri, child).tags(tags)
         for f in files:
             run.artifact(f, "figures")
     log.info("%s: %d figure/table files in %s%s", params.name, len(files), out,

@@ -31,6 +31,21 @@ def metric_key(name: str) -> str:
     return _INVALID_KEY.sub("_", name)[:250]
 
 
+# not part of what defines an experiment: names, derived counts, and the seed (runs of several seeds of one
+# experiment share a hash; the `seed` tag tells them apart)
+RUN_ONLY_PARAMS = ("name", "path", "iterations", "iters_per_epoch", "train.seed")
+
+
+def params_hash(flat_params: dict[str, Any]) -> str:
+    """Short sha256 of an experiment's flattened params (dotted keys; :data:`RUN_ONLY_PARAMS` excluded): runs
+    with equal hashes ran the same experiment (possibly with different seeds), whatever they are called."""
+    import hashlib
+    import json
+
+    data = {k: v for k, v in flat_params.items() if k not in RUN_ONLY_PARAMS}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def default_tracking_uri(root: str | Path = ".") -> str:
     """``MLFLOW_TRACKING_URI`` if set, else an absolute SQLite URI for ``<root>/mlflow.db``."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
@@ -118,6 +133,7 @@ class RunLogger:
 
         exp_id = ensure_experiment(dataset, uri)
         client = _client(uri)
+        tags = {"params_hash": params_hash(params), **tags}
         run = _retry(lambda: client.create_run(exp_id, run_name=run_name, tags=tags))
         items = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in sorted(params.items())]
         for i in range(0, len(items), 100):
@@ -150,6 +166,13 @@ class RunLogger:
         batch = [Metric(metric_key(k), float(v), now, step or 0) for k, v in values.items()]
         _retry(lambda: self.client.log_batch(self.run_id, metrics=batch))
 
+    def children(self) -> list[str]:
+        """Ids of the run's child runs (one per evaluation protocol)."""
+        run = self.client.get_run(self.run_id)
+        found = _retry(lambda: self.client.search_runs(
+            [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.run_id}'"))
+        return [r.info.run_id for r in found]
+
     def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Upload one file."""
         _retry(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
@@ -174,9 +197,10 @@ def log_evaluation(
     client = _client(uri)
     parent = client.get_run(parent_run_id)
     run_name = f"{parent.info.run_name}:{protocol}"
+    inherited = {k: v for k, v in parent.data.tags.items() if k in ("params_hash", "data_version")}
     child = _retry(lambda: client.create_run(
         parent.info.experiment_id, run_name=run_name,
-        tags={**tags, "protocol": protocol, "mlflow.parentRunId": parent_run_id},
+        tags={**inherited, **tags, "protocol": protocol, "mlflow.parentRunId": parent_run_id},
     ))
     now = int(time.time() * 1000)
     scalars = {k: float(result[k]) for k in ("mIoU", "aAcc", "mAcc")}

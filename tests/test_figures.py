@@ -8,7 +8,7 @@ import pytest
 
 from mcibi.figures import data_version, make_figures, palette, params_hash, per_class_table
 from mcibi.params import load_params
-from mcibi.tracking import RunLogger, memory_history, metric_key
+from mcibi.tracking import RunLogger, log_evaluation, memory_history, metric_key
 
 PARAMS = Path(__file__).resolve().parents[1] / "params"
 
@@ -72,7 +72,11 @@ def test_mlflow_artifacts_tags_and_trajectories_with_ade20k_class_names(tmp_path
     from mcibi.data.specs import get_spec
 
     classes = list(get_spec("ade20k").classes)
-    run = RunLogger.start(uri, "ade20k", params.name, {"memory": "mcibi++"}, {"a": 1})
+    from mcibi.params import flatten, to_dict
+    from mcibi.report import with_seed
+
+    flat = flatten(to_dict(params)) | {"iterations": 9}
+    run = RunLogger.start(uri, "ade20k", params.name, {"memory": "mcibi++"}, flat)
     for step in (50, 100):
         run.metrics({f"memory.mu.{c}": step * 0.01 + i for i, c in enumerate(classes[:3])}
                     | {f"memory.sigma.{c}": 1.0 for c in classes[:3]}, step=step)
@@ -81,7 +85,11 @@ def test_mlflow_artifacts_tags_and_trajectories_with_ade20k_class_names(tmp_path
     assert history["mu"]["building, edifice"] == [(50, 1.5), (100, 2.0)] and len(history["sigma"]) == 3
 
     run_dir = tmp_path / "runs" / "upernet_r101_mcibipp"
-    _fake_eval(run_dir, "ss", classes, 0)
+    res = _fake_eval(run_dir, "ss", classes, 0)
+    csv = tmp_path / "ss.csv"
+    csv.write_text("class_id,class,IoU,Acc\n")
+    child = log_evaluation(uri, run.run_id, "ss", res | {"aAcc": 0.9, "mAcc": 0.8, "protocol": {"flip": False},
+                                                         "checkpoint": "model.pt"}, csv, {"memory": "mcibi++"})
     (run_dir / "run.json").write_text(json.dumps({"mlflow_run_id": run.run_id}))
     make_figures(params, run_dir, tmp_path / "data", run_dir / "figures", tracking_uri=uri, num_images=0,
                  section="SOTA Results")
@@ -93,3 +101,9 @@ def test_mlflow_artifacts_tags_and_trajectories_with_ade20k_class_names(tmp_path
             "figures/per_class_iou.csv"} <= logged
     tags = client.get_run(run.run_id).data.tags
     assert tags["params_hash"] == params_hash(params) and tags["table_section"] == "SOTA Results"
+    child_tags = client.get_run(child).data.tags
+    assert child_tags["params_hash"] == params_hash(params) and child_tags["protocol"] == "ss"
+    assert child_tags["data_version"] == tags["data_version"] and child_tags["table_section"] == "SOTA Results"
+    # seeds of one experiment share the hash; another experiment does not
+    assert params_hash(with_seed(params, 3)) == params_hash(params)
+    assert params_hash(load_params(PARAMS / "ade20k" / "upernet_s101_mcibipp.yaml")) != params_hash(params)
