@@ -108,3 +108,24 @@ def test_cityscapes_test_rows_point_at_the_server(tmp_path):
 
 def test_swin_schedule_reads_like_the_seed():
     assert lr_title(6e-05) == "0.00006" and lr_title(0.01) == "0.01" and lr_title(0.007) == "0.007"
+
+
+def test_table_and_validate_commands(tmp_path, capsys):
+    from mcibi.cli import main
+
+    runs = tmp_path / "runs" / "pascalvoc"
+    _eval(runs, "upernet_r50_mcibipp", "ss", 0.8, "run9")
+    (tmp_path / "exp.id").write_text("3\n")
+    out = tmp_path / "results"
+    assert main(["table", "pascalvoc", "--runs", str(tmp_path / "runs"), "--out", str(out), "--mlflow-ui",
+                 "http://ui:5000/", "--experiment-id-file", str(tmp_path / "exp.id")]) == 0
+    line = _line((out / "table.md").read_text(), "R-50-D8")
+    assert ("| trainaug/val | 80.00% | 79.48% | +0.52 | - | - | [run9](http://ui:5000/#/experiments/3/runs/run9) |"
+            in line)
+    assert "not run" in _line((out / "table.md").read_text(), "R-101-D8")
+    assert main(["validate", str(PARAMS / "lip")]) == 0
+    bad = tmp_path / "params" / "lip"
+    bad.mkdir(parents=True)
+    (bad / "x.yaml").write_text("description: x\n")
+    assert main(["validate", str(bad)]) == 1
+    assert main(["validate", str(tmp_path / "params" / "none")]) == 1
