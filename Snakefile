@@ -1,5 +1,6 @@
 # mcibi: download -> verify -> prepare -> train -> evaluate (ss, flip, ms+flip) -> results/<dataset> tables.
-# Wiring only; every rule calls the `mcibi` CLI. Usage: snakemake --cores all results/demo
+# Wiring only; every rule calls the `mcibi` CLI. Usage: snakemake --cores all results/<dataset> (demo, lip, ade20k,
+# cityscapes, cocostuff10k, vspw, pascalvoc, pascalcontext); workflow/config.yaml selects experiments and seeds.
 from snakemake.utils import min_version
 
 min_version("9.19")
