@@ -125,9 +125,8 @@ _LIP_TTA = {"ss": WHOLE, "flip": Protocol(flip=True),
 _LIP_TTA_NOTE = ("ms+flip: the official block resizes test images to 520x520 before sliding 473/315; protocols here "
                  "share data.test_resize (473x473), so the ms+flip scales apply to 473x473 images.")
 
-_VSPW_NOTE = ("the official sampler draws one random frame per training video per epoch (2,806 samples, 42k "
-              "iterations in 240 epochs); mcibi.data.SegmentationDataset iterates every prepared frame, so until it "
-              "samples per video an epoch here is far longer than the official one")
+_VSPW_NOTE = ("as the official sampler, every epoch draws one random frame per training video (data.train_sampling: "
+              "frame_per_video; 2,806 samples, 42k iterations in 240 epochs)")
 
 ROWS: tuple[Row, ...] = (
     # ------------------------------------------------------------------ Results of Different Frameworks

@@ -56,6 +56,9 @@ class DataParams:
     rotation: RotationParams
     photometric: bool  # mmseg-style PhotoMetricDistortion
     test_resize: ResizeParams
+    # image: every training image once per epoch; frame_per_video: one random frame of every training video per
+    # epoch (the official VSPW loader; ids '<video>/<frame>'), so an epoch is #videos samples
+    train_sampling: Literal["image", "frame_per_video"]
 
 
 # -------------------------------------------------------------------------------------------------------- model

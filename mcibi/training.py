@@ -395,7 +395,8 @@ def _train(params: ExperimentParams, data_root: str | Path, out: Path, tracking_
     seed_everything(tp.seed)
     spec = get_spec(params.data.name)
     dataset = SegmentationDataset(Path(data_root) / params.data.name, params.data.train_split,
-                                  build_train_transform(params.data, spec.flip_pairs), seed=tp.seed)
+                                  build_train_transform(params.data, spec.flip_pairs), seed=tp.seed,
+                                  frame_per_video=params.data.train_sampling == "frame_per_video")
     plan = batch_plan(tp.total_batch_size, tp.batch_per_device, env.world_size, params.path or "params")
     iters_per_epoch = len(dataset) // tp.total_batch_size
     if iters_per_epoch == 0:

@@ -132,3 +132,39 @@ def test_dataset_reads_rgb_and_augments_reproducibly(prepared):
     raw, _ = ds.read(0)
     bgr = cv2.imread(str(prepared / "images" / "train_0000.png"))
     assert (raw == bgr[..., ::-1]).all()
+
+
+def _video_dataset(root):
+    """A prepared-format folder with ids '<video>/<frame>': video a has 3 frames, b has 2."""
+    ids = ["a/0", "a/1", "a/2", "b/0", "b/1"]
+    (root / "splits").mkdir(parents=True)
+    (root / "splits" / "train.txt").write_text("\n".join(ids) + "\n")
+    (root / "manifest.json").write_text(json.dumps({"image_ext": ".png", "splits": {"train": 5}}))
+    for n, image_id in enumerate(ids):
+        for folder, value in (("images", n * 10), ("labels", n)):
+            path = root / folder / f"{image_id}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shape = (4, 4, 3) if folder == "images" else (4, 4)
+            cv2.imwrite(str(path), np.full(shape, value, np.uint8))
+    return ids
+
+
+def test_frame_per_video_sampling_draws_one_frame_of_each_video_per_epoch(tmp_path):
+    ids = _video_dataset(tmp_path)
+    identity = lambda image, label, rng: (image, label)  # noqa: E731
+    assert len(SegmentationDataset(tmp_path, "train", identity)) == 5
+    data = SegmentationDataset(tmp_path, "train", identity, seed=3, frame_per_video=True)
+    assert len(data) == 2  # an epoch is one pass over the videos, as the official VSPW loader
+    seen = {0: set(), 1: set()}
+    for epoch in range(30):
+        data.set_epoch(epoch)
+        for index in range(2):
+            sample = data[index]
+            assert sample["id"].split("/")[0] == "ab"[index]
+            assert int(sample["label"][0, 0]) == ids.index(sample["id"])  # the label of that very frame
+            assert data.sample_id(index) == sample["id"]  # reproducible within the epoch
+            seen[index].add(sample["id"])
+    assert seen == {0: {"a/0", "a/1", "a/2"}, 1: {"b/0", "b/1"}}  # every frame is drawn over the epochs
+    again = SegmentationDataset(tmp_path, "train", identity, seed=3, frame_per_video=True)
+    again.set_epoch(29)
+    assert [again.sample_id(i) for i in range(2)] == [data.sample_id(i) for i in range(2)]  # seeded

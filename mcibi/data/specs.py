@@ -150,7 +150,8 @@ class DatasetSpec:
         if pipe is None:
             raise KeyError(f"dataset '{self.name}' has no pipeline recorded")
         return {"name": self.name, "train_split": self.train_split, "eval_split": self.eval_split,
-                **pipe.data_params()}
+                **pipe.data_params(),
+                "train_sampling": "frame_per_video" if self.count_unit == "video" else "image"}
 
 
 DEMO = DatasetSpec(
