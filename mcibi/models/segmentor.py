@@ -124,6 +124,10 @@ class MemorySegmentor(nn.Module):
         return self.context_within_image_module is not None
 
     def _up(self, x: torch.Tensor, size: torch.Size) -> torch.Tensor:
+        """Bilinear resize to ``size``; a map already that size is returned as it is (resizing it would copy the
+        same values: at output stride 8 the three coarsest FPN levels share one resolution)."""
+        if x.shape[2:] == size:
+            return x
         return F.interpolate(x, size=size, mode="bilinear", align_corners=self.align_corners)
 
     def forward(self, images: torch.Tensor, gather_labels: torch.Tensor | None = None,
