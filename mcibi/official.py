@@ -22,7 +22,9 @@ _LAYOUTS = {
     "upernet_resnest101os8": ("upernet", "resnest101e", 8),
     "aspp_resnest101os8": ("deeplabv3", "resnest101e", 8),
     "aspp_hrnetv2w48": ("deeplabv3", "hrnet_w48", 4),
-    "upernet_swinlarge": ("upernet", "swin_large_patch4_window12_384", 32),
+    # the official initialises from the ImageNet-22k checkpoint (swin_large_patch4_window12_384_22k); timm's
+    # untagged name would load the 22k->1k fine-tuned one
+    "upernet_swinlarge": ("upernet", "swin_large_patch4_window12_384.ms_in22k", 32),
 }
 
 

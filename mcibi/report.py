@@ -35,7 +35,8 @@ OTHER_SECTION = "Other experiments"
 
 def backbone_title(name: str, output_stride: int) -> str:
     """The seed's backbone notation (R-50-D8, ...); other timm names as '<name>-D<os>'."""
-    return BACKBONE_NAMES.get(name, f"{name}-D{{os}}").format(os=output_stride)
+    base = name.split(".", 1)[0]  # timm pretrained tags (".ms_in22k") do not change the architecture
+    return BACKBONE_NAMES.get(base, f"{name}-D{{os}}").format(os=output_stride)
 
 
 def lr_title(lr: float) -> str:

@@ -167,7 +167,7 @@ SEED_BACKBONE_CONFIGS = [  # one official config per seed backbone, with the cha
     ("mcibiplusplus_upernet_resnest101os8_ade20k", "resnest101e", 2048),  # S-101-D8
     ("mcibiplusplus_aspp_resnest101os8_cityscapes", "resnest101e", 2048),
     ("mcibiplusplus_aspp_hrnetv2w48_cityscapes", "hrnet_w48", 720),  # HRNetV2p-W48, mcibi_version stem
-    ("mcibiplusplus_upernet_swinlarge_ade20k", "swin_large_patch4_window12_384", 1536),  # Swin-L, window 12
+    ("mcibiplusplus_upernet_swinlarge_ade20k", "swin_large_patch4_window12_384.ms_in22k", 1536),  # Swin-L, 22k
 ]
 
 
