@@ -110,9 +110,7 @@ def ours(model_params, params, images, labels, args, device) -> dict[str, Timer]
         with _autocast(device, args.bf16):
             train_step(model, x, labels, optimizer, 0.01, params, epoch=0)
 
-    eval_model = copy.deepcopy(model).eval()
-    if args.fold_bn:
-        eval_model = fold_batchnorm(eval_model)
+    eval_model = fold_batchnorm(model) if args.fold_bn else copy.deepcopy(model).eval()  # both copy
     eval_model = eval_model.to(memory_format=layout)
 
     def forward() -> None:
