@@ -33,7 +33,7 @@ def test_slurm_profile_plans_torchrun_jobs_with_param_resources(tmp_path):
     data["evaluate"]["resources"] = {"gpus": 1, "cpus_per_gpu": 4, "mem_mb": 16000, "runtime": 120}
     defaults.write_text(yaml.safe_dump(data))
     proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "--workflow-profile",
-                           "workflow/profiles/slurm", "results/demo"], cwd=repo, capture_output=True, text=True,
+                           "profiles/slurm", "results/demo"], cwd=repo, capture_output=True, text=True,
                           timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]

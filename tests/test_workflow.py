@@ -45,6 +45,16 @@ def test_dry_run_plans_the_whole_chain(tmp_path):
         assert rule in out, f"rule {rule} missing from the dry run"
 
 
+def test_dry_run_uses_the_local_profile(repo_copy):
+    """Snakemake finds profiles/default beside the top-level Snakefile: its printshellcmds shows the commands
+    although the dry run does not ask for them (-p)."""
+    proc = _snakemake(repo_copy, "-n", "results/demo")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert "Using workflow specific profile profiles/default for setting default command line arguments." in out
+    assert "mcibi download demo" in out  # a shell command, printed by the profile's printshellcmds
+
+
 @pytest.fixture(scope="module")
 def repo_copy(tmp_path_factory):
     return _copy_repo(tmp_path_factory.mktemp("catalogue") / "repo")
