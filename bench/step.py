@@ -30,7 +30,6 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -214,8 +213,7 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for both (GPU)")
     ap.add_argument("--official", help="an official config name: build our model from it and time the official "
                                        "implementation too (needs sssegmentation)")
-    ap.add_argument("--official-configs", default=str(Path(__file__).resolve().parents[2] / "shared" / "reference"
-                                                      / "official_configs.yaml"))
+    ap.add_argument("--official-configs", default=None, help="official configs dump (default: the copy in mcibi)")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)

@@ -78,7 +78,7 @@ def _cmd_mlflow_init(a: argparse.Namespace) -> None:
 
 def _cmd_train(a: argparse.Namespace) -> None:
     from mcibi.params import load_params
-    from mcibi.report import with_seed
+    from mcibi.runs import with_seed
     from mcibi.tracking import default_tracking_uri
     from mcibi.training import train
 
@@ -93,7 +93,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> None:
 
     from mcibi.evaluation import evaluate, write_result
     from mcibi.params import load_params
-    from mcibi.report import with_seed
+    from mcibi.runs import with_seed
     from mcibi.tracking import default_tracking_uri, log_evaluation
     from mcibi.training import run_tags
 
@@ -140,10 +140,10 @@ def _cmd_table(a: argparse.Namespace) -> None:
 
 
 def _cmd_figures(a: argparse.Namespace) -> None:
-    from mcibi.catalogue import SECTIONS, catalogue_entry
+    from mcibi.catalogue.rows import SECTIONS, baseline_of, catalogue_entry
     from mcibi.figures import make_figures
     from mcibi.params import load_params
-    from mcibi.report import baseline_of, with_seed
+    from mcibi.runs import with_seed
     from mcibi.tracking import default_tracking_uri
 
     params = with_seed(load_params(a.params), a.seed)
@@ -153,6 +153,30 @@ def _cmd_figures(a: argparse.Namespace) -> None:
     uri = None if a.no_mlflow else default_tracking_uri()
     make_figures(params, a.run_dir, a.data_root, a.out or Path(a.run_dir) / "figures", tracking_uri=uri,
                  num_images=a.images, device=a.device, section=section, baseline=baseline_of(stem) or "")
+
+
+def _cmd_catalogue(a: argparse.Namespace) -> None:
+    from mcibi.catalogue.rows import DATASETS
+
+    if a.action == "budget":
+        from mcibi.catalogue.budget import budget_markdown
+
+        for ds in DATASETS:
+            sys.stdout.write(f"\n{ds}\n\n{budget_markdown(ds)}")
+        return
+    from mcibi.catalogue.generate import check_catalogue, write_catalogue
+    from mcibi.official import load_official_configs
+
+    configs = load_official_configs(a.official)
+    if a.action == "write":
+        paths = write_catalogue(a.params_root, configs)
+        log.info("wrote %d files under %s", len(paths), a.params_root)
+        return
+    bad = check_catalogue(a.params_root, configs)
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: differ from the catalogue; run `mcibi catalogue write` (and edit "
+                         "mcibi/catalogue/, not the params files).")
+    log.info("params under %s are what the catalogue generates", a.params_root)
 
 
 def _cmd_convert(a: argparse.Namespace) -> None:
@@ -279,6 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mlflow-ui", help="base URL of the MLflow UI, e.g. http://127.0.0.1:5000 (links in the table)")
     s.add_argument("--experiment-id-file", type=Path, help="file holding the dataset's MLflow experiment id")
     s.set_defaults(func=_cmd_table)
+
+    s = sub.add_parser("catalogue", help="the seed rows' params files: write them, check the committed ones, or "
+                                         "print each run's budget (iterations, images, GPU-hours, disk)")
+    s.add_argument("action", choices=("write", "check", "budget"))
+    s.add_argument("--params-root", type=Path, default=Path("params"))
+    s.add_argument("--official", type=Path, help="official configs dump (default: the copy shipped in mcibi)")
+    s.set_defaults(func=_cmd_catalogue)
     return parser
 
 

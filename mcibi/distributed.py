@@ -109,14 +109,3 @@ def batch_plan(total: int, per_device: int, world_size: int, source: str = "para
             return BatchPlan(total, world_size, accumulation, per_process // accumulation)
     raise AssertionError("unreachable: accumulation = per_process always fits")
 
-
-def job_threads(resources) -> int:
-    """CPU cores a job asks for: ``cpus_per_gpu`` per GPU, or ``cpus_per_gpu`` for a CPU job (``ResourceParams``)."""
-    return resources.cpus_per_gpu * max(resources.gpus, 1)
-
-
-def launcher(resources) -> str:
-    """The command prefix of a job: ``mcibi``, or ``torchrun --standalone --nproc_per_node=<gpus> -m mcibi``."""
-    if resources.gpus > 1:
-        return f"torchrun --standalone --nproc_per_node={resources.gpus} -m mcibi"
-    return "mcibi"

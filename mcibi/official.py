@@ -4,6 +4,7 @@ and writing params files that match a released checkpoint)."""
 from __future__ import annotations
 
 import re
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -28,11 +29,26 @@ _LAYOUTS = {
 }
 
 
-def load_official_config(path: str | Path, name: str) -> dict:
-    """One config of ``official_configs.yaml`` (the official SEGMENTOR_CFG dumped as plain data)."""
-    configs = yaml.safe_load(Path(path).read_text())
+OFFICIAL_CONFIGS = "official_configs.yaml"  # shipped in the package: every official MCIBI++ config
+
+
+def load_official_configs(path: str | Path | None = None) -> dict:
+    """Every official MCIBI++ config (the official SEGMENTOR_CFG dumped as plain data) by name: the copy shipped
+    in the package (``mcibi/official_configs.yaml``), or the dump at ``path``."""
+    if path is None:
+        return yaml.safe_load(resources.files("mcibi").joinpath(OFFICIAL_CONFIGS).read_text())
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: official configs dump not found; leave the path out to use the copy "
+                                "shipped in mcibi.")
+    return yaml.safe_load(file.read_text())
+
+
+def load_official_config(path: str | Path | None, name: str) -> dict:
+    """One official config by name (``path``: None for the copy shipped in the package)."""
+    configs = load_official_configs(path)
     if name not in configs:
-        raise KeyError(f"{path}: no official config '{name}'.")
+        raise KeyError(f"{path or OFFICIAL_CONFIGS}: no official config '{name}'.")
     return configs[name]
 
 

@@ -315,10 +315,10 @@ def _build(cls: type, data: dict, prefix: str, file: Path) -> Any:
     return cls(**{n: _convert(hints[n], data[n], f"{where}{n}", file) for n in settable})
 
 
-def _merge(base: dict, over: dict) -> dict:
+def merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -413,7 +413,7 @@ def load_params(path: str | Path) -> ExperimentParams:
     if file.name == DEFAULTS_FILE:
         raise ParamsError(f"{file}: this is the defaults layer, not an experiment; pass an experiment file.")
     defaults_file = file.parent / DEFAULTS_FILE
-    data = _merge(_read_yaml(defaults_file), _read_yaml(file)) if defaults_file.is_file() else _read_yaml(file)
+    data = merge(_read_yaml(defaults_file), _read_yaml(file)) if defaults_file.is_file() else _read_yaml(file)
     params = _build(ExperimentParams, data, "", file)
     params = dataclasses.replace(params, name=f"{file.parent.name}/{file.stem}", path=str(file))
     _check(params, file)

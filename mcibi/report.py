@@ -16,27 +16,17 @@ from pathlib import Path
 
 import pandas as pd
 
+from mcibi.catalogue.published import published_miou
+from mcibi.catalogue.rows import ROWS, SECTIONS, backbone_title, baseline_of, catalogue_entry
 from mcibi.files import write_text
 from mcibi.params import PROTOCOL_NAMES, PROTOCOL_TITLES, ExperimentParams
+from mcibi.runs import seed_runs
 
 FRAMEWORK_NAMES = {"fcn": "FCN", "psnet": "PSNet", "upernet": "UperNet", "deeplabv3": "DeepLabV3"}
-BACKBONE_NAMES = {
-    "resnet50c": "R-50-D{os}",
-    "resnet101c": "R-101-D{os}",
-    "resnest101e": "S-101-D{os}",
-    "hrnet_w48": "HRNetV2p-W48",
-    "swin_large_patch4_window12_384": "Swin-Large",
-}
 MEMORY_NAMES = {"none": "-", "mcibi++": "MCIBI++", "mcibi": "MCIBI"}
 NOT_RUN = "not run"
 SERVER = "test server"  # the eval split's labels are private: the number comes from the benchmark's server
 OTHER_SECTION = "Other experiments"
-
-
-def backbone_title(name: str, output_stride: int) -> str:
-    """The seed's backbone notation (R-50-D8, ...); other timm names as '<name>-D<os>'."""
-    base = name.split(".", 1)[0]  # timm pretrained tags (".ms_in22k") do not change the architecture
-    return BACKBONE_NAMES.get(base, f"{name}-D{{os}}").format(os=output_stride)
 
 
 def lr_title(lr: float) -> str:
@@ -48,28 +38,6 @@ def schedule_title(params: ExperimentParams) -> str:
     """'LR/POLICY/BS/EPOCH: lr/poly/batch/epochs' as in the seed tables."""
     t = params.train
     return f"LR/POLICY/BS/EPOCH: {lr_title(t.optimizer.lr)}/poly/{t.total_batch_size}/{t.epochs}"
-
-
-def seed_runs(stem: str, base_seed: int, seeds: int) -> list[tuple[str, int]]:
-    """(run folder name, seed) of the ``seeds`` runs of one experiment: the params' own seed keeps the plain
-    name (so a single-seed run is unchanged), seed ``base + k`` runs as ``<stem>-seed<base + k>``."""
-    return [(stem, base_seed)] + [(f"{stem}-seed{base_seed + k}", base_seed + k) for k in range(1, seeds)]
-
-
-def with_seed(params: ExperimentParams, seed: int | None) -> ExperimentParams:
-    """``params`` trained with another seed: ``train.seed`` replaced and the name (MLflow run name, run folder)
-    suffixed ``-seed<k>`` as :func:`seed_runs` names it; the params' own seed (or None) changes nothing."""
-    import dataclasses
-
-    if seed is None or seed == params.train.seed:
-        return params
-    return dataclasses.replace(params, train=dataclasses.replace(params.train, seed=seed),
-                               name=f"{params.name}-seed{seed}")
-
-
-def baseline_of(stem: str) -> str | None:
-    """The paired baseline's stem of a memory experiment (``x_mcibipp`` -> ``x_baseline``)."""
-    return stem.removesuffix("_mcibipp") + "_baseline" if stem.endswith("_mcibipp") else None
 
 
 def _read(file: Path) -> dict | None:
@@ -86,7 +54,6 @@ def build_table(experiments: list[ExperimentParams], runs_dir: str | Path, seeds
                 mlflow_ui: str | None = None, experiment_id: str | None = None) -> pd.DataFrame:
     """One row per experiment with, per protocol, our mean/sd/count over the seed runs that have an evaluation
     file ``<runs_dir>/<run>/eval/<protocol>.json``, the published value, delta, paired baseline and gain."""
-    from mcibi.catalogue import ROWS, SECTIONS, catalogue_entry, published_miou
     from mcibi.data.specs import get_spec
 
     runs_dir = Path(runs_dir)

@@ -7,14 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from mcibi import catalogue
-from mcibi.catalogue import DATASETS, ROWS, catalogue_entry, published, published_miou, rows_of, select
+from mcibi.catalogue.budget import budget, budget_markdown
+from mcibi.catalogue.generate import check_catalogue
+from mcibi.catalogue.published import published, published_miou
+from mcibi.catalogue.rows import DATASET_TITLES, DATASETS, ROWS, catalogue_entry, rows_of, select
+from mcibi.official import load_official_configs
 from mcibi.params import experiment_files, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params"
 PAGES = Path(__file__).resolve().parent / "data"  # copies of the seed page and the official model zoo page
-CONFIGS = catalogue.DEFAULT_OFFICIAL_CONFIGS
 
 
 def _all_files():
@@ -64,16 +66,14 @@ def test_seed_schedule_and_crop_match_the_published_records():
         assert schedule_title(p) == rec["schedule"], rec
 
 
-@pytest.mark.skipif(not CONFIGS.is_file(), reason="../shared/reference/official_configs.yaml is not beside the repo")
 def test_committed_files_are_what_the_catalogue_generates():
-    assert catalogue.check_catalogue(PARAMS, catalogue.load_official_configs(CONFIGS)) == []
+    assert check_catalogue(PARAMS, load_official_configs()) == []
 
 
-@pytest.mark.skipif(not CONFIGS.is_file(), reason="../shared/reference/official_configs.yaml is not beside the repo")
 def test_model_switches_are_the_official_ones():
     from mcibi.official import model_params_from_official
 
-    configs = catalogue.load_official_configs(CONFIGS)
+    configs = load_official_configs()
     for file in _all_files():
         row, baseline = catalogue_entry(file.parent.name, file.stem)
         want = model_params_from_official(row.official_name, configs[row.official_name], pretrained=True)
@@ -117,7 +117,7 @@ def _page_rows(page: Path) -> list[dict]:
 
 @pytest.mark.parametrize("source,page", [("seed", "seed_model_zoo.md"), ("official", "official_model_zoo.md")])
 def test_published_numbers_match_the_pages(source, page):
-    titles = {v: k for k, v in catalogue.DATASET_TITLES.items()}
+    titles = {v: k for k, v in DATASET_TITLES.items()}
     records = [r for r in published() if r["source"] == source]
     rows = _page_rows(PAGES / page)
     assert len(rows) == 36
@@ -186,9 +186,9 @@ def test_rows_of_orders_frameworks_first():
 
 def test_budget_follows_the_schedule():
     voc = next(r for r in ROWS if r.dataset == "pascalvoc" and r.backbone == "r50")
-    b = catalogue.budget(voc, rate={"r50": 10.0})
+    b = budget(voc, rate={"r50": 10.0})
     assert b.iterations == 60 * (10582 // 16) and b.images == b.iterations * 16
     assert abs(b.gpu_hours - b.images / 10.0 / 3600) < 1e-9
     city = next(r for r in ROWS if r.dataset == "cityscapes" and r.backbone == "r50")  # 512x1024: half the rate
-    assert abs(catalogue.budget(city, rate={"r50": 10.0}).gpu_hours - 220 * (2975 // 16) * 16 / 5.0 / 3600) < 1e-9
-    assert "| **all** |" in catalogue.budget_markdown("lip")
+    assert abs(budget(city, rate={"r50": 10.0}).gpu_hours - 220 * (2975 // 16) * 16 / 5.0 / 3600) < 1e-9
+    assert "| **all** |" in budget_markdown("lip")

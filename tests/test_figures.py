@@ -73,7 +73,7 @@ def test_mlflow_artifacts_tags_and_trajectories_with_ade20k_class_names(tmp_path
 
     classes = list(get_spec("ade20k").classes)
     from mcibi.params import flatten, to_dict
-    from mcibi.report import with_seed
+    from mcibi.runs import with_seed
 
     flat = flatten(to_dict(params)) | {"iterations": 9}
     run = RunLogger.start(uri, "ade20k", params.name, {"memory": "mcibi++"}, flat)

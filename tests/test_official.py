@@ -1,19 +1,12 @@
 """Every official MCIBI++ config translates into our model params with its switches."""
 
-from pathlib import Path
-
 import pytest
-import yaml
 
-from mcibi.official import model_params_from_official
-
-CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_configs.yaml"
+from mcibi.official import load_official_configs, model_params_from_official
 
 
 def test_all_official_configs_translate():
-    if not CONFIGS.is_file():
-        pytest.skip("../shared/reference/official_configs.yaml is not beside the repository")
-    configs = yaml.safe_load(CONFIGS.read_text())
+    configs = load_official_configs()
     assert len(configs) == 37
     by_name = {name: model_params_from_official(name, cfg) for name, cfg in configs.items()}
     lip = by_name["mcibiplusplus_upernet_resnet50os8_lip"]

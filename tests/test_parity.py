@@ -1,23 +1,20 @@
 """Converted weights give the official implementation's logits (fp32, eval mode, 1e-4 relative).
 
 Needs the official toolbox (``pip install -e '.[parity]'`` or sssegmentation's source on PYTHONPATH); skipped
-otherwise. The official configs come from ../shared/reference/official_configs.yaml.
+otherwise. The official configs are the copy shipped in mcibi (mcibi/official_configs.yaml).
 """
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from mcibi.checkpoint import convert_official_checkpoint
 from mcibi.models import build_segmentor
-from mcibi.official import model_params_from_official
+from mcibi.official import load_official_config, model_params_from_official
 
 ssseg = pytest.importorskip("ssseg", reason="the official sssegmentation package is not installed")
 
-CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_configs.yaml"
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [
     "mcibiplusplus_resnet50os8_lip", "mcibiplusplus_ppm_resnet50os8_lip", "mcibiplusplus_upernet_resnet50os8_lip",
@@ -33,7 +30,7 @@ def test_converted_official_model_gives_the_same_logits(name, monkeypatch):
     from ssseg.modules.models.segmentors.mcibiplusplus.mcibiplusplus import MCIBIPlusPlus
     from ssseg.modules.utils import SSSegInputStructure
 
-    cfg = copy.deepcopy(yaml.safe_load(CONFIGS.read_text())[name])
+    cfg = copy.deepcopy(load_official_config(None, name))
     if "hrnet" in name:  # sssegmentation 1.7.0's HRModule reads an attribute it never sets
         from ssseg.modules.models.backbones import hrnet
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mcibi.catalogue import DATASETS
+from mcibi.catalogue.rows import DATASETS
 from mcibi.params import experiment_files, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +43,17 @@ def test_dry_run_plans_the_whole_chain(tmp_path):
     for rule in ("download", "verify_archives", "prepare", "verify_data", "mlflow_experiment", "train", "evaluate",
                  "figures", "report"):
         assert rule in out, f"rule {rule} missing from the dry run"
+
+
+def test_parsing_the_workflow_imports_neither_torch_nor_pandas(repo_copy):
+    """Building the DAG (every params file of a dataset loaded and validated) stays fast: the rules' imports are
+    torch- and pandas-free (mcibi.params, mcibi.runs, mcibi.catalogue.rows, mcibi.data.specs)."""
+    probe = ("import sys\nfrom snakemake.cli import main\ntry:\n    main(['-n', '--cores', '1', 'results/lip'])\n"
+             "except SystemExit as exc:\n    assert exc.code == 0, exc.code\n"
+             "print('heavy:', sorted(m for m in ('torch', 'pandas') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=repo_copy, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "heavy: []" in proc.stdout, proc.stdout[-500:]
 
 
 def test_dry_run_uses_the_local_profile(repo_copy):

@@ -1,14 +1,15 @@
-# Parse-time setup: validate the workflow config and every selected params file before any job starts.
+# Parse-time setup: validate the workflow config and every selected params file before any job starts, and the
+# named input functions the rules use. The parse step imports neither torch nor pandas (tests/test_workflow.py).
 import os
 import sys
 from pathlib import Path
 
 from snakemake.utils import validate
 
-from mcibi.catalogue import select
+from mcibi.catalogue.rows import select
 from mcibi.data.specs import get_spec
 from mcibi.params import PROTOCOL_NAMES, experiment_files, load_params
-from mcibi.report import seed_runs, with_seed
+from mcibi.runs import job_threads, launcher, seed_runs, with_seed
 
 
 validate(config, "../schemas/config.schema.yaml")
@@ -36,13 +37,14 @@ wildcard_constraints:
     protocol="|".join(PROTOCOL_NAMES),
 
 
-def _seeds(dataset):
+def seeds_of(dataset):
+    """Runs per experiment of a dataset (workflow/config.yaml seeds)."""
     seeds = config["seeds"]
     return seeds.get(dataset, 1) if isinstance(seeds, dict) else seeds
 
 
 def _selected(dataset):
-    """Run name -> validated params of every selected experiment and seed (mcibi.catalogue.select)."""
+    """Run name -> validated params of every selected experiment and seed (mcibi.catalogue.rows.select)."""
     files = experiment_files(PARAMS, dataset)
     if not files:
         raise ValueError(f"{PARAMS}/{dataset}/: no experiment files. Add params/{dataset}/<name>.yaml.")
@@ -50,7 +52,7 @@ def _selected(dataset):
     runs = {}
     for stem in stems:
         params = load_params(Path(PARAMS) / dataset / f"{stem}.yaml")
-        for run, seed in seed_runs(stem, params.train.seed, _seeds(dataset)):
+        for run, seed in seed_runs(stem, params.train.seed, seeds_of(dataset)):
             runs[run] = with_seed(params, seed)
     return runs
 
@@ -71,12 +73,95 @@ def experiment_stem_of(dataset, run):
     return Path(_runs(dataset)[run].path).stem
 
 
+# Folders the shell commands take, derived from the rule's files (so that they follow the files' paths).
+def dataset_downloads(wildcards):
+    return f"{DOWNLOADS}/{wildcards.dataset}"
+
+
+def dataset_data(wildcards):
+    return f"{DATA}/{wildcards.dataset}"
+
+
+def data_root(wildcards, input):
+    """The data root holding ``<dataset>/``, from the verify_data record."""
+    return os.path.dirname(os.path.dirname(input.data[0]))
+
+
+def train_run_dir(wildcards, output):
+    return os.path.dirname(output.checkpoint)
+
+
+def checkpoint_run_dir(wildcards, input):
+    return os.path.dirname(input.checkpoint)
+
+
+def run_params(wildcards):
+    """The validated params of one run (``{dataset}``, ``{experiment}``)."""
+    return _runs(wildcards.dataset)[wildcards.experiment]
+
+
 def experiment_stem(wildcards):
     return experiment_stem_of(wildcards.dataset, wildcards.experiment)
 
 
 def run_seed(wildcards):
-    return _runs(wildcards.dataset)[wildcards.experiment].train.seed
+    return run_params(wildcards).train.seed
+
+
+# What a training job asks for: its params' train.resources.
+def train_threads(wildcards):
+    return job_threads(run_params(wildcards).train.resources)
+
+
+def train_mem_mb(wildcards):
+    return run_params(wildcards).train.resources.mem_mb
+
+
+def train_runtime(wildcards):
+    return run_params(wildcards).train.resources.runtime
+
+
+def train_gpus(wildcards):
+    return run_params(wildcards).train.resources.gpus
+
+
+def train_launcher(wildcards):
+    return launcher(run_params(wildcards).train.resources)
+
+
+def train_torch_threads(wildcards):
+    """Torch threads per process: cpus_per_gpu."""
+    return run_params(wildcards).train.resources.cpus_per_gpu
+
+
+# What an evaluation (or export, figures) job asks for: its params' evaluate.resources.
+def eval_threads(wildcards):
+    return job_threads(run_params(wildcards).evaluate.resources)
+
+
+def eval_mem_mb(wildcards):
+    return run_params(wildcards).evaluate.resources.mem_mb
+
+
+def eval_runtime(wildcards):
+    return run_params(wildcards).evaluate.resources.runtime
+
+
+def eval_gpus(wildcards):
+    return run_params(wildcards).evaluate.resources.gpus
+
+
+def eval_launcher(wildcards):
+    return launcher(run_params(wildcards).evaluate.resources)
+
+
+def eval_torch_threads(wildcards):
+    return run_params(wildcards).evaluate.resources.cpus_per_gpu
+
+
+def figures_gpus(wildcards):
+    """The figures job predicts a few images: one GPU at most."""
+    return min(1, eval_gpus(wildcards))
 
 
 def experiment_params(wildcards):
@@ -99,7 +184,7 @@ def run_results(dataset, run, params):
 
 def run_evaluations(wildcards):
     """The evaluation outputs of one run (inputs of its figures job)."""
-    return run_results(wildcards.dataset, wildcards.experiment, _runs(wildcards.dataset)[wildcards.experiment])
+    return run_results(wildcards.dataset, wildcards.experiment, run_params(wildcards))
 
 
 def evaluations(wildcards):
@@ -109,3 +194,12 @@ def evaluations(wildcards):
         out += run_results(wildcards.dataset, run, params)
         out.append(f"{RUNS}/{wildcards.dataset}/{run}/figures")
     return out
+
+
+def report_experiments(wildcards):
+    """The params file stems of the dataset's selected runs (``mcibi table --experiments``)."""
+    return " ".join(sorted({experiment_stem_of(wildcards.dataset, run) for run in _runs(wildcards.dataset)}))
+
+
+def report_seeds(wildcards):
+    return seeds_of(wildcards.dataset)

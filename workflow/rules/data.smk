@@ -11,7 +11,7 @@ rule download:
     log:
         "logs/download/{dataset}.log",
     params:
-        dest=lambda wc: f"{DOWNLOADS}/{wc.dataset}",
+        dest=dataset_downloads,
     resources:
         downloads=1,
     conda:
@@ -28,7 +28,7 @@ rule verify_archives:
     log:
         "logs/verify_archives/{dataset}.log",
     params:
-        dest=lambda wc: f"{DOWNLOADS}/{wc.dataset}",
+        dest=dataset_downloads,
     conda:
         "../envs/mcibi.yaml"
     shell:
@@ -43,8 +43,8 @@ rule prepare:
     log:
         "logs/prepare/{dataset}.log",
     params:
-        archives=lambda wc: f"{DOWNLOADS}/{wc.dataset}",
-        out=lambda wc: f"{DATA}/{wc.dataset}",
+        archives=dataset_downloads,
+        out=dataset_data,
     threads: 8
     resources:
         mem_mb=8000,
@@ -63,7 +63,7 @@ rule verify_data:
     log:
         "logs/verify_data/{dataset}.log",
     params:
-        data=lambda wc: f"{DATA}/{wc.dataset}",
+        data=dataset_data,
     conda:
         "../envs/mcibi.yaml"
     shell:

@@ -13,16 +13,16 @@ rule evaluate:
         per_class=f"{RUNS}/{{dataset}}/{{experiment}}/eval/{{protocol}}_per_class.csv",
     log:
         "logs/evaluate/{dataset}/{experiment}/{protocol}.log",
-    threads: lambda wc: job_threads(EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources)
+    threads: eval_threads
     resources:
-        mem_mb=lambda wc: EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources.mem_mb,
-        runtime=lambda wc: EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources.runtime,
-        gpu=lambda wc: EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources.gpus,
-        cpus_per_task=lambda wc: job_threads(EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources),
+        mem_mb=eval_mem_mb,
+        runtime=eval_runtime,
+        gpu=eval_gpus,
+        cpus_per_task=eval_threads,
     params:
-        data=lambda wc, input: os.path.dirname(os.path.dirname(input.data[0])),
-        launcher=lambda wc: launcher(EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources),
-        torch_threads=lambda wc: EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources.cpus_per_gpu,
+        data=data_root,
+        launcher=eval_launcher,
+        torch_threads=eval_torch_threads,
         seed=run_seed,
     conda:
         "../envs/mcibi.yaml"
@@ -43,16 +43,16 @@ rule export_test:
         directory(f"{RUNS}/{{dataset}}/{{experiment}}/test_{{protocol}}"),
     log:
         "logs/export_test/{dataset}/{experiment}/{protocol}.log",
-    threads: lambda wc: job_threads(EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources)
+    threads: eval_threads
     resources:
-        mem_mb=lambda wc: EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources.mem_mb,
-        runtime=lambda wc: EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources.runtime,
-        gpu=lambda wc: EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources.gpus,
-        cpus_per_task=lambda wc: job_threads(EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources),
+        mem_mb=eval_mem_mb,
+        runtime=eval_runtime,
+        gpu=eval_gpus,
+        cpus_per_task=eval_threads,
     params:
-        data=lambda wc, input: os.path.dirname(os.path.dirname(input.data[0])),
-        launcher=lambda wc: launcher(EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources),
-        torch_threads=lambda wc: EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources.cpus_per_gpu,
+        data=data_root,
+        launcher=eval_launcher,
+        torch_threads=eval_torch_threads,
     conda:
         "../envs/mcibi.yaml"
     shell:

@@ -13,15 +13,15 @@ rule figures:
         directory(f"{RUNS}/{{dataset}}/{{experiment}}/figures"),
     log:
         "logs/figures/{dataset}/{experiment}.log",
-    threads: lambda wc: job_threads(EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources)
+    threads: eval_threads
     resources:
-        mem_mb=lambda wc: EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources.mem_mb,
+        mem_mb=eval_mem_mb,
         runtime=30,
-        gpu=lambda wc: min(1, EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources.gpus),
-        cpus_per_task=lambda wc: job_threads(EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources),
+        gpu=figures_gpus,
+        cpus_per_task=eval_threads,
     params:
-        data=lambda wc, input: os.path.dirname(os.path.dirname(input.data[0])),
-        run_dir=lambda wc, input: os.path.dirname(input.checkpoint),
+        data=data_root,
+        run_dir=checkpoint_run_dir,
         seed=run_seed,
         images=config["overlay_images"],
     conda:
@@ -42,8 +42,8 @@ rule report:
     params:
         params_root=PARAMS,
         runs=RUNS,
-        experiments=lambda wc: " ".join(sorted({experiment_stem_of(wc.dataset, r) for r in EXPERIMENTS[wc.dataset]})),
-        seeds=lambda wc: config["seeds"].get(wc.dataset, 1) if isinstance(config["seeds"], dict) else config["seeds"],
+        experiments=report_experiments,
+        seeds=report_seeds,
         ui=config["mlflow_ui"],
     conda:
         "../envs/mcibi.yaml"

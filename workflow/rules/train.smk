@@ -5,9 +5,6 @@
 # wall-time limit continues when it is resubmitted (the SLURM profile retries failed jobs).
 
 
-from mcibi.distributed import job_threads, launcher
-
-
 localrules:
     mlflow_experiment,
 
@@ -34,17 +31,17 @@ rule train:
         run=f"{RUNS}/{{dataset}}/{{experiment}}/run.json",
     log:
         "logs/train/{dataset}/{experiment}.log",
-    threads: lambda wc: job_threads(EXPERIMENTS[wc.dataset][wc.experiment].train.resources)
+    threads: train_threads
     resources:
-        mem_mb=lambda wc: EXPERIMENTS[wc.dataset][wc.experiment].train.resources.mem_mb,
-        runtime=lambda wc: EXPERIMENTS[wc.dataset][wc.experiment].train.resources.runtime,
-        gpu=lambda wc: EXPERIMENTS[wc.dataset][wc.experiment].train.resources.gpus,
-        cpus_per_task=lambda wc: job_threads(EXPERIMENTS[wc.dataset][wc.experiment].train.resources),
+        mem_mb=train_mem_mb,
+        runtime=train_runtime,
+        gpu=train_gpus,
+        cpus_per_task=train_threads,
     params:
-        data=lambda wc, input: os.path.dirname(os.path.dirname(input.data[0])),
-        out=lambda wc, output: os.path.dirname(output.checkpoint),
-        launcher=lambda wc: launcher(EXPERIMENTS[wc.dataset][wc.experiment].train.resources),
-        torch_threads=lambda wc: EXPERIMENTS[wc.dataset][wc.experiment].train.resources.cpus_per_gpu,
+        data=data_root,
+        out=train_run_dir,
+        launcher=train_launcher,
+        torch_threads=train_torch_threads,
         seed=run_seed,
     conda:
         "../envs/mcibi.yaml"

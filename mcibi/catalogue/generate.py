@@ -1,0 +1,227 @@
+"""The params files of the seed rows: ``params/<dataset>/<framework>_<backbone>_<memory>.yaml`` plus one
+``defaults.yaml`` per dataset, from the rows (:mod:`mcibi.catalogue.rows`) and the official configs shipped in the
+package (:func:`mcibi.official.load_official_configs`). The files are committed, and the test suite checks that
+they are exactly what this module generates (``mcibi catalogue write|check``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from mcibi.catalogue.rows import DATASET_TITLES, DATASETS, SECTIONS, Row, backbone_title, rows_of
+from mcibi.data.specs import get_spec
+from mcibi.files import write_text
+from mcibi.params import DEFAULTS_FILE, merge, to_dict
+
+# pipelines of mcibi.data.specs by crop (the 640 one for ADE20k's Swin-L row; LIP's HRNet row crops 512 from
+# the 473 pipeline's 520x520 resize, as its seed row states)
+_PIPELINE = {("ade20k", (640, 640)): "640x640"}
+
+# shared by every dataset: execution settings, not part of the seed tables
+EXECUTION = {
+    "num_workers": 4, "log_every": 50, "channels_last": True, "precision": "fp32", "compile": False,
+    "sync_batchnorm": True, "checkpoint_every": 2000, "keep_checkpoints": 2,
+}
+GPUS = 8  # the official runs: 8 GPUs share the total batch
+
+
+def _backbone(model: dict) -> str:
+    """The seed notation of a model section's backbone (R-50-D8, ...)."""
+    return backbone_title(model["backbone"]["name"], model["backbone"]["output_stride"])
+
+
+def _optimizer(cfg: dict, row: Row) -> tuple[dict, dict]:
+    """(train.optimizer, train.schedule) from the official scheduler with the seed row's learning rate."""
+    sched, opt = cfg["scheduler"], cfg["scheduler"]["optimizer"]
+    rules = opt.get("params_rules") or {}
+    adamw = opt["type"] == "AdamW"
+    optimizer = {
+        "name": "adamw" if adamw else "sgd",
+        "lr": row.lr,
+        "momentum": float(opt.get("momentum", 0.9)),
+        "weight_decay": float(opt["weight_decay"]),
+        "betas": [float(b) for b in opt.get("betas", (0.9, 0.999))],
+        "no_decay_norms": "norm" in rules,
+        "no_decay_keys": sorted(k for k, v in rules.items() if k != "norm" and v.get("wd_multiplier") == 0.0) or None,
+        "backbone_lr_mult": float(rules.get("backbone_net", {}).get("lr_multiplier", 1.0)),
+    }
+    warm = sched.get("warmup_cfg") or {}
+    schedule = {"power": float(sched.get("power", 0.9)),
+                "min_lr": float(sched["min_lr"]) if "min_lr" in sched else round(row.lr * 0.01, 12),
+                "warmup_iters": int(warm.get("iters", 0)), "warmup_ratio": float(warm.get("ratio", 1e-6))}
+    return optimizer, schedule
+
+
+def experiment_dict(row: Row, cfg: dict, baseline: bool = False) -> dict:
+    """The complete (merged) params of one row, or of its baseline."""
+    from mcibi.official import model_params_from_official
+
+    spec = get_spec(row.dataset)
+    data = spec.data_params(_PIPELINE.get((row.dataset, row.crop)))
+    data.update(train_split=row.train_split, eval_split=row.eval_split, crop_size=list(row.crop))
+    model = to_dict(model_params_from_official(row.official_name, cfg, pretrained=True))
+    if baseline:
+        model["memory"]["kind"] = "none"
+    optimizer, schedule = _optimizer(cfg, row)
+    per_device = row.batch // GPUS  # every seed batch (8, 16, 32, 40) is a multiple of 8
+    title = f"{DATASET_TITLES[row.dataset]}, {SECTIONS[row.section]}"
+    what = (f"{'Baseline without memory for' if baseline else 'MCIBI++:'} {row.framework} "
+            f"{_backbone(model)} ({title})")
+    desc = f"{what}; model switches from the official {row.official_name}"
+    if row.note:
+        desc += f". Note: {row.note}"
+    return {
+        "description": desc,
+        "data": data,
+        "model": model,
+        "train": {
+            "seed": 0, "total_batch_size": row.batch, "batch_per_device": per_device, "epochs": row.epochs,
+            "optimizer": optimizer, "schedule": schedule,
+            "loss_weights": {"cls": 1.0, "cwi": 1.0, "pr": 0.4, "aux": 0.4, "memory": 1.0},
+            **EXECUTION,
+            "resources": {"gpus": GPUS, "cpus_per_gpu": 4, "mem_mb": 128000, "runtime": 1440},
+        },
+        "evaluate": {
+            "protocols": {name: proto.params() for name, proto in row.protocols.items()},
+            "channels_last": True, "fold_batchnorm": True, "window_batch": 8,
+            "resources": {"gpus": 1, "cpus_per_gpu": 8, "mem_mb": 64000, "runtime": 720},
+        },
+    }
+
+
+# keys every experiment file states itself (what its seed row is about), never taken from defaults.yaml
+_ROW_KEYS = {("description",), ("data", "train_split"), ("data", "eval_split"), ("data", "crop_size"), ("model",),
+             ("train", "total_batch_size"), ("train", "batch_per_device"), ("train", "epochs"),
+             ("train", "optimizer"), ("train", "schedule"), ("train", "resources"), ("evaluate", "protocols")}
+
+
+def _split(d: dict, prefix: tuple = ()) -> tuple[dict, dict]:
+    """(row part, shareable part) of a params dict by :data:`_ROW_KEYS`."""
+    own, shared = {}, {}
+    for k, v in d.items():
+        key = (*prefix, k)
+        if key in _ROW_KEYS:
+            own[k] = v
+        elif isinstance(v, dict) and any(r[: len(key)] == key for r in _ROW_KEYS):
+            o, s = _split(v, key)
+            if o:
+                own[k] = o
+            if s:
+                shared[k] = s
+        else:
+            shared[k] = v
+    return own, shared
+
+
+def _atomic(d: dict) -> bool:
+    """A mapping of scalars (a resize, a protocol, a backbone): shared or stated whole, never split."""
+    return not any(isinstance(v, dict) for v in d.values())
+
+
+def _common(dicts: list[dict]) -> dict:
+    """The keys (deeply) whose values are equal in every dict."""
+    out = {}
+    for k, v in dicts[0].items():
+        vals = [d.get(k) for d in dicts]
+        if all(isinstance(x, dict) and not _atomic(x) for x in vals):
+            sub = _common(vals)
+            if sub:
+                out[k] = sub
+        elif all(x == v for x in vals) and all(k in d for d in dicts):
+            out[k] = v
+    return out
+
+
+def _minus(d: dict, base: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict) and not _atomic(v):
+            sub = _minus(v, base[k])
+            if sub:
+                out[k] = sub
+        elif k not in base or base[k] != v:
+            out[k] = v
+    return out
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block mappings, except small mappings of scalars (a backbone, a protocol) and lists of scalars, which
+    stay on one line."""
+
+
+def _list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+    flow = all(not isinstance(x, dict | list) for x in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+def _dict(dumper: yaml.SafeDumper, data: dict) -> yaml.Node:
+    flat = all(not isinstance(v, dict) and not (isinstance(v, list) and any(isinstance(x, dict | list) for x in v))
+               for v in data.values())
+    return dumper.represent_mapping("tag:yaml.org,2002:map", data.items(), flow_style=flat and len(data) <= 6)
+
+
+_Dumper.add_representer(list, _list)
+_Dumper.add_representer(dict, _dict)
+
+
+def _yaml(header: str, data: dict) -> str:
+    body = yaml.dump(data, Dumper=_Dumper, sort_keys=False, width=120, default_flow_style=False)
+    return "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines()) + body
+
+
+def generate(dataset: str, configs: dict) -> dict[str, str]:
+    """File name -> text of every params file of ``dataset`` (``defaults.yaml`` and one file per experiment)."""
+    full: dict[str, dict] = {}
+    rows = {}
+    for row in rows_of(dataset):
+        cfg = configs[row.official_name]
+        full[row.stem] = experiment_dict(row, cfg)
+        rows[row.stem] = (row, False)
+        if row.baseline_stem:
+            full[row.baseline_stem] = experiment_dict(row, cfg, baseline=True)
+            rows[row.baseline_stem] = (row, True)
+    parts = {stem: _split(d) for stem, d in full.items()}
+    defaults = _common([shared for _, shared in parts.values()])
+    files = {DEFAULTS_FILE: _yaml(
+        f"Shared settings of the {DATASET_TITLES[dataset]} experiments (the one defaults layer of params/{dataset}/).\n"
+        "Generated by `mcibi catalogue write` from the seed model zoo and the official configs; edit the\n"
+        "catalogue (mcibi/catalogue/), not this file. Every experiment file here is merged over it, then\n"
+        "validated strictly. Execution settings (precision, channels_last, workers, resources) do not change the\n"
+        "trajectory's arithmetic beyond rounding; precision fp32 as the official runs (8 GPUs).", defaults)}
+    for stem, (own, shared) in parts.items():
+        row, baseline = rows[stem]
+        body = merge(_minus(shared, defaults), own)
+        ordered = {k: body[k] for k in ("description", "data", "model", "train", "evaluate") if k in body}
+        title = f"{DATASET_TITLES[dataset]} / {SECTIONS[row.section]}: {row.framework} {_backbone(full[stem]['model'])}"
+        head = (f"{title}, "
+                f"{'baseline without memory' if baseline else 'MCIBI++'}\n"
+                f"Seed row: crop {row.crop[0]}x{row.crop[1]}, LR/POLICY/BS/EPOCH {row.lr:g}/poly/{row.batch}/"
+                f"{row.epochs}, {row.train_split}/{row.eval_split}, columns "
+                + ", ".join(row.protocols) + f". Model: official {row.official_name}.\n"
+                "Generated by `mcibi catalogue write`; do not edit by hand.")
+        files[f"{stem}.yaml"] = _yaml(head, ordered)
+    return files
+
+
+def write_catalogue(params_root: str | Path, configs: dict, datasets: tuple[str, ...] = DATASETS) -> list[Path]:
+    """Write every dataset's params files (atomically); return the paths written."""
+    written = []
+    for ds in datasets:
+        for name, text in generate(ds, configs).items():
+            path = Path(params_root) / ds / name
+            write_text(path, text)
+            written.append(path)
+    return written
+
+
+def check_catalogue(params_root: str | Path, configs: dict, datasets: tuple[str, ...] = DATASETS) -> list[str]:
+    """Files that differ from (or are missing against) what :func:`generate` writes."""
+    bad = []
+    for ds in datasets:
+        for name, text in generate(ds, configs).items():
+            path = Path(params_root) / ds / name
+            if not path.is_file() or path.read_text() != text:
+                bad.append(str(path))
+    return bad
