@@ -36,7 +36,7 @@ from mcibi.params import PROTOCOL_TITLES, ExperimentParams, ProtocolParams, to_d
 log = logging.getLogger(__name__)
 
 
-def _load_model(params: ExperimentParams, checkpoint: str | Path, dev: torch.device) -> tuple[nn.Module, Any]:
+def load_model(params: ExperimentParams, checkpoint: str | Path, dev: torch.device) -> tuple[nn.Module, Any]:
     """The checkpoint's model in eval mode, folded / channels-last as ``params.evaluate`` says, and its layout."""
     state = load_checkpoint(checkpoint)
     trained = checkpoint_params(state, checkpoint)
@@ -51,13 +51,13 @@ def _load_model(params: ExperimentParams, checkpoint: str | Path, dev: torch.dev
     return model.to(memory_format=layout), layout
 
 
-def _protocol(params: ExperimentParams, protocol: str) -> ProtocolParams:
+def protocol_params(params: ExperimentParams, protocol: str) -> ProtocolParams:
     if protocol not in params.evaluate.protocols:
         raise KeyError(f"{params.path}: no protocol '{protocol}' (defined: {', '.join(params.evaluate.protocols)}).")
     return params.evaluate.protocols[protocol]
 
 
-def _predictions(params: ExperimentParams, model: nn.Module, layout, proto: ProtocolParams, loader: DataLoader,
+def predictions(params: ExperimentParams, model: nn.Module, layout, proto: ProtocolParams, loader: DataLoader,
                  dev: torch.device, desc: str, total: int, show: bool) -> Iterator[tuple[dict, torch.Tensor]]:
     """(sample, class map at the label's size) for every image of ``loader``, under ``proto``."""
     spec = get_spec(params.data.name)
@@ -92,7 +92,7 @@ def evaluate(
     does; the checkpoint's model params must equal ``params.model`` (a different file is an error). Every rank
     returns the same (all-reduced) record; only rank 0 should write it.
     """
-    proto = _protocol(params, protocol)
+    proto = protocol_params(params, protocol)
     if threads:
         torch.set_num_threads(threads)
     env = setup(device)
@@ -105,7 +105,7 @@ def evaluate(
 def _evaluate(params: ExperimentParams, checkpoint: str | Path, protocol: str, proto: ProtocolParams,
               data_root: str | Path, env: DistEnv, limit: int | None) -> dict[str, Any]:
     dev = env.device
-    model, layout = _load_model(params, checkpoint, dev)
+    model, layout = load_model(params, checkpoint, dev)
     spec = get_spec(params.data.name)
     dataset = SegmentationDataset(Path(data_root) / params.data.name, params.data.eval_split,
                                   build_test_transform(params.data), seed=0)
@@ -114,7 +114,7 @@ def _evaluate(params: ExperimentParams, checkpoint: str | Path, protocol: str, p
     loader = DataLoader(dataset, batch_size=1, sampler=indices, num_workers=params.train.num_workers)
     confusion = ConfusionMatrix(spec.num_classes, device=dev)
     start = time.time()
-    for sample, pred in _predictions(params, model, layout, proto, loader, dev, f"eval {params.name} [{protocol}]",
+    for sample, pred in predictions(params, model, layout, proto, loader, dev, f"eval {params.name} [{protocol}]",
                                      len(indices), env.is_main):
         confusion.update(pred, sample["label"].to(dev))
     confusion.all_reduce()
@@ -158,14 +158,12 @@ def cityscapes_train_to_label_ids() -> np.ndarray:
     As ``trainId2label`` in cityscapesScripts, the first label of each trainId wins; values without a trainId
     map to 0 ('unlabeled'), which the server ignores.
     """
-    from mcibi.data.labelsets import CITYSCAPES_LABELS
+    from mcibi.data.labelsets import cityscapes_train_ids
 
     table = np.zeros(256, dtype=np.uint8)
-    seen = set()
-    for _, label_id, train_id in CITYSCAPES_LABELS:
-        if 0 <= train_id < 255 and train_id not in seen:
+    for label_id, train_id in reversed(cityscapes_train_ids().items()):  # written last: the first label wins
+        if train_id is not None:
             table[train_id] = label_id
-            seen.add(train_id)
     return table
 
 
@@ -186,13 +184,13 @@ def export_predictions(
     server expects); other datasets as class indices. Each PNG is written atomically and existing ones are
     skipped, so an interrupted export continues. Returns the number of PNGs written by this process.
     """
-    proto = _protocol(params, protocol)
+    proto = protocol_params(params, protocol)
     if threads:
         torch.set_num_threads(threads)
     env = setup(device)
     try:
         dev = env.device
-        model, layout = _load_model(params, checkpoint, dev)
+        model, layout = load_model(params, checkpoint, dev)
         dataset = SegmentationDataset(Path(data_root) / params.data.name, split, build_test_transform(params.data),
                                       seed=0)
         table = cityscapes_train_to_label_ids() if params.data.name == "cityscapes" else None
@@ -201,7 +199,7 @@ def export_predictions(
         todo = [i for i in range(count)[env.rank :: env.world_size] if not (out / f"{dataset.ids[i]}.png").exists()]
         loader = DataLoader(dataset, batch_size=1, sampler=todo, num_workers=params.train.num_workers)
         written = 0
-        for sample, pred in _predictions(params, model, layout, proto, loader, dev,
+        for sample, pred in predictions(params, model, layout, proto, loader, dev,
                                          f"export {params.name} [{protocol}] {split}", len(todo), env.is_main):
             classes = pred[0].to(torch.uint8).cpu().numpy()
             png = table[classes] if table is not None else classes

@@ -178,7 +178,7 @@ def train_step(
         if memory is not None:
             with torch.no_grad():
                 memory.update(out.representations.detach().float(), y, momentum=memory_momentum(params, lr),
-                              resolution=params.model.memory.update_resolution, ignore_index=IGNORE_INDEX)
+                              resolution=params.model.memory.update_resolution)
                 if start is not None:  # this micro-batch's update, then back to the shared starting memory
                     updated += memory.memory
                     memory.memory.copy_(start)

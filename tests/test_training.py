@@ -245,7 +245,7 @@ def test_accumulated_memory_update_is_the_mean_of_the_micro_batch_updates():
     expected = []
     for half in (slice(0, 2), slice(2, 4)):
         model.memory_module.memory.copy_(start)
-        model.memory_module.update(feats[half], labels[half], momentum=0.1, resolution="full", ignore_index=255)
+        model.memory_module.update(feats[half], labels[half], momentum=0.1, resolution="full")
         expected.append(model.memory_module.memory.clone())
     model.memory_module.memory.copy_(start)
     train_step(model, images, labels, opt, 0.01, p, epoch=0, accumulation=2)

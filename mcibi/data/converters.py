@@ -1,5 +1,5 @@
 """Per-dataset converters: from the extracted archives (official layout, or the sssegmentation mirror's) to a
-:class:`~mcibi.data.prepare.Plan` of samples whose labels are read as train ids.
+:class:`~mcibi.data.archives.Plan` of samples whose labels are read as train ids.
 
 Every converter finds its folders by their real names wherever they sit in the extracted tree, so the official
 archives and the mirror's repackaging (which keeps the official folder names) go through the same code. Label
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from mcibi.data import labelsets as L
-from mcibi.data.prepare import (
+from mcibi.data.archives import (
     Plan,
     PreparedDataError,
     apply_table,
@@ -115,8 +115,8 @@ def convert_ade20k(spec: DatasetSpec, raw: Path) -> Plan:
 # ---------------------------------------------------------------------------------------------------- CityScapes
 def cityscapes_table() -> np.ndarray:
     """labelId -> trainId from cityscapesScripts' table (trainId 255 and -1 -> ignore)."""
-    mapping = {label_id: (train_id if 0 <= train_id < 255 else IGNORE)
-               for _, label_id, train_id in L.CITYSCAPES_LABELS if label_id >= 0}
+    mapping = {label_id: IGNORE if train_id is None else train_id
+               for label_id, train_id in L.cityscapes_train_ids().items()}
     return label_table(mapping | {255: IGNORE})
 
 
@@ -143,7 +143,8 @@ def convert_cocostuff10k(spec: DatasetSpec, raw: Path) -> Plan:
     """COCO-Stuff-10k v1.1: ``annotations/<id>.mat`` field ``S`` (0 unlabeled, 1..182) -> 182-way train ids.
 
     The seed (sssegmentation, MCIBI++ configs with num_classes 182) and the official DeepLab conversion both
-    use ``S - 1`` with 0 ignored; the 11 raw ids that are never annotated stay as dead train ids.
+    use ``S - 1`` with 0 ignored; the 11 raw ids that are never annotated (12, 26, 29, 30, 45, 66, 68, 69, 71,
+    83, 91) stay as dead train ids.
     """
     table = label_table({0: IGNORE, 255: IGNORE} | {i: i - 1 for i in range(1, 183)})
     root = locate(raw, "imageLists")

@@ -126,6 +126,13 @@ CITYSCAPES_LABELS: tuple[tuple[str, int, int], ...] = (
     ("license plate", -1, -1),
 )
 
+
+def cityscapes_train_ids() -> dict[int, int | None]:
+    """labelId -> trainId of :data:`CITYSCAPES_LABELS`; None where the label is ignored (trainId 255 or -1)."""
+    return {label_id: (train_id if 0 <= train_id < 255 else None) for _, label_id, train_id in CITYSCAPES_LABELS
+            if label_id >= 0}
+
+
 # PASCAL-Context: the 459-class ids (Mottaghi et al. labels.txt = PASCAL-in-Detail category ids) of the 59
 # classes, sorted; position + 0 is the 59-class train id, matching PASCALCONTEXT59_CLASSES (alphabetical).
 # Same ids as mmsegmentation tools/dataset_converters/pascal_context.py `_mapping` without its 0.
@@ -135,6 +142,3 @@ PASCALCONTEXT59_IDS: tuple[int, ...] = (
     368, 397, 415, 416, 420, 424, 427, 440, 445, 454, 458,
 )
 PASCALCONTEXT_NUM_RAW = 459  # raw LabelMap ids are 0 (unlabelled) .. 459
-
-# COCO-Stuff-10k raw ids (1-based) that are never annotated; kept as dead train ids (raw - 1), as in the seed.
-COCOSTUFF_UNUSED_IDS: tuple[int, ...] = (12, 26, 29, 30, 45, 66, 68, 69, 71, 83, 91)

@@ -21,8 +21,6 @@ from typing import Literal
 from mcibi.data import labelsets as L
 
 IGNORE_INDEX = 255  # the one ignore value used on disk, in losses, metrics and the memory update
-MEAN_RGB = (123.675, 116.28, 103.53)  # ImageNet statistics, every dataset and config of the seed
-STD_RGB = (58.395, 57.12, 57.375)
 
 
 # ----------------------------------------------------------------------------------------------------- sources
@@ -77,8 +75,6 @@ class Pipeline:
     flip_prob: float = 0.5
     rotation: tuple[float, float] = (0.0, 0.0)  # (probability, max degrees)
     photometric: bool = True
-    mean: tuple[float, float, float] = MEAN_RGB
-    std: tuple[float, float, float] = STD_RGB
 
     def data_params(self) -> dict:
         """The transform keys of a params file's ``data:`` section (see :class:`mcibi.params.DataParams`)."""

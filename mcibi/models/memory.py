@@ -129,7 +129,6 @@ class DistributionMemory(ClassMemory):
         labels: torch.Tensor,
         momentum: float,
         resolution: str = "full",
-        ignore_index: int = 255,
     ) -> None:
         """Momentum update of (μ_k, σ_k) for every class present in ``labels``; absent classes are untouched.
 
@@ -138,7 +137,6 @@ class DistributionMemory(ClassMemory):
         the label size (the official default); ``"feature"`` nearest-downsamples the labels instead (cheaper).
         Label values outside [0, K) — 255, -100, anything — are ignored. Vectorised, no host synchronisation.
         """
-        del ignore_index  # every value outside [0, K) is ignored, whichever convention the labels use
         feats = feats.float()
         k = self.num_classes
         labels = _labels_at(labels, feats.shape[2:], resolution)
@@ -206,7 +204,6 @@ class VectorMemory(ClassMemory):
         labels: torch.Tensor,
         momentum: float,
         resolution: str = "full",
-        ignore_index: int = 255,
     ) -> None:
         """Cosine-weighted momentum update of every class present in ``labels`` (others untouched).
 
@@ -215,7 +212,6 @@ class VectorMemory(ClassMemory):
         no host synchronisation. Where every pixel of a class equals the stored direction (all weights 0, a
         0/0 in the official code) the plain class mean is used instead.
         """
-        del ignore_index  # every value outside [0, K) is ignored
         feats = feats.float()
         k = self.num_classes
         labels = _labels_at(labels, feats.shape[2:], resolution)
