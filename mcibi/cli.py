@@ -94,8 +94,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> None:
     from mcibi.evaluation import evaluate, write_result
     from mcibi.params import load_params
     from mcibi.runs import with_seed
-    from mcibi.tracking import default_tracking_uri, log_evaluation
-    from mcibi.training import run_tags
+    from mcibi.tracking import default_tracking_uri, log_evaluation, run_tags
 
     params = with_seed(load_params(a.params), a.seed)
     run_dir = Path(a.checkpoint).parent

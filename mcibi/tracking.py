@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mcibi.params import ExperimentParams
+
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
@@ -114,6 +116,23 @@ def hardware() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
     return f"cpu ({os.cpu_count()} cores, {platform.machine()})"
+
+
+def run_tags(params: ExperimentParams) -> dict[str, str]:
+    """Tags that make runs filterable and comparable in the MLflow UI."""
+    return {
+        "dataset": params.data.name,
+        "experiment": params.name,
+        "framework": params.model.framework,
+        "backbone": params.model.backbone.name,
+        "memory": params.model.memory.kind,
+        "seed": str(params.train.seed),
+        "crop": "x".join(map(str, params.data.crop_size)),
+        "schedule": f"{params.train.optimizer.lr}/poly/{params.train.total_batch_size}/{params.train.epochs}",
+        "precision": params.train.precision,
+        "git_commit": git_commit(Path(params.path).parent if params.path else "."),
+        "hardware": hardware(),
+    }
 
 
 class RunLogger:

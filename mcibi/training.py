@@ -239,25 +239,6 @@ def epoch_batches(num_samples: int, seed: int, epoch: int, plan: BatchPlan, rank
     return [order[i * plan.total + rank * n : i * plan.total + (rank + 1) * n] for i in range(first, iters_per_epoch)]
 
 
-def run_tags(params: ExperimentParams) -> dict[str, str]:
-    """Tags that make runs filterable and comparable in the MLflow UI."""
-    from mcibi.tracking import git_commit, hardware
-
-    return {
-        "dataset": params.data.name,
-        "experiment": params.name,
-        "framework": params.model.framework,
-        "backbone": params.model.backbone.name,
-        "memory": params.model.memory.kind,
-        "seed": str(params.train.seed),
-        "crop": "x".join(map(str, params.data.crop_size)),
-        "schedule": f"{params.train.optimizer.lr}/poly/{params.train.total_batch_size}/{params.train.epochs}",
-        "precision": params.train.precision,
-        "git_commit": git_commit(Path(params.path).parent if params.path else "."),
-        "hardware": hardware(),
-    }
-
-
 # ----------------------------------------------------------------------------------------- resumable checkpoints
 def _trajectory(params: ExperimentParams) -> dict[str, Any]:
     """The params that decide the weights a run ends with (everything but :data:`RESUME_FREE_KEYS`)."""
@@ -442,7 +423,7 @@ def _train(params: ExperimentParams, data_root: str | Path, out: Path, tracking_
 
     run = None
     if tracking_uri and env.is_main:
-        from mcibi.tracking import RunLogger
+        from mcibi.tracking import RunLogger, run_tags
 
         if run_id:
             run = RunLogger.resume(tracking_uri, run_id)

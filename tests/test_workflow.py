@@ -159,3 +159,20 @@ def test_reduced_demo_chain_runs_end_to_end(tmp_path):
 
     again = _snakemake(repo, "-n", "--cores", "2", "results/demo", env=env)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_conda_env_pins_every_dependency_within_the_supported_ranges():
+    """workflow/envs/mcibi.yaml pins (==) each of pyproject.toml's dependencies to a version its range allows."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    env = yaml.safe_load((ROOT / "workflow" / "envs" / "mcibi.yaml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    pins = {Requirement(p).name.lower(): Requirement(p) for p in pip if not p.startswith("-e")}
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for dep in map(Requirement, deps):
+        pin = pins.get(dep.name.lower())
+        assert pin is not None, f"{dep.name} is not pinned in workflow/envs/mcibi.yaml"
+        (spec,) = pin.specifier
+        assert spec.operator == "==" and dep.specifier.contains(spec.version), (str(dep), str(pin))
