@@ -192,3 +192,13 @@ def test_budget_follows_the_schedule():
     city = next(r for r in ROWS if r.dataset == "cityscapes" and r.backbone == "r50")  # 512x1024: half the rate
     assert abs(budget(city, rate={"r50": 10.0}).gpu_hours - 220 * (2975 // 16) * 16 / 5.0 / 3600) < 1e-9
     assert "| **all** |" in budget_markdown("lip")
+
+
+def test_catalogue_command(tmp_path, capsys):
+    """`mcibi catalogue check` fails (exit 1) where the params files are missing; `budget` prints every dataset."""
+    from mcibi.cli import main
+
+    assert main(["catalogue", "check", "--params-root", str(tmp_path)]) == 1
+    assert main(["catalogue", "budget"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"\n{ds}\n" in out for ds in DATASETS) and out.count("| **all** |") == len(DATASETS)

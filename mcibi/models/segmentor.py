@@ -138,46 +138,64 @@ class MemorySegmentor(nn.Module):
         stages = self.backbone(images)
         x = stages[-1]
         out = SegmentorOutput(logits=x)  # logits filled below
-        feats_cwi = self.context_within_image_module(x) if self.has_cwi else None
-        if not self.with_memory:
-            fused = feats_cwi if self.has_cwi else self.bottleneck(x)
-        else:
-            reps = self.bottleneck(x)
-            out.representations = reps
-            out.logits_pr = self.decoder_pr(reps)
-            if self.decoder_cwi is not None:
-                out.logits_cwi = self.decoder_cwi(feats_cwi)
-            use_pr = self.params.memory.force_use_preds_pr or out.logits_cwi is None
-            gather = out.logits_pr if use_pr else out.logits_cwi
-            if gather_labels is not None:
-                gather = onehot_gather_logits(gather_labels, gather.shape[2:], self.params.num_classes)
-            memory_out = self.memory_module(reps, gather)
-            if classify_memory:
-                vectors = self.memory_module.class_representations()
-                out.logits_memory = self.decoder_pr(vectors[:, :, None, None].to(reps.dtype))[:, :, 0, 0]
-            if not self.has_cwi:
-                fused = memory_out
-            else:
-                if self.self_attention is not None:
-                    memory_out = self.self_attention(feats_cwi, memory_out)
-                if self.is_fpn and not self.params.fuse_memory_cwi_before_fpn:
-                    fused = feats_cwi
-                else:
-                    fused = torch.cat([memory_out, feats_cwi], dim=1)
+        feats_cwi = self._context(x)
+        memory_out = self._read_memory(x, feats_cwi, out, gather_labels, classify_memory) if self.with_memory else None
+        fused = self._fuse(x, feats_cwi, memory_out)
         if self.is_fpn:
-            laterals = [conv(s) for conv, s in zip(self.lateral_convs, stages[:-1], strict=True)] + [fused]
-            for i in range(len(laterals) - 1, 0, -1):
-                laterals[i - 1] = laterals[i - 1] + self._up(laterals[i], laterals[i - 1].shape[2:])
-            levels = [conv(lat) for conv, lat in zip(self.fpn_convs, laterals[:-1], strict=True)] + [laterals[-1]]
-            size = levels[0].shape[2:]
-            levels = [levels[0]] + [self._up(lv, size) for lv in levels[1:]]
-            if self.with_memory and not self.params.fuse_memory_cwi_before_fpn:
-                levels.append(self._up(memory_out, size))
-            fused = torch.cat(levels, dim=1)
+            fused = self._fpn(stages[:-1], fused, memory_out)
         out.logits = self.decoder_cls(fused)
         if self.training and self.auxiliary_decoder is not None:
             out.logits_aux = self.auxiliary_decoder(stages[-2])
         return out
+
+    def _context(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Context within the image (PPM or ASPP on the top stage), None for FCN."""
+        return self.context_within_image_module(x) if self.has_cwi else None
+
+    def _read_memory(self, x: torch.Tensor, feats_cwi: torch.Tensor | None, out: SegmentorOutput,
+                     gather_labels: torch.Tensor | None, classify_memory: bool) -> torch.Tensor:
+        """The memory branch: pixel representations R and their classifiers (recorded in ``out``), the memory
+        read gathered by those logits (or the one-hot labels), refined by self-attention with the context."""
+        reps = self.bottleneck(x)
+        out.representations = reps
+        out.logits_pr = self.decoder_pr(reps)
+        if self.decoder_cwi is not None:
+            out.logits_cwi = self.decoder_cwi(feats_cwi)
+        use_pr = self.params.memory.force_use_preds_pr or out.logits_cwi is None
+        gather = out.logits_pr if use_pr else out.logits_cwi
+        if gather_labels is not None:
+            gather = onehot_gather_logits(gather_labels, gather.shape[2:], self.params.num_classes)
+        memory_out = self.memory_module(reps, gather)
+        if classify_memory:
+            vectors = self.memory_module.class_representations()
+            out.logits_memory = self.decoder_pr(vectors[:, :, None, None].to(reps.dtype))[:, :, 0, 0]
+        if self.self_attention is not None:
+            memory_out = self.self_attention(feats_cwi, memory_out)
+        return memory_out
+
+    def _fuse(self, x: torch.Tensor, feats_cwi: torch.Tensor | None, memory_out: torch.Tensor | None) -> torch.Tensor:
+        """What reaches the classifier (or the FPN's top level): context and memory read, concatenated unless the
+        FPN takes the memory read beside its levels."""
+        if memory_out is None:
+            return feats_cwi if feats_cwi is not None else self.bottleneck(x)
+        if feats_cwi is None:
+            return memory_out
+        if self.is_fpn and not self.params.fuse_memory_cwi_before_fpn:
+            return feats_cwi
+        return torch.cat([memory_out, feats_cwi], dim=1)
+
+    def _fpn(self, lower: list[torch.Tensor], top: torch.Tensor, memory_out: torch.Tensor | None) -> torch.Tensor:
+        """UperNet's FPN: laterals of the lower stages plus ``top``, top-down sums, 3x3 convs, every level (and
+        the memory read when it was not fused before) at the finest resolution, concatenated."""
+        laterals = [conv(s) for conv, s in zip(self.lateral_convs, lower, strict=True)] + [top]
+        for i in range(len(laterals) - 1, 0, -1):
+            laterals[i - 1] = laterals[i - 1] + self._up(laterals[i], laterals[i - 1].shape[2:])
+        levels = [conv(lat) for conv, lat in zip(self.fpn_convs, laterals[:-1], strict=True)] + [laterals[-1]]
+        size = levels[0].shape[2:]
+        levels = [levels[0]] + [self._up(lv, size) for lv in levels[1:]]
+        if memory_out is not None and not self.params.fuse_memory_cwi_before_fpn:
+            levels.append(self._up(memory_out, size))
+        return torch.cat(levels, dim=1)
 
 
 def build_segmentor(params: ModelParams) -> MemorySegmentor:
