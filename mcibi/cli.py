@@ -85,7 +85,8 @@ def _cmd_train(a: argparse.Namespace) -> None:
     params = with_seed(load_params(a.params), a.seed)
     out = a.out or Path("runs") / params.name
     uri = None if a.no_mlflow else default_tracking_uri()
-    train(params, a.data_root, out, tracking_uri=uri, device=a.device, threads=a.threads, resume=not a.no_resume)
+    train(params, a.data_root, out, tracking_uri=uri, device=a.device, threads=a.threads,
+          resume=not (a.restart or a.no_resume))
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> None:
@@ -229,8 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
         s.set_defaults(func=func)
         if name == "train":
             s.add_argument("--out", type=Path, help="run folder (default runs/<dataset>/<experiment>)")
-            s.add_argument("--no-resume", action="store_true",
-                           help="start from scratch even if <out>/checkpoints/ holds a checkpoint of these params")
+            s.add_argument("--restart", action="store_true",
+                           help="start from scratch: move <out>/checkpoints/ to <out>/checkpoints.archived-<time>/ "
+                           "first (needed when the params changed since its checkpoints were written)")
+            s.add_argument("--no-resume", action="store_true", help="the same as --restart")
         else:
             s.add_argument("--checkpoint", type=Path, required=True)
             s.add_argument("--protocol", required=True, help="ss, flip or msflip")
@@ -291,6 +294,11 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as exc:
         log.error("%s", exc.args[0] if exc.args else exc)
+        return 1
+    except OSError as exc:  # a full disk, permissions, a read-only file system on a path not written atomically
+        from mcibi.files import describe_write_error
+
+        log.error("%s", describe_write_error(exc, exc.filename or ".") if exc.filename else exc)
         return 1
     return 0
 

@@ -26,34 +26,39 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mcibi.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
+from mcibi.checkpoint import CheckpointError, load_checkpoint, load_weights, non_finite_tensors, save_checkpoint
 from mcibi.data.dataset import SegmentationDataset
 from mcibi.data.specs import IGNORE_INDEX, get_spec
 from mcibi.data.transforms import build_train_transform
 from mcibi.distributed import BatchPlan, DistEnv, any_rank, barrier, batch_plan, setup, teardown
-from mcibi.files import atomic_open, write_json
+from mcibi.files import WriteError, atomic_open, write_json
 from mcibi.models import build_segmentor
 from mcibi.optim import build_optimizer as _build_optimizer
 from mcibi.optim import poly_lr, scheduled_lr, set_lr
-from mcibi.params import ExperimentParams, flatten, to_dict
+from mcibi.params import ExperimentParams, flatten, params_from_dict, to_dict, trajectory
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NonFiniteLossError", "TrainResult", "build_optimizer", "compute_losses", "poly_lr", "train",
-           "train_step"]
+__all__ = ["DivergedError", "NonFiniteLossError", "ResumeConflictError", "TrainResult", "build_optimizer",
+           "compute_losses", "poly_lr", "train", "train_step"]
 
 V1_MEMORY_LOSS_FROM_EPOCH = 1  # 0-based; the official MCIBI adds it when epoch > 1 (1-based)
 CHECKPOINT_DIR = "checkpoints"
 _CKPT_NAME = re.compile(r"^iter_(\d{8})\.pt$")
-# Params that say how a run executes, not what it computes: a checkpoint resumes across changes of these
-# (more wall time, another GPU count, a different checkpoint interval).
-RESUME_FREE_KEYS = ("train.checkpoint_every", "train.keep_checkpoints", "train.resources", "train.num_workers",
-                    "train.log_every", "train.batch_per_device", "train.compile", "evaluate", "description")
+NON_FINITE_SUFFIX = ".nonfinite"  # renamed aside: a checkpoint with NaN/inf weights (older versions wrote them)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(FloatingPointError, RuntimeError):
     """A loss became NaN or infinite; training stopped before the optimiser step applied it."""
+
+
+class DivergedError(NonFiniteLossError):
+    """Weights, memory or optimiser state became NaN/inf although the loss was finite; nothing was written."""
+
+
+class ResumeConflictError(ValueError):
+    """The run folder holds checkpoints of other params; nothing is deleted without ``--restart``."""
 
 
 def seed_everything(seed: int) -> None:
@@ -259,12 +264,6 @@ def run_tags(params: ExperimentParams) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------------------- resumable checkpoints
-def _trajectory(params: ExperimentParams) -> dict[str, Any]:
-    """The params that decide the weights a run ends with (everything but :data:`RESUME_FREE_KEYS`)."""
-    flat = flatten({k: v for k, v in to_dict(params).items() if k not in ("name", "path")})
-    return {k: v for k, v in flat.items() if not any(k == f or k.startswith(f + ".") for f in RESUME_FREE_KEYS)}
-
-
 def rng_state() -> dict[str, Any]:
     """Python, NumPy, torch (and CUDA) generator states as plain data (loadable with ``weights_only``)."""
     np_state = np.random.get_state()
@@ -301,34 +300,65 @@ def resumable_checkpoints(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if _CKPT_NAME.match(p.name)), key=lambda p: p.name)
 
 
-def find_resume_state(folder: Path, params: ExperimentParams) -> tuple[dict[str, Any], Path] | None:
-    """The newest readable checkpoint under ``folder`` trained with the same trajectory params, or None.
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}" for k in keys if old.get(k) != new.get(k)]
 
-    Checkpoints of other params (the experiment was edited) are deleted with a warning: they belong to a run
-    that can no longer be continued, and keeping them would let retention delete the new run's checkpoints.
+
+def find_resume_state(folder: Path, params: ExperimentParams) -> tuple[dict[str, Any], Path] | None:
+    """The newest usable checkpoint under ``folder``, or None when there is none.
+
+    Nothing is deleted here: a checkpoint of other trajectory params (the params file was edited) stops the run
+    with :class:`ResumeConflictError` naming the differing keys and the ways out; one holding NaN/inf weights,
+    memory or optimiser state is renamed ``*.nonfinite`` and an older one is used; an unreadable one is skipped.
     """
-    want = _trajectory(params)
-    found = None
+    want = trajectory(params)
+    found, conflicts = None, []
     for path in reversed(resumable_checkpoints(folder)):
         try:
             state = load_checkpoint(path)
         except CheckpointError as exc:
             log.warning("skipping unreadable checkpoint %s (%s)", path, exc)
             continue
-        from mcibi.params import params_from_dict
-
         try:
-            same = _trajectory(params_from_dict(state["params"], path)) == want
-        except ValueError:
-            same = False
-        if not same:
-            log.warning("%s was trained with other params than %s; deleting it and starting afresh", path,
-                        params.path)
-            path.unlink(missing_ok=True)
+            diff = _differences(trajectory(params_from_dict(state["params"], path)), want)
+        except ValueError as exc:
+            diff = [f"(its params cannot be read by this version: {exc})"]
+        if diff:
+            conflicts.append((path, diff))
+            continue
+        bad = non_finite_tensors(state)
+        if bad:
+            aside = path.with_name(path.name + NON_FINITE_SUFFIX)
+            path.rename(aside)
+            log.warning("%s holds non-finite values (%s%s); renamed to %s, not resumed from", path,
+                        ", ".join(bad[:3]), " ..." if len(bad) > 3 else "", aside.name)
             continue
         if found is None:
             found = (state, path)
+    if conflicts:
+        path, diff = conflicts[0]
+        raise ResumeConflictError(
+            f"{folder}: {len(conflicts)} checkpoint(s) (newest {path.name}) were trained with other params than "
+            f"{params.path or params.name}; differing keys: {'; '.join(diff[:8])}{' ...' if len(diff) > 8 else ''}. "
+            "Nothing was deleted. Either restore those values in the params file (training then resumes), move the "
+            f"run folder {folder.parent} away, or rerun `mcibi train` with --restart, which moves the old checkpoints "
+            f"to {folder.name}.archived-<time>/ and starts afresh.")
     return found
+
+
+def archive_checkpoints(folder: Path) -> Path | None:
+    """Move ``folder`` (a run's checkpoints) to ``<folder>.archived-<UTC time>`` (``--restart``); None if empty."""
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return None
+    target = folder.with_name(f"{folder.name}.archived-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    n = 1
+    while target.exists():
+        target = target.with_name(f"{target.name.split('~')[0]}~{n}")
+        n += 1
+    folder.rename(target)
+    log.warning("--restart: moved the previous checkpoints %s to %s", folder, target)
+    return target
 
 
 def save_resumable(folder: Path, core: nn.Module, params: ExperimentParams, keep: int, **extra: Any) -> Path:
@@ -428,9 +458,11 @@ def train(
 ) -> TrainResult:
     """Train one experiment and write ``model.pt``, ``loss.csv`` and ``run.json`` to ``out_dir``.
 
-    Resumes from the newest checkpoint under ``<out_dir>/checkpoints/`` made with the same params (unless
-    ``resume`` is false). Under ``torchrun`` every rank trains its share of each batch; rank 0 alone writes
-    files and logs to MLflow (the run, its params, tags, loss curve; a resumed run continues its MLflow run).
+    Resumes from the newest checkpoint under ``<out_dir>/checkpoints/`` made with the same params; checkpoints of
+    other params stop the run (:class:`ResumeConflictError`). ``resume=False`` (``--restart``) moves existing
+    checkpoints to ``checkpoints.archived-<time>/`` and starts afresh: nothing is ever deleted implicitly. Under
+    ``torchrun`` every rank trains its share of each batch; rank 0 alone writes files and logs to MLflow (the run,
+    its params, tags, loss curve; a resumed run continues its MLflow run).
     """
     start = time.time()
     out = Path(out_dir)
@@ -442,6 +474,8 @@ def train(
             torch.set_num_threads(threads)
         seed_everything(params.train.seed)
         t = _build(params, data_root, out, env)
+        if not resume and env.is_main:
+            archive_checkpoints(t.ckpt_dir)
         state = _resume(t, resume)
         t.run = _open_run(t, tracking_uri, state)
         log.info("training %s: %d images, %d iterations (%d epochs x %d), effective batch %d = %d process(es) x "
@@ -568,21 +602,57 @@ def _train_epoch(t: _Trainer, state: LoopState, epoch: int, bar: tqdm) -> None:
             losses = train_step(t.runner, images, labels, t.optimizer, lr, params, epoch,
                                 accumulation=t.plan.accumulation, scaler=t.scaler, env=env)
         except NonFiniteLossError as exc:
-            where = f"the last good checkpoint is {state.last_good}" if state.last_good else (
-                "no checkpoint was written yet")
-            raise NonFiniteLossError(
-                f"{params.path}: {exc.args[0]} at iteration {state.iteration} (epoch {epoch}); stopped before the "
-                f"optimiser step; {where}. Lower train.optimizer.lr, add warmup (train.schedule.warmup_iters) or "
-                "use precision fp32/bf16, then rerun.") from None
+            raise NonFiniteLossError(f"{params.path}: {exc.args[0]} at iteration {state.iteration} (epoch {epoch}); "
+                                     f"stopped before the optimiser step. {_divergence_advice(state)}") from None
         for k, v in losses.items():
             state.loss_sums[k] = state.loss_sums.get(k, 0.0) + v
         state.iteration += 1
         bar.update(1)
         if state.iteration % tp.log_every == 0 or state.iteration == t.max_iters:
             _log_interval(t, state, epoch, lr, bar)
+        if tp.checkpoint_every and state.iteration % tp.checkpoint_every == 0:
+            _require_finite(t, state, "a resumable checkpoint")  # every rank: they hold the same weights
         if tp.checkpoint_every and state.iteration % tp.checkpoint_every == 0 and env.is_main:
-            state.last_good = save_resumable(t.ckpt_dir, t.core, params, tp.keep_checkpoints,
-                                             **t.checkpoint_extra(state))
+            with _say_how_to_resume(state):
+                state.last_good = save_resumable(t.ckpt_dir, t.core, params, tp.keep_checkpoints,
+                                                 **t.checkpoint_extra(state))
+
+
+def _divergence_advice(state: LoopState) -> str:
+    """Which checkpoint is really the last good one, and what to change (a rerun as-is diverges again)."""
+    where = (f"The last good checkpoint is {state.last_good} (iteration {_iteration_of(state.last_good)}); rerunning "
+             "with the same params resumes from it and diverges again at the same iteration"
+             if state.last_good else "No checkpoint was written")
+    return (f"{where}. Lower train.optimizer.lr, add warmup (train.schedule.warmup_iters) or use precision fp32/bf16 "
+            "(or clean the data), then rerun with `mcibi train --restart`, which archives this run's checkpoints.")
+
+
+def _iteration_of(path: Path | None) -> int:
+    m = _CKPT_NAME.match(path.name) if path else None
+    return int(m.group(1)) if m else 0
+
+
+def _require_finite(t: _Trainer, state: LoopState, what: str) -> None:
+    """Raise :class:`DivergedError` (writing nothing) when weights, memory or optimiser state hold NaN/inf."""
+    bad = non_finite_tensors({"state_dict": t.core.state_dict(), "optimizer": t.optimizer.state_dict(),
+                              "scaler": t.scaler.state_dict() if t.scaler is not None else {}})
+    if bad:
+        raise DivergedError(
+            f"{t.params.path}: training diverged: after iteration {state.iteration} the loss was finite but "
+            f"{', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''} hold NaN/inf ({len(bad)} tensors); {what} was not "
+            f"written. {_divergence_advice(state)}")
+
+
+@contextlib.contextmanager
+def _say_how_to_resume(state: LoopState):
+    """Add to a failed write (full disk, permissions) which checkpoint is intact and how to continue."""
+    try:
+        yield
+    except WriteError as exc:
+        intact = (f"The last complete checkpoint {state.last_good} (iteration {_iteration_of(state.last_good)}) is "
+                  "intact: rerunning the same command resumes from it" if state.last_good else
+                  "No earlier checkpoint of this run exists: a rerun starts from the beginning")
+        raise WriteError(f"{exc} {intact}.", exc.errno) from exc
 
 
 def _log_interval(t: _Trainer, state: LoopState, epoch: int, lr: float, bar: tqdm) -> None:
@@ -604,17 +674,20 @@ def _final_outputs(t: _Trainer, state: LoopState, out: Path, tracking_uri: str |
     ckpt, curve = out / "model.pt", out / "loss.csv"
     seconds = time.time() - start
     plan, run, it = t.plan, t.run, state.iteration
+    _require_finite(t, state, "model.pt")
     if t.env.is_main:
-        save_checkpoint(ckpt, t.core, t.params, iteration=it, mlflow_run_id=state.mlflow_run_id)
-        with atomic_open(curve) as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(state.curve[0]))
-            writer.writeheader()
-            writer.writerows(state.curve)
-        write_json(out / "run.json", {"experiment": t.params.name, "mlflow_run_id": state.mlflow_run_id or None,
-                                      "tracking_uri": tracking_uri, "iterations": it, "seconds": round(seconds, 1),
-                                      "resumed_from": state.resumed_from, "effective_batch": plan.total,
-                                      "world_size": plan.world_size, "accumulation": plan.accumulation,
-                                      "micro_batch": plan.micro_batch})
+        with _say_how_to_resume(state):
+            save_checkpoint(ckpt, t.core, t.params, iteration=it, mlflow_run_id=state.mlflow_run_id)
+            with atomic_open(curve) as fh:
+                writer = csv.DictWriter(fh, fieldnames=list(state.curve[0]))
+                writer.writeheader()
+                writer.writerows(state.curve)
+            write_json(out / "run.json", {"experiment": t.params.name,
+                                          "mlflow_run_id": state.mlflow_run_id or None, "tracking_uri": tracking_uri,
+                                          "iterations": it, "seconds": round(seconds, 1),
+                                          "resumed_from": state.resumed_from, "effective_batch": plan.total,
+                                          "world_size": plan.world_size, "accumulation": plan.accumulation,
+                                          "micro_batch": plan.micro_batch})
         if run:
             run.artifact(curve, "training")
             run.metrics({"train_seconds": seconds}, step=it)
