@@ -541,8 +541,9 @@ def load_params(path: str | Path) -> ExperimentParams:
             raise
         # the faulty value comes from the defaults layer: name that file (and the experiment it was merged into)
         message = str(exc).replace(f"{file}:", f"{source} (the defaults layer of {file.name}):", 1)
-        raise ParamsError(message.replace("Fix the value in the params file.", f"Fix it in {source}."),
-                          exc.key) from None
+        fix = "Fix the value in the params file."
+        message = message.replace(fix, f"Fix it in {source}.") if fix in message else f"{message} Fix it in {source}."
+        raise ParamsError(message, exc.key) from None
     return params
 
 
