@@ -46,12 +46,24 @@ def _cmd_prepare(a: argparse.Namespace) -> None:
 
 
 def _cmd_verify_data(a: argparse.Namespace) -> None:
+    from mcibi.data.fingerprint import RECORD_KEY, fingerprint
     from mcibi.data.prepare import verify_prepared
     from mcibi.files import write_json
 
-    summary = verify_prepared(a.dataset, a.data or Path("data") / a.dataset)
+    folder = a.data or Path("data") / a.dataset
+    before = fingerprint(folder)  # the files as verified: a later change makes the workflow verify again
+    summary = verify_prepared(a.dataset, folder)
     if a.report:
-        write_json(a.report, summary)
+        write_json(a.report, summary | {RECORD_KEY: before})
+
+
+def _cmd_dvc_commit(a: argparse.Namespace) -> None:
+    from mcibi.data.versioning import commit_data
+    from mcibi.files import write_text
+
+    md5 = commit_data(a.repo, a.target)
+    if a.record:
+        write_text(a.record, f"{md5}\n")
 
 
 def _cmd_validate(a: argparse.Namespace) -> None:
@@ -206,6 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", type=Path)
     s.add_argument("--report", type=Path)
     s.set_defaults(func=_cmd_verify_data)
+
+    s = sub.add_parser("dvc-commit", help="commit the prepared data to the DVC cache (linked, not copied) so that "
+                       "`dvc status` is clean and `dvc push` works; nothing outside a DVC repository")
+    s.add_argument("--repo", type=Path, default=Path("."))
+    s.add_argument("--target", default="data.dvc")
+    s.add_argument("--record", type=Path, help="write the committed md5 here")
+    s.set_defaults(func=_cmd_dvc_commit)
 
     s = sub.add_parser("validate", help="strictly validate params files (or every experiment of params/<dataset>/)")
     s.add_argument("params", nargs="+", type=Path)

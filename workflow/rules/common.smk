@@ -109,3 +109,42 @@ def evaluations(wildcards):
         out += run_results(wildcards.dataset, run, params)
         out.append(f"{RUNS}/{wildcards.dataset}/{run}/figures")
     return out
+
+
+# ----------------------------------------------------------------------------------------- rerun triggers (issue 11)
+# Training reruns only when the params that change its weights change, an evaluation only when its protocol does
+# (both as `params:` hashes; the params files are not inputs), and verify_data whenever the prepared files change.
+from mcibi.data.fingerprint import change_stamp
+from mcibi.params import protocol_hash, trajectory_hash
+
+
+class untracked:
+    """A rule param that says how a job runs (launcher, threads), not what it computes: Snakemake's params rerun
+    trigger only compares values of builtin types, so wrapping one keeps its edits from rerunning the job."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __str__(self):
+        return str(self.value)
+
+
+def params_file(wildcards):
+    """The run's params file, passed to the CLI (a `params:` value: editing it triggers nothing by itself)."""
+    return experiment_params(wildcards)[0]
+
+
+def trajectory_of(wildcards):
+    """Hash of the params that change a run's weights (mcibi.params.trajectory_hash)."""
+    return trajectory_hash(_runs(wildcards.dataset)[wildcards.experiment])
+
+
+def protocol_of(wildcards):
+    """Hash of what evaluating this protocol reads besides the checkpoint (mcibi.params.protocol_hash)."""
+    return protocol_hash(_runs(wildcards.dataset)[wildcards.experiment], wildcards.protocol)
+
+
+def data_change_stamp(wildcards):
+    """A stamp rewritten at DAG-build time when data/<dataset>/ changed since verify_data checked it."""
+    return change_stamp(f"{DATA}/{wildcards.dataset}", f"{DATA}/{wildcards.dataset}/verified.json",
+                        f"logs/verify_data/{wildcards.dataset}.changed")

@@ -1,5 +1,7 @@
 # Each checkpoint under each protocol its params define: ss (single scale), flip, msflip (multi-scale + flip).
 # Resources come from evaluate.resources; several GPUs split the images (torchrun) and sum confusion matrices.
+# A job reruns when its checkpoint or what its protocol reads changes (mcibi.params.protocol_hash), not when another
+# protocol, the description or the resources are edited.
 
 
 rule evaluate:
@@ -7,7 +9,6 @@ rule evaluate:
         data=rules.verify_data.output,
         checkpoint=rules.train.output.checkpoint,
         run=rules.train.output.run,
-        params=experiment_params,
     output:
         metrics=f"{RUNS}/{{dataset}}/{{experiment}}/eval/{{protocol}}.json",
         per_class=f"{RUNS}/{{dataset}}/{{experiment}}/eval/{{protocol}}_per_class.csv",
@@ -21,13 +22,15 @@ rule evaluate:
         cpus_per_task=lambda wc: job_threads(EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources),
     params:
         data=lambda wc, input: os.path.dirname(os.path.dirname(input.data[0])),
-        launcher=lambda wc: launcher(EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources),
-        torch_threads=lambda wc: EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources.cpus_per_gpu,
+        launcher=lambda wc: untracked(launcher(EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources)),
+        torch_threads=lambda wc: untracked(EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources.cpus_per_gpu),
         seed=run_seed,
+        file=params_file,
+        protocol=protocol_of,
     conda:
         "../envs/mcibi.yaml"
     shell:
-        "{params.launcher} evaluate {input.params[0]} --checkpoint {input.checkpoint} --protocol {wildcards.protocol}"
+        "{params.launcher} evaluate {params.file} --checkpoint {input.checkpoint} --protocol {wildcards.protocol}"
         " --data-root {params.data} --out-json {output.metrics} --out-csv {output.per_class}"
         " --threads {params.torch_threads} --seed {params.seed} > {log} 2>&1"
 
@@ -38,7 +41,6 @@ rule export_test:
     input:
         data=rules.verify_data.output,
         checkpoint=rules.train.output.checkpoint,
-        params=experiment_params,
     output:
         directory(f"{RUNS}/{{dataset}}/{{experiment}}/test_{{protocol}}"),
     log:
@@ -51,10 +53,12 @@ rule export_test:
         cpus_per_task=lambda wc: job_threads(EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources),
     params:
         data=lambda wc, input: os.path.dirname(os.path.dirname(input.data[0])),
-        launcher=lambda wc: launcher(EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources),
-        torch_threads=lambda wc: EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources.cpus_per_gpu,
+        launcher=lambda wc: untracked(launcher(EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources)),
+        torch_threads=lambda wc: untracked(EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources.cpus_per_gpu),
+        file=params_file,
+        protocol=protocol_of,
     conda:
         "../envs/mcibi.yaml"
     shell:
-        "{params.launcher} export {input.params[0]} --checkpoint {input.checkpoint} --protocol {wildcards.protocol}"
+        "{params.launcher} export {params.file} --checkpoint {input.checkpoint} --protocol {wildcards.protocol}"
         " --split test --data-root {params.data} --out {output} --threads {params.torch_threads} > {log} 2>&1"

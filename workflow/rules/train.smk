@@ -26,7 +26,7 @@ rule mlflow_experiment:
 rule train:
     input:
         data=rules.verify_data.output,
-        params=experiment_params,
+        dvc=ancient(rules.dvc_commit.output),  # the verified data is versioned before any run records it
         mlflow=ancient(rules.mlflow_experiment.output),  # orders jobs; its timestamp never retrains
     output:
         checkpoint=f"{RUNS}/{{dataset}}/{{experiment}}/model.pt",
@@ -43,11 +43,13 @@ rule train:
     params:
         data=lambda wc, input: os.path.dirname(os.path.dirname(input.data[0])),
         out=lambda wc, output: os.path.dirname(output.checkpoint),
-        launcher=lambda wc: launcher(EXPERIMENTS[wc.dataset][wc.experiment].train.resources),
-        torch_threads=lambda wc: EXPERIMENTS[wc.dataset][wc.experiment].train.resources.cpus_per_gpu,
+        launcher=lambda wc: untracked(launcher(EXPERIMENTS[wc.dataset][wc.experiment].train.resources)),
+        torch_threads=lambda wc: untracked(EXPERIMENTS[wc.dataset][wc.experiment].train.resources.cpus_per_gpu),
         seed=run_seed,
+        file=params_file,
+        trajectory=trajectory_of,
     conda:
         "../envs/mcibi.yaml"
     shell:
-        "{params.launcher} train {input.params[0]} --data-root {params.data} --out {params.out}"
+        "{params.launcher} train {params.file} --data-root {params.data} --out {params.out}"
         " --threads {params.torch_threads} --seed {params.seed} >> {log} 2>&1"
