@@ -26,8 +26,10 @@ def save_checkpoint(path: str | Path, model: nn.Module, params: ExperimentParams
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         **extra,
     }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    # through a Python file object: a full disk then raises OSError(ENOSPC), which atomic_path turns into a
+    # message naming the path (torch's own writer reports "[enforce fail at inline_container.cc] unexpected pos")
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(state, fh)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -42,6 +44,27 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{file}: not an mcibi checkpoint of format {FORMAT_VERSION}.")
     return state
+
+
+def non_finite_tensors(state: dict[str, Any]) -> list[str]:
+    """Names of the weights, buffers (the memory) and optimiser / scaler state tensors holding NaN or inf."""
+    bad = [k for k, v in state.get("state_dict", {}).items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    for group in ("optimizer", "scaler"):
+        for key, value in _tensors(state.get(group) or {}, group):
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                bad.append(key)
+    return bad
+
+
+def _tensors(tree: Any, prefix: str):
+    if isinstance(tree, torch.Tensor):
+        yield prefix, tree
+    elif isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _tensors(v, f"{prefix}.{k}")
+    elif isinstance(tree, list | tuple):
+        for i, v in enumerate(tree):
+            yield from _tensors(v, f"{prefix}[{i}]")
 
 
 def checkpoint_params(state: dict[str, Any], path: str | Path) -> ExperimentParams:

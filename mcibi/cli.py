@@ -46,12 +46,24 @@ def _cmd_prepare(a: argparse.Namespace) -> None:
 
 
 def _cmd_verify_data(a: argparse.Namespace) -> None:
+    from mcibi.data.fingerprint import RECORD_KEY, fingerprint
     from mcibi.data.prepare import verify_prepared
     from mcibi.files import write_json
 
-    summary = verify_prepared(a.dataset, a.data or Path("data") / a.dataset)
+    folder = a.data or Path("data") / a.dataset
+    before = fingerprint(folder)  # the files as verified: a later change makes the workflow verify again
+    summary = verify_prepared(a.dataset, folder)
     if a.report:
-        write_json(a.report, summary)
+        write_json(a.report, summary | {RECORD_KEY: before})
+
+
+def _cmd_dvc_commit(a: argparse.Namespace) -> None:
+    from mcibi.data.versioning import commit_data
+    from mcibi.files import write_text
+
+    md5 = commit_data(a.repo, a.target)
+    if a.record:
+        write_text(a.record, f"{md5}\n")
 
 
 def _cmd_validate(a: argparse.Namespace) -> None:
@@ -85,7 +97,8 @@ def _cmd_train(a: argparse.Namespace) -> None:
     params = with_seed(load_params(a.params), a.seed)
     out = a.out or Path("runs") / params.name
     uri = None if a.no_mlflow else default_tracking_uri()
-    train(params, a.data_root, out, tracking_uri=uri, device=a.device, threads=a.threads, resume=not a.no_resume)
+    train(params, a.data_root, out, tracking_uri=uri, device=a.device, threads=a.threads,
+          resume=not (a.restart or a.no_resume))
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> None:
@@ -229,6 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--report", type=Path)
     s.set_defaults(func=_cmd_verify_data)
 
+    s = sub.add_parser("dvc-commit", help="commit the prepared data to the DVC cache (linked, not copied) so that "
+                       "`dvc status` is clean and `dvc push` works; nothing outside a DVC repository")
+    s.add_argument("--repo", type=Path, default=Path("."))
+    s.add_argument("--target", default="data.dvc")
+    s.add_argument("--record", type=Path, help="write the committed md5 here")
+    s.set_defaults(func=_cmd_dvc_commit)
+
     s = sub.add_parser("validate", help="strictly validate params files (or every experiment of params/<dataset>/)")
     s.add_argument("params", nargs="+", type=Path)
     s.set_defaults(func=_cmd_validate)
@@ -252,8 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
         s.set_defaults(func=func)
         if name == "train":
             s.add_argument("--out", type=Path, help="run folder (default runs/<dataset>/<experiment>)")
-            s.add_argument("--no-resume", action="store_true",
-                           help="start from scratch even if <out>/checkpoints/ holds a checkpoint of these params")
+            s.add_argument("--restart", action="store_true",
+                           help="start from scratch: move <out>/checkpoints/ to <out>/checkpoints.archived-<time>/ "
+                           "first (needed when the params changed since its checkpoints were written)")
+            s.add_argument("--no-resume", action="store_true", help="the same as --restart")
         else:
             s.add_argument("--checkpoint", type=Path, required=True)
             s.add_argument("--protocol", required=True, help="ss, flip or msflip")
@@ -321,6 +343,11 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as exc:
         log.error("%s", exc.args[0] if exc.args else exc)
+        return 1
+    except OSError as exc:  # a full disk, permissions, a read-only file system on a path not written atomically
+        from mcibi.files import describe_write_error
+
+        log.error("%s", describe_write_error(exc, exc.filename or ".") if exc.filename else exc)
         return 1
     return 0
 

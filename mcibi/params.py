@@ -8,7 +8,14 @@ file and the dotted key, before any job starts.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import difflib
+import functools
+import hashlib
+import importlib.util
+import json
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -22,6 +29,10 @@ DEFAULTS_FILE = "defaults.yaml"
 
 class ParamsError(ValueError):
     """A params file is invalid; the message names the file, the key and what to do."""
+
+    def __init__(self, message: str, key: str = "") -> None:
+        super().__init__(message)
+        self.key = key  # the dotted key at fault ('' when the file as a whole is)
 
 
 # --------------------------------------------------------------------------------------------------------- data
@@ -244,7 +255,7 @@ def _convert(tp: Any, value: Any, key: str, file: Path) -> Any:
     """Convert ``value`` to type ``tp`` or raise ParamsError naming ``file`` and ``key``."""
 
     def fail(why: str) -> typing.NoReturn:
-        raise ParamsError(f"{file}: key '{key}': {why}. Fix the value in the params file.")
+        raise ParamsError(f"{file}: key '{key}': {why}. Fix the value in the params file.", key)
 
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -305,7 +316,7 @@ def _build(cls: type, data: dict, prefix: str, file: Path) -> Any:
     if unknown:
         raise ParamsError(
             f"{file}: unknown key '{where}{unknown[0]}'"
-            f" (valid keys here: {', '.join(sorted(settable))}). Remove or rename it."
+            f" (valid keys here: {', '.join(sorted(settable))}). Remove or rename it.", f"{where}{unknown[0]}"
         )
     missing = [n for n in sorted(settable) if n not in data]
     if missing:
@@ -334,75 +345,179 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
+def _fail(file: Path, key: str, why: str) -> typing.NoReturn:
+    raise ParamsError(f"{file}: key '{key}' {why}", key)
+
+
+@functools.lru_cache(maxsize=1)
+def timm_model_names() -> frozenset[str]:
+    """Architecture names timm registers, read from its source files (importing timm would import torch, which
+    the workflow's parse step must not); empty when timm is not installed."""
+    spec = importlib.util.find_spec("timm")
+    if spec is None or not spec.submodule_search_locations:
+        return frozenset()
+    models = Path(next(iter(spec.submodule_search_locations))) / "models"
+    found = re.compile(r"@register_model\s*\ndef\s+(\w+)\s*\(")
+    return frozenset(n for f in models.glob("*.py") for n in found.findall(f.read_text(encoding="utf-8")))
+
+
 def _check(params: ExperimentParams, file: Path) -> None:
-    """Cross-field checks the types cannot express."""
+    """Cross-field and range checks the types cannot express."""
     from mcibi.data.specs import get_spec
 
     try:
         spec = get_spec(params.data.name)
     except KeyError as exc:
-        raise ParamsError(f"{file}: key 'data.name': {exc.args[0]}") from None
+        raise ParamsError(f"{file}: key 'data.name': {exc.args[0]}", "data.name") from None
     if params.model.num_classes != spec.num_classes:
-        raise ParamsError(
-            f"{file}: key 'model.num_classes' is {params.model.num_classes} but dataset '{spec.name}' has "
-            f"{spec.num_classes} classes. Set it to {spec.num_classes}."
-        )
-    for name, proto in params.evaluate.protocols.items():
-        if name not in PROTOCOL_NAMES:
-            raise ParamsError(
-                f"{file}: unknown protocol 'evaluate.protocols.{name}' (valid: {', '.join(PROTOCOL_NAMES)})."
-            )
-        if proto.mode == "slide" and (proto.crop is None or proto.stride is None):
-            raise ParamsError(f"{file}: protocol '{name}' uses slide mode: set both 'crop' and 'stride'.")
+        _fail(file, "model.num_classes", f"is {params.model.num_classes} but dataset '{spec.name}' has "
+              f"{spec.num_classes} classes. Set it to {spec.num_classes}.")
+    _check_evaluate(params.evaluate, file)
+    _check_train(params.train, file)
+    _check_data(params.data, spec, file)
+    _check_model(params.model, file)
+
+
+def _check_data(d: DataParams, spec: Any, file: Path) -> None:
+    labelled = [s for s in spec.splits if s not in spec.unlabelled_splits]
+    if d.train_split not in labelled:
+        _fail(file, "data.train_split", f"is '{d.train_split}', which dataset '{spec.name}' has no labels for "
+              f"(labelled splits: {', '.join(labelled)}).")
+    if d.eval_split not in spec.splits:
+        _fail(file, "data.eval_split", f"is '{d.eval_split}', a split dataset '{spec.name}' does not have "
+              f"(splits: {', '.join(spec.splits)}).")
+    for key, resize in (("data.train_resize", d.train_resize), ("data.test_resize", d.test_resize)):
+        if min(resize.size) <= 0:
+            _fail(file, f"{key}.size", f"must be positive, got {list(resize.size)}.")
+        if resize.ratio_range is not None:
+            lo, hi = resize.ratio_range
+            if not 0 < lo <= hi:
+                _fail(file, f"{key}.ratio_range", f"must be [low, high] with 0 < low <= high, got [{lo}, {hi}].")
+    if min(d.crop_size) <= 0:
+        _fail(file, "data.crop_size", f"must be positive, got {list(d.crop_size)}.")
+    # the largest training image after the random resize: a crop beyond it is all padding around the image
+    r = d.train_resize
+    top = r.ratio_range[1] if r.ratio_range is not None else 1.0
+    if r.keep_ratio:
+        fits = max(d.crop_size) <= max(r.size) * top and min(d.crop_size) <= min(r.size) * top
+    else:
+        fits = all(c <= s * top for c, s in zip(d.crop_size, r.size, strict=True))
+    if not fits:
+        _fail(file, "data.crop_size", f"{list(d.crop_size)} is larger than the largest resized training image "
+              f"(data.train_resize.size {list(r.size)} x {top}): every crop would be mostly padding. Use a crop "
+              "within the resized images or resize them larger.")
+    for key, value in (("data.flip_prob", d.flip_prob), ("data.rotation.prob", d.rotation.prob)):
+        if not 0.0 <= value <= 1.0:
+            _fail(file, key, f"is a probability and must be in [0, 1], got {value}.")
+    if not 0.0 < d.cat_max_ratio <= 1.0:
+        _fail(file, "data.cat_max_ratio", f"must be in (0, 1] (1 = off), got {d.cat_max_ratio}.")
+    if d.rotation.max_degrees < 0:
+        _fail(file, "data.rotation.max_degrees", f"must be zero or positive, got {d.rotation.max_degrees}.")
+
+
+def _check_model(m: ModelParams, file: Path) -> None:
+    known = timm_model_names()
+    arch = m.backbone.name.split(".", 1)[0]  # timm names may carry a pretrained tag: <arch>.<tag>
+    if known and arch not in known:
+        close = difflib.get_close_matches(arch, known, n=3)
+        _fail(file, "model.backbone.name", f"'{m.backbone.name}' is not a timm model"
+              f"{' (did you mean ' + ', '.join(close) + '?)' if close else ''}. Use a name timm.list_models() "
+              "gives.")
+    if not 0.0 < m.memory.momentum <= 1.0:
+        _fail(file, "model.memory.momentum", f"must be in (0, 1], got {m.memory.momentum}.")
+    if m.memory.warmup_epochs < 0:
+        _fail(file, "model.memory.warmup_epochs", f"must be zero or positive, got {m.memory.warmup_epochs}.")
+    allowed = CONTEXT_MODULES[m.framework]
+    if m.context_module not in allowed:
+        _fail(file, "model.context_module", f"is '{m.context_module}', but framework '{m.framework}' takes "
+              f"{' or '.join(repr(c) for c in allowed)}.")
+    if not 0.0 <= m.backbone.drop_path_rate < 1.0:
+        _fail(file, "model.backbone.drop_path_rate", f"must be in [0, 1), got {m.backbone.drop_path_rate}.")
+    if not 0.0 <= m.dropout < 1.0:
+        _fail(file, "model.dropout", f"is a probability and must be in [0, 1), got {m.dropout}.")
+    if not m.backbone.stem_first_relu and not m.backbone.name.startswith("hrnet"):
+        _fail(file, "model.backbone.stem_first_relu", "is false, which only HRNet backbones support (the official "
+              f"'mcibi_version' stem). Set it to true for '{m.backbone.name}'.")
+    for key, values in (("model.pool_scales", m.pool_scales), ("model.dilations", m.dilations),
+                        ("model.channels", dataclasses.astuple(m.channels))):
+        if min(values) <= 0:
+            _fail(file, key, f"must be positive, got {list(values)}.")
+
+
+def _check_train(t: TrainParams, file: Path) -> None:
     positive = {
-        "train.total_batch_size": params.train.total_batch_size,
-        "train.epochs": params.train.epochs,
-        "train.log_every": params.train.log_every,
-        "train.optimizer.lr": params.train.optimizer.lr,
-        "train.batch_per_device": params.train.batch_per_device,
-        "train.keep_checkpoints": params.train.keep_checkpoints,
-        "train.optimizer.backbone_lr_mult": params.train.optimizer.backbone_lr_mult,
-        "evaluate.window_batch": params.evaluate.window_batch,
-        "train.resources.cpus_per_gpu": params.train.resources.cpus_per_gpu,
-        "evaluate.resources.cpus_per_gpu": params.evaluate.resources.cpus_per_gpu,
+        "train.total_batch_size": t.total_batch_size, "train.epochs": t.epochs, "train.log_every": t.log_every,
+        "train.optimizer.lr": t.optimizer.lr, "train.batch_per_device": t.batch_per_device,
+        "train.keep_checkpoints": t.keep_checkpoints, "train.optimizer.backbone_lr_mult": t.optimizer.backbone_lr_mult,
+        "train.resources.cpus_per_gpu": t.resources.cpus_per_gpu, "train.resources.mem_mb": t.resources.mem_mb,
+        "train.resources.runtime": t.resources.runtime, "train.schedule.power": t.schedule.power,
     }
+    non_negative = {
+        "train.checkpoint_every": t.checkpoint_every, "train.schedule.warmup_iters": t.schedule.warmup_iters,
+        "train.resources.gpus": t.resources.gpus, "train.num_workers": t.num_workers,
+        "train.optimizer.momentum": t.optimizer.momentum, "train.optimizer.weight_decay": t.optimizer.weight_decay,
+        "train.schedule.min_lr": t.schedule.min_lr,
+    } | {f"train.loss_weights.{k}": v for k, v in dataclasses.asdict(t.loss_weights).items()}
+    _check_signs(positive, non_negative, file)
+    if not 0.0 <= t.schedule.warmup_ratio <= 1.0:
+        _fail(file, "train.schedule.warmup_ratio", f"must be in [0, 1], got {t.schedule.warmup_ratio}.")
+    if t.schedule.min_lr > t.optimizer.lr:
+        _fail(file, "train.schedule.min_lr", f"({t.schedule.min_lr}) is above train.optimizer.lr "
+              f"({t.optimizer.lr}): the poly schedule would raise the lr. Make it at most the lr.")
+    if t.optimizer.momentum >= 1.0:
+        _fail(file, "train.optimizer.momentum", f"must be below 1, got {t.optimizer.momentum}.")
+    if not all(0.0 <= b < 1.0 for b in t.optimizer.betas):
+        _fail(file, "train.optimizer.betas", f"must be in [0, 1), got {list(t.optimizer.betas)}.")
+    per_device = min(t.batch_per_device, t.total_batch_size)
+    if t.total_batch_size % per_device:
+        _fail(file, "train.total_batch_size", f"({t.total_batch_size}) is not a multiple of "
+              f"'train.batch_per_device' ({t.batch_per_device}); make it one so that gradient accumulation covers "
+              "the batch exactly.")
+
+
+def _check_evaluate(e: EvalParams, file: Path) -> None:
+    for name, proto in e.protocols.items():
+        key = f"evaluate.protocols.{name}"
+        if name not in PROTOCOL_NAMES:
+            raise ParamsError(f"{file}: unknown protocol '{key}' (valid: {', '.join(PROTOCOL_NAMES)}).", key)
+        if min(proto.scales) <= 0:
+            _fail(file, f"{key}.scales", f"must be positive, got {list(proto.scales)}.")
+        if proto.mode == "slide":
+            if proto.crop is None or proto.stride is None:
+                raise ParamsError(f"{file}: protocol '{name}' uses slide mode: set both 'crop' and 'stride'.", key)
+            if min(proto.crop) <= 0 or min(proto.stride) <= 0:
+                _fail(file, key, f"slide crop and stride must be positive, got {list(proto.crop)} and "
+                      f"{list(proto.stride)}.")
+            if any(s > c for s, c in zip(proto.stride, proto.crop, strict=True)):
+                _fail(file, f"{key}.stride", f"{list(proto.stride)} exceeds the window {list(proto.crop)}: pixels "
+                      "between windows would never be predicted.")
+    _check_signs({"evaluate.window_batch": e.window_batch, "evaluate.resources.cpus_per_gpu": e.resources.cpus_per_gpu,
+                  "evaluate.resources.mem_mb": e.resources.mem_mb, "evaluate.resources.runtime": e.resources.runtime},
+                 {"evaluate.resources.gpus": e.resources.gpus}, file)
+
+
+def _check_signs(positive: dict[str, float], non_negative: dict[str, float], file: Path) -> None:
     for key, value in positive.items():
         if value <= 0:
-            raise ParamsError(f"{file}: key '{key}' must be positive, got {value}.")
-    non_negative = {
-        "train.checkpoint_every": params.train.checkpoint_every,
-        "train.schedule.warmup_iters": params.train.schedule.warmup_iters,
-        "train.resources.gpus": params.train.resources.gpus,
-        "evaluate.resources.gpus": params.evaluate.resources.gpus,
-        "train.num_workers": params.train.num_workers,
-    }
+            _fail(file, key, f"must be positive, got {value}.")
     for key, value in non_negative.items():
         if value < 0:
-            raise ParamsError(f"{file}: key '{key}' must be zero or positive, got {value}.")
-    if not 0.0 <= params.train.schedule.warmup_ratio <= 1.0:
-        raise ParamsError(f"{file}: key 'train.schedule.warmup_ratio' must be in [0, 1].")
-    per_device = min(params.train.batch_per_device, params.train.total_batch_size)
-    if params.train.total_batch_size % per_device:
-        raise ParamsError(
-            f"{file}: key 'train.total_batch_size' ({params.train.total_batch_size}) is not a multiple of "
-            f"'train.batch_per_device' ({params.train.batch_per_device}); make it one so that gradient "
-            "accumulation covers the batch exactly."
-        )
-    if not 0.0 < params.model.memory.momentum <= 1.0:
-        raise ParamsError(f"{file}: key 'model.memory.momentum' must be in (0, 1].")
-    allowed = CONTEXT_MODULES[params.model.framework]
-    if params.model.context_module not in allowed:
-        raise ParamsError(
-            f"{file}: key 'model.context_module' is '{params.model.context_module}', but framework "
-            f"'{params.model.framework}' takes {' or '.join(repr(c) for c in allowed)}."
-        )
-    if not 0.0 <= params.model.backbone.drop_path_rate < 1.0:
-        raise ParamsError(f"{file}: key 'model.backbone.drop_path_rate' must be in [0, 1).")
-    if not params.model.backbone.stem_first_relu and not params.model.backbone.name.startswith("hrnet"):
-        raise ParamsError(
-            f"{file}: key 'model.backbone.stem_first_relu' is false, which only HRNet backbones support (the "
-            f"official 'mcibi_version' stem). Set it to true for '{params.model.backbone.name}'."
-        )
+            _fail(file, key, f"must be zero or positive, got {value}.")
+
+
+def _origin(key: str, layers: list[tuple[Path, dict]]) -> Path | None:
+    """The last layer (file) that sets ``key`` (dotted, list indices allowed), or None."""
+    parts = re.sub(r"\[\d+\]", "", key).split(".") if key else []
+    for file, data in reversed(layers):
+        node: Any = data
+        for part in parts:
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            if parts:
+                return file
+    return None
 
 
 def load_params(path: str | Path) -> ExperimentParams:
@@ -413,10 +528,22 @@ def load_params(path: str | Path) -> ExperimentParams:
     if file.name == DEFAULTS_FILE:
         raise ParamsError(f"{file}: this is the defaults layer, not an experiment; pass an experiment file.")
     defaults_file = file.parent / DEFAULTS_FILE
-    data = merge(_read_yaml(defaults_file), _read_yaml(file)) if defaults_file.is_file() else _read_yaml(file)
-    params = _build(ExperimentParams, data, "", file)
-    params = dataclasses.replace(params, name=f"{file.parent.name}/{file.stem}", path=str(file))
-    _check(params, file)
+    layers = [(defaults_file, _read_yaml(defaults_file))] if defaults_file.is_file() else []
+    layers.append((file, _read_yaml(file)))
+    data = merge(layers[0][1], layers[-1][1]) if len(layers) == 2 else layers[0][1]
+    try:
+        params = _build(ExperimentParams, data, "", file)
+        params = dataclasses.replace(params, name=f"{file.parent.name}/{file.stem}", path=str(file))
+        _check(params, file)
+    except ParamsError as exc:
+        source = _origin(exc.key, layers)
+        if source is None or source == file:
+            raise
+        # the faulty value comes from the defaults layer: name that file (and the experiment it was merged into)
+        message = str(exc).replace(f"{file}:", f"{source} (the defaults layer of {file.name}):", 1)
+        fix = "Fix the value in the params file."
+        message = message.replace(fix, f"Fix it in {source}.") if fix in message else f"{message} Fix it in {source}."
+        raise ParamsError(message, exc.key) from None
     return params
 
 
@@ -451,9 +578,66 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Keys added after checkpoints were first written, with the value that reproduces what older versions did. A
+# checkpoint whose stored params lack one loads with this value (params files themselves must state every key).
+LEGACY_DEFAULTS: dict[str, Any] = {
+    "data.train_sampling": "image",
+    "model.context_module": lambda d: CONTEXT_MODULES[d["model"]["framework"]][0],  # UperNet was always PPM
+}
+
+
 def params_from_dict(data: dict, source: str | Path) -> ExperimentParams:
-    """Rebuild validated params from :func:`to_dict` output (e.g. stored in a checkpoint)."""
-    data = dict(data)
+    """Rebuild validated params from :func:`to_dict` output (e.g. stored in a checkpoint).
+
+    Params written by an older version may lack keys added since; those take their :data:`LEGACY_DEFAULTS`.
+    """
+    data = copy.deepcopy(data)
     name, path = data.pop("name", ""), data.pop("path", "")
+    for key, default in LEGACY_DEFAULTS.items():
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf not in node:
+            node[leaf] = default(data) if callable(default) else default
     params = _build(ExperimentParams, data, "", Path(source))
     return dataclasses.replace(params, name=name, path=path)
+
+
+# Params that say how a run executes, not what it computes: a checkpoint resumes across changes of these (more
+# wall time, another GPU count, a different checkpoint interval), and the workflow does not retrain for them.
+EXECUTION_KEYS = ("train.checkpoint_every", "train.keep_checkpoints", "train.resources", "train.num_workers",
+                  "train.log_every", "train.batch_per_device", "train.compile", "evaluate", "description")
+
+
+def _matches(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def trajectory(params: ExperimentParams) -> dict[str, Any]:
+    """The params that decide the weights a run ends with (dotted keys; everything but :data:`EXECUTION_KEYS`)."""
+    flat = flatten({k: v for k, v in to_dict(params).items() if k not in ("name", "path")})
+    return {k: v for k, v in flat.items() if not _matches(k, EXECUTION_KEYS)}
+
+
+def _digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def trajectory_hash(params: ExperimentParams) -> str:
+    """Short hash of :func:`trajectory`: the workflow retrains when, and only when, it changes."""
+    return _digest(trajectory(params))
+
+
+# what an evaluation's numbers depend on besides the checkpoint (which carries the model) and its protocol
+EVALUATION_KEYS = ("data.name", "data.eval_split", "data.test_resize", "evaluate.channels_last",
+                   "evaluate.fold_batchnorm")
+
+
+def protocol_hash(params: ExperimentParams, protocol: str) -> str:
+    """Short hash of what evaluating ``protocol`` depends on: that protocol and the test-time data settings (other
+    protocols, resources and the description do not count)."""
+    flat = flatten({k: v for k, v in to_dict(params).items() if k not in ("name", "path")})
+    data = {k: v for k, v in flat.items() if _matches(k, EVALUATION_KEYS)}
+    data |= {k: v for k, v in flat.items() if _matches(k, (f"evaluate.protocols.{protocol}",))}
+    return _digest(data)

@@ -138,10 +138,14 @@ def run_tags(params: ExperimentParams) -> dict[str, str]:
 class RunLogger:
     """Logs one experiment's training run: params, tags, the loss curve, artifacts."""
 
-    def __init__(self, uri: str, run_id: str) -> None:
+    def __init__(self, uri: str, run_id: str, resumed: bool = False) -> None:
         self.uri = uri
         self.run_id = run_id
         self.client = _client(uri)
+        # a resumed run may already hold rows for steps after the checkpoint it resumed from (logged before the
+        # job was killed): those (metric, step) rows are not logged again
+        self._resumed = resumed
+        self._logged_steps: dict[str, set[int]] = {}
 
     @classmethod
     def start(cls, uri: str, dataset: str, run_name: str, tags: dict[str, str], params: dict[str, Any],
@@ -165,11 +169,20 @@ class RunLogger:
     def resume(cls, uri: str, run_id: str) -> RunLogger:
         """Continue a run that a killed job left behind (its status goes back to RUNNING).
 
-        Metrics logged after the checkpoint the job resumes from are logged again at the same steps.
+        Steps the run already has a metric row for (logged after the checkpoint the job resumes from, before it
+        was killed; a bit-exact resume recomputes the same values) are skipped, so no (metric, step) row repeats.
         """
         client = _client(uri)
         _retry(lambda: client.update_run(run_id, status="RUNNING"))
-        return cls(uri, run_id)
+        return cls(uri, run_id, resumed=True)
+
+    def _already_logged(self, key: str, step: int) -> bool:
+        if not self._resumed:
+            return False
+        if key not in self._logged_steps:
+            history = _retry(lambda: self.client.get_metric_history(self.run_id, key))
+            self._logged_steps[key] = {m.step for m in history}
+        return step in self._logged_steps[key]
 
     def tags(self, values: dict[str, str]) -> None:
         """Set (or overwrite) tags of the run."""
@@ -182,8 +195,10 @@ class RunLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(metric_key(k), float(v), now, step or 0) for k, v in values.items()]
-        _retry(lambda: self.client.log_batch(self.run_id, metrics=batch))
+        batch = [Metric(metric_key(k), float(v), now, step or 0) for k, v in values.items()
+                 if not self._already_logged(metric_key(k), step or 0)]
+        if batch:
+            _retry(lambda: self.client.log_batch(self.run_id, metrics=batch))
 
     def children(self) -> list[str]:
         """Ids of the run's child runs (one per evaluation protocol)."""
@@ -210,12 +225,22 @@ def log_evaluation(
     tags: dict[str, str],
 ) -> str:
     """Record one protocol's evaluation: a child run tagged with the protocol, plus ``<metric>.<protocol>``
-    metrics on the experiment's run so the UI's compare view lines protocols up across runs."""
+    metrics on the experiment's run so the UI's compare view lines protocols up across runs.
+
+    Rerunning a protocol replaces its child run (the previous one is deleted, i.e. moved to MLflow's trash) and
+    logs a parent metric only when its value changed, so reruns leave no duplicate runs or rows.
+    """
     from mlflow.entities import Metric, Param
 
     client = _client(uri)
     parent = client.get_run(parent_run_id)
     run_name = f"{parent.info.run_name}:{protocol}"
+    previous = _retry(lambda: client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.protocol = '{protocol}'"))
+    for old in previous:
+        _retry(lambda run_id=old.info.run_id: client.delete_run(run_id))
+        log.info("replacing the MLflow child run %s of protocol %s", old.info.run_id, protocol)
     inherited = {k: v for k, v in parent.data.tags.items() if k in ("params_hash", "data_version")}
     child = _retry(lambda: client.create_run(
         parent.info.experiment_id, run_name=run_name,
@@ -234,8 +259,10 @@ def log_evaluation(
     table = {"class": list(result["IoU"]), "IoU": list(result["IoU"].values()), "Acc": list(result["Acc"].values())}
     _retry(lambda: client.log_table(child.info.run_id, data=table, artifact_file="evaluation/per_class_iou.json"))
     _retry(lambda: client.set_terminated(child.info.run_id))
-    _retry(lambda: client.log_batch(parent_run_id, metrics=[Metric(f"{k}.{protocol}", v, now, 0)
-                                                            for k, v in scalars.items()]))
+    logged = parent.data.metrics  # the latest value of each metric
+    changed = [Metric(f"{k}.{protocol}", v, now, 0) for k, v in scalars.items() if logged.get(f"{k}.{protocol}") != v]
+    if changed:
+        _retry(lambda: client.log_batch(parent_run_id, metrics=changed))
     _retry(lambda: client.log_artifact(parent_run_id, str(per_class_csv), f"evaluation/{protocol}"))
     return child.info.run_id
 

@@ -14,7 +14,7 @@ import logging
 import random
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,34 +26,39 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mcibi.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
+from mcibi.checkpoint import CheckpointError, load_checkpoint, load_weights, non_finite_tensors, save_checkpoint
 from mcibi.data.dataset import SegmentationDataset
 from mcibi.data.specs import IGNORE_INDEX, get_spec
 from mcibi.data.transforms import build_train_transform
 from mcibi.distributed import BatchPlan, DistEnv, any_rank, barrier, batch_plan, setup, teardown
-from mcibi.files import atomic_open, write_json
+from mcibi.files import WriteError, atomic_open, write_json
 from mcibi.models import build_segmentor
 from mcibi.optim import build_optimizer as _build_optimizer
 from mcibi.optim import poly_lr, scheduled_lr, set_lr
-from mcibi.params import ExperimentParams, flatten, to_dict
+from mcibi.params import ExperimentParams, flatten, params_from_dict, to_dict, trajectory
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NonFiniteLossError", "TrainResult", "build_optimizer", "compute_losses", "poly_lr", "train",
-           "train_step"]
+__all__ = ["DivergedError", "NonFiniteLossError", "ResumeConflictError", "TrainResult", "build_optimizer",
+           "compute_losses", "poly_lr", "train", "train_step"]
 
 V1_MEMORY_LOSS_FROM_EPOCH = 1  # 0-based; the official MCIBI adds it when epoch > 1 (1-based)
 CHECKPOINT_DIR = "checkpoints"
 _CKPT_NAME = re.compile(r"^iter_(\d{8})\.pt$")
-# Params that say how a run executes, not what it computes: a checkpoint resumes across changes of these
-# (more wall time, another GPU count, a different checkpoint interval).
-RESUME_FREE_KEYS = ("train.checkpoint_every", "train.keep_checkpoints", "train.resources", "train.num_workers",
-                    "train.log_every", "train.batch_per_device", "train.compile", "evaluate", "description")
+NON_FINITE_SUFFIX = ".nonfinite"  # renamed aside: a checkpoint with NaN/inf weights (older versions wrote them)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(FloatingPointError, RuntimeError):
     """A loss became NaN or infinite; training stopped before the optimiser step applied it."""
+
+
+class DivergedError(NonFiniteLossError):
+    """Weights, memory or optimiser state became NaN/inf although the loss was finite; nothing was written."""
+
+
+class ResumeConflictError(ValueError):
+    """The run folder holds checkpoints of other params; nothing is deleted without ``--restart``."""
 
 
 def seed_everything(seed: int) -> None:
@@ -240,12 +245,6 @@ def epoch_batches(num_samples: int, seed: int, epoch: int, plan: BatchPlan, rank
 
 
 # ----------------------------------------------------------------------------------------- resumable checkpoints
-def _trajectory(params: ExperimentParams) -> dict[str, Any]:
-    """The params that decide the weights a run ends with (everything but :data:`RESUME_FREE_KEYS`)."""
-    flat = flatten({k: v for k, v in to_dict(params).items() if k not in ("name", "path")})
-    return {k: v for k, v in flat.items() if not any(k == f or k.startswith(f + ".") for f in RESUME_FREE_KEYS)}
-
-
 def rng_state() -> dict[str, Any]:
     """Python, NumPy, torch (and CUDA) generator states as plain data (loadable with ``weights_only``)."""
     np_state = np.random.get_state()
@@ -282,34 +281,65 @@ def resumable_checkpoints(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if _CKPT_NAME.match(p.name)), key=lambda p: p.name)
 
 
-def find_resume_state(folder: Path, params: ExperimentParams) -> tuple[dict[str, Any], Path] | None:
-    """The newest readable checkpoint under ``folder`` trained with the same trajectory params, or None.
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}" for k in keys if old.get(k) != new.get(k)]
 
-    Checkpoints of other params (the experiment was edited) are deleted with a warning: they belong to a run
-    that can no longer be continued, and keeping them would let retention delete the new run's checkpoints.
+
+def find_resume_state(folder: Path, params: ExperimentParams) -> tuple[dict[str, Any], Path] | None:
+    """The newest usable checkpoint under ``folder``, or None when there is none.
+
+    Nothing is deleted here: a checkpoint of other trajectory params (the params file was edited) stops the run
+    with :class:`ResumeConflictError` naming the differing keys and the ways out; one holding NaN/inf weights,
+    memory or optimiser state is renamed ``*.nonfinite`` and an older one is used; an unreadable one is skipped.
     """
-    want = _trajectory(params)
-    found = None
+    want = trajectory(params)
+    found, conflicts = None, []
     for path in reversed(resumable_checkpoints(folder)):
         try:
             state = load_checkpoint(path)
         except CheckpointError as exc:
             log.warning("skipping unreadable checkpoint %s (%s)", path, exc)
             continue
-        from mcibi.params import params_from_dict
-
         try:
-            same = _trajectory(params_from_dict(state["params"], path)) == want
-        except ValueError:
-            same = False
-        if not same:
-            log.warning("%s was trained with other params than %s; deleting it and starting afresh", path,
-                        params.path)
-            path.unlink(missing_ok=True)
+            diff = _differences(trajectory(params_from_dict(state["params"], path)), want)
+        except ValueError as exc:
+            diff = [f"(its params cannot be read by this version: {exc})"]
+        if diff:
+            conflicts.append((path, diff))
+            continue
+        bad = non_finite_tensors(state)
+        if bad:
+            aside = path.with_name(path.name + NON_FINITE_SUFFIX)
+            path.rename(aside)
+            log.warning("%s holds non-finite values (%s%s); renamed to %s, not resumed from", path,
+                        ", ".join(bad[:3]), " ..." if len(bad) > 3 else "", aside.name)
             continue
         if found is None:
             found = (state, path)
+    if conflicts:
+        path, diff = conflicts[0]
+        raise ResumeConflictError(
+            f"{folder}: {len(conflicts)} checkpoint(s) (newest {path.name}) were trained with other params than "
+            f"{params.path or params.name}; differing keys: {'; '.join(diff[:8])}{' ...' if len(diff) > 8 else ''}. "
+            "Nothing was deleted. Either restore those values in the params file (training then resumes), move the "
+            f"run folder {folder.parent} away, or rerun `mcibi train` with --restart, which moves the old checkpoints "
+            f"to {folder.name}.archived-<time>/ and starts afresh.")
     return found
+
+
+def archive_checkpoints(folder: Path) -> Path | None:
+    """Move ``folder`` (a run's checkpoints) to ``<folder>.archived-<UTC time>`` (``--restart``); None if empty."""
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return None
+    target = folder.with_name(f"{folder.name}.archived-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    n = 1
+    while target.exists():
+        target = target.with_name(f"{target.name.split('~')[0]}~{n}")
+        n += 1
+    folder.rename(target)
+    log.warning("--restart: moved the previous checkpoints %s to %s", folder, target)
+    return target
 
 
 def save_resumable(folder: Path, core: nn.Module, params: ExperimentParams, keep: int, **extra: Any) -> Path:
@@ -341,6 +371,63 @@ def _reduce_sums(sums: dict[str, float], env: DistEnv) -> dict[str, float]:
     return {k: float(v) / env.world_size for k, v in zip(keys, t.tolist(), strict=True)}
 
 
+@dataclass
+class LoopState:
+    """What a resumable checkpoint saves and restores besides the weights, optimiser and scaler.
+
+    ``iteration`` fixes the epoch, the sampler position and the lr; ``rng`` holds generator states still to be
+    restored (at the point of the data loader's seed draw, see :func:`_train_epoch`).
+    """
+
+    iteration: int = 0
+    curve: list[dict[str, float]] = field(default_factory=list)  # logged loss rows so far
+    loss_sums: dict[str, float] = field(default_factory=dict)  # losses summed since the last logged row
+    mlflow_run_id: str = ""
+    rng: dict[str, Any] | None = None
+    resumed_from: int = 0  # iteration of the checkpoint the run continued from (0 = from scratch)
+    last_good: Path | None = None  # the newest checkpoint written (or resumed from)
+
+    def to_checkpoint(self, max_iters: int, plan: BatchPlan) -> dict[str, Any]:
+        """The loop's part of a resumable checkpoint (plain data, loadable with ``weights_only``)."""
+        return {"iteration": self.iteration, "rng": rng_state(), "curve": self.curve, "loss_sums": self.loss_sums,
+                "mlflow_run_id": self.mlflow_run_id,
+                "scheduler": {"name": "poly", "iteration": self.iteration, "max_iters": max_iters},
+                "batch_plan": {"total": plan.total, "world_size": plan.world_size,
+                               "accumulation": plan.accumulation, "micro_batch": plan.micro_batch}}
+
+    @classmethod
+    def from_checkpoint(cls, state: dict[str, Any], path: Path) -> LoopState:
+        """The loop state a checkpoint holds."""
+        it = int(state["iteration"])
+        return cls(iteration=it, curve=list(state["curve"]), loss_sums=dict(state["loss_sums"]),
+                   mlflow_run_id=state.get("mlflow_run_id", ""), rng=state["rng"], resumed_from=it, last_good=path)
+
+
+@dataclass
+class _Trainer:
+    """The objects one training run works with (built once by :func:`_build`)."""
+
+    params: ExperimentParams
+    env: DistEnv
+    dataset: SegmentationDataset
+    plan: BatchPlan
+    iters_per_epoch: int
+    max_iters: int
+    core: nn.Module  # the plain segmentor (checkpoints, memory metrics)
+    runner: nn.Module  # what the step calls: core, or core inside DDP / torch.compile
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    layout: torch.memory_format
+    ckpt_dir: Path
+    run: Any = None  # mcibi.tracking.RunLogger on rank 0 when tracking, else None
+
+    def checkpoint_extra(self, state: LoopState) -> dict[str, Any]:
+        """Everything a resumable checkpoint holds besides the weights and params."""
+        return {"optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else {}
+                } | state.to_checkpoint(self.max_iters, self.plan)
+
+
 def train(
     params: ExperimentParams,
     data_root: str | Path,
@@ -352,28 +439,52 @@ def train(
 ) -> TrainResult:
     """Train one experiment and write ``model.pt``, ``loss.csv`` and ``run.json`` to ``out_dir``.
 
-    Resumes from the newest checkpoint under ``<out_dir>/checkpoints/`` made with the same params (unless
-    ``resume`` is false). Under ``torchrun`` every rank trains its share of each batch; rank 0 alone writes
-    files and logs to MLflow (the run, its params, tags, loss curve; a resumed run continues its MLflow run).
+    Resumes from the newest checkpoint under ``<out_dir>/checkpoints/`` made with the same params; checkpoints of
+    other params stop the run (:class:`ResumeConflictError`). ``resume=False`` (``--restart``) moves existing
+    checkpoints to ``checkpoints.archived-<time>/`` and starts afresh: nothing is ever deleted implicitly. Under
+    ``torchrun`` every rank trains its share of each batch; rank 0 alone writes files and logs to MLflow (the run,
+    its params, tags, loss curve; a resumed run continues its MLflow run).
     """
     start = time.time()
     out = Path(out_dir)
     env = setup(device)
     try:
-        return _train(params, data_root, out, tracking_uri, env, threads, resume, start)
+        if env.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+        if threads:
+            torch.set_num_threads(threads)
+        seed_everything(params.train.seed)
+        t = _build(params, data_root, out, env)
+        if not resume and env.is_main:
+            archive_checkpoints(t.ckpt_dir)
+        state = _resume(t, resume)
+        t.run = _open_run(t, tracking_uri, state)
+        log.info("training %s: %d images, %d iterations (%d epochs x %d), effective batch %d = %d process(es) x "
+                 "%d accumulation step(s) x %d images, %s on %s", params.name, len(t.dataset), t.max_iters,
+                 params.train.epochs, t.iters_per_epoch, t.plan.total, t.plan.world_size, t.plan.accumulation,
+                 t.plan.micro_batch, params.train.precision, env.device)
+        try:
+            bar = tqdm(total=t.max_iters, initial=state.iteration, desc=f"train {params.name}", unit="it",
+                       mininterval=5.0, disable=not env.is_main)
+            for epoch in range(state.iteration // t.iters_per_epoch, params.train.epochs):
+                _train_epoch(t, state, epoch, bar)
+            bar.close()
+            result = _final_outputs(t, state, out, tracking_uri, start)
+            barrier(env)
+        except BaseException:
+            if t.run:
+                t.run.finish("FAILED")
+            raise
     finally:
         teardown(env)
+    log.info("trained %s in %.1f s", params.name, result.seconds)
+    return result
 
 
-def _train(params: ExperimentParams, data_root: str | Path, out: Path, tracking_uri: str | None, env: DistEnv,
-           threads: int | None, resume: bool, start: float) -> TrainResult:
+def _build(params: ExperimentParams, data_root: str | Path, out: Path, env: DistEnv) -> _Trainer:
+    """Dataset, batch plan, model (SyncBatchNorm, DDP, compile as the params say), optimiser and scaler."""
     tp = params.train
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    if threads:
-        torch.set_num_threads(threads)
     dev = env.device
-    seed_everything(tp.seed)
     spec = get_spec(params.data.name)
     dataset = SegmentationDataset(Path(data_root) / params.data.name, params.data.train_split,
                                   build_train_transform(params.data, spec.flip_pairs), seed=tp.seed,
@@ -383,10 +494,8 @@ def _train(params: ExperimentParams, data_root: str | Path, out: Path, tracking_
     if iters_per_epoch == 0:
         raise ValueError(f"{params.path}: train.total_batch_size {tp.total_batch_size} exceeds the "
                          f"{len(dataset)} training images.")
-    max_iters = iters_per_epoch * tp.epochs
-    core = build_segmentor(params.model).to(dev)
     layout = torch.channels_last if tp.channels_last else torch.contiguous_format
-    core = core.to(memory_format=layout)
+    core = build_segmentor(params.model).to(dev).to(memory_format=layout)
     if env.distributed and tp.sync_batchnorm:
         if dev.type == "cuda":
             core = _convert_sync_batchnorm(core)
@@ -395,133 +504,173 @@ def _train(params: ExperimentParams, data_root: str | Path, out: Path, tracking_
                         dev.type)
     optimizer = build_optimizer(core, params)
     scaler = torch.amp.GradScaler(dev.type) if tp.precision == "fp16" else None
-
-    ckpt_dir = out / CHECKPOINT_DIR
-    it, curve_rows, sums, run_id, rng, resumed_from = 0, [], {}, "", None, 0
-    found = find_resume_state(ckpt_dir, params) if resume and env.is_main else None
-    if env.distributed:  # every rank continues from the checkpoint rank 0 chose
-        box = [str(found[1]) if found else ""]
-        dist.broadcast_object_list(box, src=0)
-        found = (load_checkpoint(box[0]), Path(box[0])) if box[0] and not env.is_main else found
-    if found:
-        state, path = found
-        load_weights(core, state, path)
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        it = resumed_from = int(state["iteration"])
-        curve_rows, sums = list(state["curve"]), dict(state["loss_sums"])
-        run_id, rng = state.get("mlflow_run_id", ""), state["rng"]
-        log.info("resuming %s from %s (iteration %d of %d)", params.name, path, it, max_iters)
-
     runner: nn.Module = core
     if env.distributed:
         runner = nn.parallel.DistributedDataParallel(core, device_ids=[dev.index] if dev.type == "cuda" else None,
                                                      broadcast_buffers=False)  # the memory syncs itself
     if tp.compile:
         runner = torch.compile(runner)
+    return _Trainer(params, env, dataset, plan, iters_per_epoch, iters_per_epoch * tp.epochs, core, runner,
+                    optimizer, scaler, layout, out / CHECKPOINT_DIR)
 
-    run = None
-    if tracking_uri and env.is_main:
-        from mcibi.tracking import RunLogger, run_tags
 
-        if run_id:
-            run = RunLogger.resume(tracking_uri, run_id)
-        else:
-            run = RunLogger.start(tracking_uri, params.data.name, params.name, run_tags(params),
-                                  flatten(to_dict(params)) | {"iterations": max_iters,
-                                                              "iters_per_epoch": iters_per_epoch},
-                                  description=params.description)
-            if params.path:
-                run.artifact(params.path, "params")
-        run.tags({"batch.effective": str(plan.total), "batch.world_size": str(plan.world_size),
-                  "batch.accumulation": str(plan.accumulation), "batch.micro_batch": str(plan.micro_batch)})
-    log.info("training %s: %d images, %d iterations (%d epochs x %d), effective batch %d = %d process(es) x %d "
-             "accumulation step(s) x %d images, %s on %s", params.name, len(dataset), max_iters, tp.epochs,
-             iters_per_epoch, plan.total, plan.world_size, plan.accumulation, plan.micro_batch, tp.precision, dev)
+def _resume(t: _Trainer, resume: bool) -> LoopState:
+    """Load the newest resumable checkpoint rank 0 finds (every rank loads the same one); a fresh state if none."""
+    env = t.env
+    found = find_resume_state(t.ckpt_dir, t.params) if resume and env.is_main else None
+    if env.distributed:  # every rank continues from the checkpoint rank 0 chose
+        box = [str(found[1]) if found else ""]
+        dist.broadcast_object_list(box, src=0)
+        found = (load_checkpoint(box[0]), Path(box[0])) if box[0] and not env.is_main else found
+    if not found:
+        return LoopState()
+    ckpt, path = found
+    load_weights(t.core, ckpt, path)
+    t.optimizer.load_state_dict(ckpt["optimizer"])
+    if t.scaler is not None and ckpt.get("scaler"):
+        t.scaler.load_state_dict(ckpt["scaler"])
+    state = LoopState.from_checkpoint(ckpt, path)
+    log.info("resuming %s from %s (iteration %d of %d)", t.params.name, path, state.iteration, t.max_iters)
+    return state
 
-    def checkpoint_extra() -> dict[str, Any]:
-        return {"iteration": it, "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else {}, "rng": rng_state(),
-                "curve": curve_rows, "loss_sums": sums, "mlflow_run_id": run.run_id if run else run_id,
-                "scheduler": {"name": "poly", "iteration": it, "max_iters": max_iters},
-                "batch_plan": {"total": plan.total, "world_size": plan.world_size,
-                               "accumulation": plan.accumulation, "micro_batch": plan.micro_batch}}
 
-    last_good = None
-    bar = tqdm(total=max_iters, initial=it, desc=f"train {params.name}", unit="it", mininterval=5.0,
-               disable=not env.is_main)
+def _open_run(t: _Trainer, tracking_uri: str | None, state: LoopState):
+    """Rank 0's MLflow run: the checkpoint's run continued, or a new one with the params, tags and params file."""
+    if not tracking_uri or not t.env.is_main:
+        return None
+    from mcibi.tracking import RunLogger, run_tags
+
+    params, plan = t.params, t.plan
+    if state.mlflow_run_id:
+        run = RunLogger.resume(tracking_uri, state.mlflow_run_id)
+    else:
+        run = RunLogger.start(tracking_uri, params.data.name, params.name, run_tags(params),
+                              flatten(to_dict(params)) | {"iterations": t.max_iters,
+                                                          "iters_per_epoch": t.iters_per_epoch},
+                              description=params.description)
+        if params.path:
+            run.artifact(params.path, "params")
+        state.mlflow_run_id = run.run_id
+    run.tags({"batch.effective": str(plan.total), "batch.world_size": str(plan.world_size),
+              "batch.accumulation": str(plan.accumulation), "batch.micro_batch": str(plan.micro_batch)})
+    return run
+
+
+def _train_epoch(t: _Trainer, state: LoopState, epoch: int, bar: tqdm) -> None:
+    """The iterations of ``epoch`` from ``state.iteration`` on: step, interval logging, resumable checkpoints."""
+    params, env, tp = t.params, t.env, t.params.train
+    dev = env.device
+    t.dataset.set_epoch(epoch)
+    first = state.iteration - epoch * t.iters_per_epoch
+    batches = epoch_batches(len(t.dataset), tp.seed, epoch, t.plan, env.rank, first, t.iters_per_epoch)
+    loader = DataLoader(t.dataset, batch_sampler=batches, num_workers=tp.num_workers, persistent_workers=False,
+                        pin_memory=dev.type == "cuda")
+    # Creating the iterator draws the workers' base seed from the global generator. A checkpoint taken mid-epoch
+    # holds the states after that draw (restore them after it); one taken at an epoch's end holds those before it
+    # (restore them first).
+    if state.rng is not None and first == 0:
+        set_rng_state(state.rng)
+        state.rng = None
+    batch_iter = iter(loader)
+    if state.rng is not None:
+        set_rng_state(state.rng)
+        state.rng = None
+    for sample in batch_iter:
+        lr = scheduled_lr(tp.optimizer.lr, tp.schedule, state.iteration, t.max_iters)
+        images = sample["image"].to(dev, non_blocking=True).contiguous(memory_format=t.layout)
+        labels = sample["label"].to(dev, non_blocking=True)
+        try:
+            losses = train_step(t.runner, images, labels, t.optimizer, lr, params, epoch,
+                                accumulation=t.plan.accumulation, scaler=t.scaler, env=env)
+        except NonFiniteLossError as exc:
+            raise NonFiniteLossError(f"{params.path}: {exc.args[0]} at iteration {state.iteration} (epoch {epoch}); "
+                                     f"stopped before the optimiser step. {_divergence_advice(state)}") from None
+        for k, v in losses.items():
+            state.loss_sums[k] = state.loss_sums.get(k, 0.0) + v
+        state.iteration += 1
+        bar.update(1)
+        if state.iteration % tp.log_every == 0 or state.iteration == t.max_iters:
+            _log_interval(t, state, epoch, lr, bar)
+        if tp.checkpoint_every and state.iteration % tp.checkpoint_every == 0:
+            _require_finite(t, state, "a resumable checkpoint")  # every rank: they hold the same weights
+        if tp.checkpoint_every and state.iteration % tp.checkpoint_every == 0 and env.is_main:
+            with _say_how_to_resume(state):
+                state.last_good = save_resumable(t.ckpt_dir, t.core, params, tp.keep_checkpoints,
+                                                 **t.checkpoint_extra(state))
+
+
+def _divergence_advice(state: LoopState) -> str:
+    """Which checkpoint is really the last good one, and what to change (a rerun as-is diverges again)."""
+    where = (f"The last good checkpoint is {state.last_good} (iteration {_iteration_of(state.last_good)}); rerunning "
+             "with the same params resumes from it and diverges again at the same iteration"
+             if state.last_good else "No checkpoint was written")
+    return (f"{where}. Lower train.optimizer.lr, add warmup (train.schedule.warmup_iters) or use precision fp32/bf16 "
+            "(or clean the data), then rerun with `mcibi train --restart`, which archives this run's checkpoints.")
+
+
+def _iteration_of(path: Path | None) -> int:
+    m = _CKPT_NAME.match(path.name) if path else None
+    return int(m.group(1)) if m else 0
+
+
+def _require_finite(t: _Trainer, state: LoopState, what: str) -> None:
+    """Raise :class:`DivergedError` (writing nothing) when weights, memory or optimiser state hold NaN/inf."""
+    bad = non_finite_tensors({"state_dict": t.core.state_dict(), "optimizer": t.optimizer.state_dict(),
+                              "scaler": t.scaler.state_dict() if t.scaler is not None else {}})
+    if bad:
+        raise DivergedError(
+            f"{t.params.path}: training diverged: after iteration {state.iteration} the loss was finite but "
+            f"{', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''} hold NaN/inf ({len(bad)} tensors); {what} was not "
+            f"written. {_divergence_advice(state)}")
+
+
+@contextlib.contextmanager
+def _say_how_to_resume(state: LoopState):
+    """Add to a failed write (full disk, permissions) which checkpoint is intact and how to continue."""
     try:
-        for epoch in range(it // iters_per_epoch, tp.epochs):
-            dataset.set_epoch(epoch)
-            first = it - epoch * iters_per_epoch
-            batches = epoch_batches(len(dataset), tp.seed, epoch, plan, env.rank, first, iters_per_epoch)
-            loader = DataLoader(dataset, batch_sampler=batches, num_workers=tp.num_workers,
-                                persistent_workers=False, pin_memory=dev.type == "cuda")
-            # Creating the iterator draws the workers' base seed from the global generator. A checkpoint taken
-            # mid-epoch holds the states after that draw (restore them after it); one taken at an epoch's end
-            # holds those before it (restore them first).
-            if rng is not None and first == 0:
-                set_rng_state(rng)
-                rng = None
-            batch_iter = iter(loader)
-            if rng is not None:
-                set_rng_state(rng)
-                rng = None
-            for sample in batch_iter:
-                lr = scheduled_lr(tp.optimizer.lr, tp.schedule, it, max_iters)
-                images = sample["image"].to(dev, non_blocking=True).contiguous(memory_format=layout)
-                labels = sample["label"].to(dev, non_blocking=True)
-                try:
-                    losses = train_step(runner, images, labels, optimizer, lr, params, epoch,
-                                        accumulation=plan.accumulation, scaler=scaler, env=env)
-                except NonFiniteLossError as exc:
-                    where = f"the last good checkpoint is {last_good}" if last_good else (
-                        "no checkpoint was written yet" if not resumed_from else
-                        f"the run resumed from iteration {resumed_from}, whose checkpoint is kept")
-                    raise NonFiniteLossError(
-                        f"{params.path}: {exc.args[0]} at iteration {it} (epoch {epoch}); stopped before the "
-                        f"optimiser step; {where}. Lower train.optimizer.lr, add warmup "
-                        "(train.schedule.warmup_iters) or use precision fp32/bf16, then rerun.") from None
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                it += 1
-                bar.update(1)
-                if it % tp.log_every == 0 or it == max_iters:
-                    n = tp.log_every if it % tp.log_every == 0 else it % tp.log_every
-                    mean = _reduce_sums(sums, env)
-                    row = {"iteration": it, "epoch": epoch, "lr": lr} | {f"loss_{k}": v / n for k, v in mean.items()}
-                    sums = {}
-                    curve_rows.append(row)
-                    bar.set_postfix(loss=f"{row['loss_total']:.3f}")
-                    if run:
-                        run.metrics({k: v for k, v in row.items() if k != "iteration"}
-                                    | memory_metrics(core, spec), step=it)
-                if tp.checkpoint_every and it % tp.checkpoint_every == 0 and env.is_main:
-                    last_good = save_resumable(ckpt_dir, core, params, tp.keep_checkpoints, **checkpoint_extra())
-        bar.close()
-        ckpt, curve = out / "model.pt", out / "loss.csv"
-        seconds = time.time() - start
-        if env.is_main:
-            save_checkpoint(ckpt, core, params, iteration=it, mlflow_run_id=run.run_id if run else run_id)
+        yield
+    except WriteError as exc:
+        intact = (f"The last complete checkpoint {state.last_good} (iteration {_iteration_of(state.last_good)}) is "
+                  "intact: rerunning the same command resumes from it" if state.last_good else
+                  "No earlier checkpoint of this run exists: a rerun starts from the beginning")
+        raise WriteError(f"{exc} {intact}.", exc.errno) from exc
+
+
+def _log_interval(t: _Trainer, state: LoopState, epoch: int, lr: float, bar: tqdm) -> None:
+    """Append the mean losses since the last row to the curve (all ranks' mean) and log them with the memory."""
+    it, log_every = state.iteration, t.params.train.log_every
+    n = log_every if it % log_every == 0 else it % log_every
+    mean = _reduce_sums(state.loss_sums, t.env)
+    row = {"iteration": it, "epoch": epoch, "lr": lr} | {f"loss_{k}": v / n for k, v in mean.items()}
+    state.loss_sums = {}
+    state.curve.append(row)
+    bar.set_postfix(loss=f"{row['loss_total']:.3f}")
+    if t.run:
+        t.run.metrics({k: v for k, v in row.items() if k != "iteration"}
+                      | memory_metrics(t.core, get_spec(t.params.data.name)), step=it)
+
+
+def _final_outputs(t: _Trainer, state: LoopState, out: Path, tracking_uri: str | None, start: float) -> TrainResult:
+    """Rank 0 writes ``model.pt``, ``loss.csv`` and ``run.json`` and closes the MLflow run."""
+    ckpt, curve = out / "model.pt", out / "loss.csv"
+    seconds = time.time() - start
+    plan, run, it = t.plan, t.run, state.iteration
+    _require_finite(t, state, "model.pt")
+    if t.env.is_main:
+        with _say_how_to_resume(state):
+            save_checkpoint(ckpt, t.core, t.params, iteration=it, mlflow_run_id=state.mlflow_run_id)
             with atomic_open(curve) as fh:
-                writer = csv.DictWriter(fh, fieldnames=list(curve_rows[0]))
+                writer = csv.DictWriter(fh, fieldnames=list(state.curve[0]))
                 writer.writeheader()
-                writer.writerows(curve_rows)
-            write_json(out / "run.json", {"experiment": params.name,
-                                          "mlflow_run_id": (run.run_id if run else run_id) or None,
-                                          "tracking_uri": tracking_uri, "iterations": it,
-                                          "seconds": round(seconds, 1), "resumed_from": resumed_from,
-                                          "effective_batch": plan.total, "world_size": plan.world_size,
-                                          "accumulation": plan.accumulation, "micro_batch": plan.micro_batch})
-            if run:
-                run.artifact(curve, "training")
-                run.metrics({"train_seconds": seconds}, step=it)
-                run.finish()
-        barrier(env)
-    except BaseException:
+                writer.writerows(state.curve)
+            write_json(out / "run.json", {"experiment": t.params.name,
+                                          "mlflow_run_id": state.mlflow_run_id or None, "tracking_uri": tracking_uri,
+                                          "iterations": it, "seconds": round(seconds, 1),
+                                          "resumed_from": state.resumed_from, "effective_batch": plan.total,
+                                          "world_size": plan.world_size, "accumulation": plan.accumulation,
+                                          "micro_batch": plan.micro_batch})
         if run:
-            run.finish("FAILED")
-        raise
-    log.info("trained %s in %.1f s", params.name, seconds)
-    return TrainResult(ckpt, curve, (run.run_id if run else run_id) or None, it, seconds, resumed_from)
+            run.artifact(curve, "training")
+            run.metrics({"train_seconds": seconds}, step=it)
+            run.finish()
+    return TrainResult(ckpt, curve, state.mlflow_run_id or None, it, seconds, state.resumed_from)

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -12,6 +13,8 @@ from mcibi.data.download import ArchiveError, download, verify_archives
 from mcibi.data.prepare import PreparedDataError, prepare, verify_prepared
 from mcibi.data.specs import DEMO
 from mcibi.data.synthetic import CLASS, generate_archive, render_sample, sha256_file
+
+DEMO_PARAMS = Path(__file__).resolve().parents[1] / "params" / "demo"
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +142,8 @@ def _video_dataset(root):
     ids = ["a/0", "a/1", "a/2", "b/0", "b/1"]
     (root / "splits").mkdir(parents=True)
     (root / "splits" / "train.txt").write_text("\n".join(ids) + "\n")
-    (root / "manifest.json").write_text(json.dumps({"image_ext": ".png", "splits": {"train": 5}}))
+    (root / "manifest.json").write_text(json.dumps({"image_ext": ".png", "splits": {"train": 5},
+                                                   "classes": [f"c{k}" for k in range(8)]}))
     for n, image_id in enumerate(ids):
         for folder, value in (("images", n * 10), ("labels", n)):
             path = root / folder / f"{image_id}.png"
@@ -168,3 +172,42 @@ def test_frame_per_video_sampling_draws_one_frame_of_each_video_per_epoch(tmp_pa
     again = SegmentationDataset(tmp_path, "train", identity, seed=3, frame_per_video=True)
     again.set_epoch(29)
     assert [again.sample_id(i) for i in range(2)] == [data.sample_id(i) for i in range(2)]  # seeded
+
+
+def _loader(folder):
+    from mcibi.data.transforms import build_test_transform
+    from mcibi.params import load_params
+
+    params = load_params(DEMO_PARAMS / "upernet_baseline.yaml")
+    return SegmentationDataset(folder, "val", build_test_transform(params.data))
+
+
+def test_loader_rejects_a_bad_pair_naming_the_file(prepared, tmp_path):
+    from PIL import Image
+
+    from mcibi.data.dataset import BadSampleError
+
+    copy = _broken_copy(prepared, tmp_path)
+    ids = (copy / "splits" / "val.txt").read_text().split()
+    ds = _loader(copy)
+    # a label of another size than its image
+    label_file = copy / "labels" / f"{ids[0]}.png"
+    cv2.imwrite(str(label_file), cv2.imread(str(label_file), cv2.IMREAD_UNCHANGED)[:-4])
+    with pytest.raises(BadSampleError, match=rf"{ids[0]}\.png: size \(\d+, \d+\) differs from its label's"):
+        ds[0]
+    # a label value outside the classes (not 255): no longer counted as ignored at evaluation
+    label_file = copy / "labels" / f"{ids[1]}.png"
+    label = cv2.imread(str(label_file), cv2.IMREAD_UNCHANGED)
+    label[5, 5] = 9
+    cv2.imwrite(str(label_file), label)
+    with pytest.raises(BadSampleError, match=rf"{ids[1]}\.png: label values \[9\] outside \[0, 8\)"):
+        ds[1]
+    # an image carrying an EXIF rotation
+    image_file = copy / "images" / f"{ids[2]}.png"
+    with Image.open(image_file) as im:
+        exif = im.getexif()
+        exif[0x0112] = 6
+        im.save(image_file, exif=exif)
+    with pytest.raises(BadSampleError, match=rf"{ids[2]}\.png: EXIF orientation 6"):
+        ds[2]
+    assert ds[3]["label"].shape  # the untouched pairs still load

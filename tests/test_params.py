@@ -98,3 +98,60 @@ def test_roundtrip_through_plain_dict():
 def test_defaults_file_is_not_an_experiment():
     with pytest.raises(ParamsError, match="defaults layer"):
         load_params(DEMO / "defaults.yaml")
+
+
+BAD_VALUES = [  # (override of the experiment file, dotted key the error must name)
+    ({"model": {"backbone": {"name": "resnet5O"}}}, "model.backbone.name"),
+    ({"data": {"train_split": "test"}}, "data.train_split"),
+    ({"data": {"eval_split": "testing"}}, "data.eval_split"),
+    ({"data": {"test_resize": {"size": [0, 128]}}}, "data.test_resize.size"),
+    ({"train": {"schedule": {"min_lr": 0.5}}}, "train.schedule.min_lr"),
+    ({"train": {"optimizer": {"momentum": -0.9}}}, "train.optimizer.momentum"),
+    ({"train": {"optimizer": {"weight_decay": -1e-4}}}, "train.optimizer.weight_decay"),
+    ({"data": {"flip_prob": 1.5}}, "data.flip_prob"),
+    ({"data": {"rotation": {"prob": -0.1, "max_degrees": 10}}}, "data.rotation.prob"),
+    ({"model": {"dropout": 1.0}}, "model.dropout"),
+    ({"data": {"train_resize": {"ratio_range": [2.0, 0.5]}}}, "data.train_resize.ratio_range"),
+    ({"data": {"crop_size": [1024, 1024]}}, "data.crop_size"),
+    ({"evaluate": {"protocols": {"ss": {"scales": [0.0]}}}}, "evaluate.protocols.ss.scales"),
+    ({"train": {"loss_weights": {"aux": -0.4}}}, "train.loss_weights.aux"),
+]
+
+
+@pytest.mark.parametrize(("override", "key"), BAD_VALUES, ids=[k for _, k in BAD_VALUES])
+def test_out_of_range_values_are_rejected_naming_file_and_key(tmp_path, override, key):
+    override = dict(override)
+    model = {"framework": "upernet", **override.pop("model", {})}
+    file = _copy_demo(tmp_path, {"description": "x", "model": model, **override})
+    with pytest.raises(ParamsError, match=rf"^{file}: key '{key}'") as err:
+        load_params(file)
+    assert err.value.key == key
+
+
+def test_an_error_in_the_defaults_layer_names_defaults_yaml(tmp_path):
+    file = _copy_demo(tmp_path, {"description": "x", "model": {"framework": "upernet"}})
+    defaults = file.parent / "defaults.yaml"
+    data = yaml.safe_load(defaults.read_text())
+    data["train"]["optimizer"]["weight_decay"] = -1.0
+    defaults.write_text(yaml.safe_dump(data))
+    with pytest.raises(ParamsError, match=rf"^{defaults} \(the defaults layer of exp\.yaml\): key "
+                       r"'train\.optimizer\.weight_decay'.*Fix it in"):
+        load_params(file)
+    data["train"]["optimizer"]["weight_decay"] = "lots"  # a type error, and an unknown key, likewise
+    defaults.write_text(yaml.safe_dump(data))
+    with pytest.raises(ParamsError, match=rf"^{defaults} \(the defaults layer"):
+        load_params(file)
+    data["train"]["optimizer"]["weight_decay"] = 0.0
+    data["train"]["optimiser_typo"] = 1
+    defaults.write_text(yaml.safe_dump(data))
+    with pytest.raises(ParamsError, match=rf"^{defaults} \(the defaults layer.*unknown key 'train\.optimiser_typo'"):
+        load_params(file)
+
+
+def test_validate_command_rejects_an_unknown_backbone(tmp_path, caplog):
+    from mcibi.cli import main
+
+    file = _copy_demo(tmp_path, {"description": "x", "model": {"framework": "upernet",
+                                                               "backbone": {"name": "resnet_10t"}}})
+    assert main(["validate", str(file)]) == 1
+    assert "model.backbone.name" in caplog.text and "resnet10t" in caplog.text  # did you mean

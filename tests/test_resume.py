@@ -94,10 +94,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_root, tmp
     assert not (out / "model.pt").exists()
 
 
-def test_resume_ignores_execution_settings_and_restarts_on_other_params(data_root, tmp_path):
+def test_resume_ignores_execution_settings_and_refuses_other_params(data_root, tmp_path):
     import dataclasses
 
-    from mcibi.training import train
+    from mcibi.training import ResumeConflictError, train
 
     params = load_params(tiny_params(tmp_path / "params", memory="none", epochs=1))
     out = tmp_path / "run"
@@ -107,8 +107,16 @@ def test_resume_ignores_execution_settings_and_restarts_on_other_params(data_roo
         params.train.resources, runtime=600))
     again = train(dataclasses.replace(params, train=execution), data_root, out, threads=1)
     assert again.resumed_from == 4 and again.iterations == 4
-    # another learning rate is another run: its stale checkpoints are removed and training starts afresh
-    other = dataclasses.replace(params.train, optimizer=dataclasses.replace(params.train.optimizer, lr=0.02))
-    fresh = train(dataclasses.replace(params, train=other), data_root, out, threads=1)
+    # another learning rate is another run: refused, naming the key, and nothing is deleted
+    other = dataclasses.replace(params, train=dataclasses.replace(
+        params.train, optimizer=dataclasses.replace(params.train.optimizer, lr=0.02)))
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    with pytest.raises(ResumeConflictError, match=r"train\.optimizer\.lr: 0\.01 -> 0\.02.*--restart"):
+        train(other, data_root, out, threads=1)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    # --restart (resume=False) archives the old checkpoints and starts afresh
+    fresh = train(other, data_root, out, threads=1, resume=False)
     assert fresh.resumed_from == 0 and fresh.iterations == 4
     assert load_checkpoint(out / "checkpoints" / "iter_00000004.pt")["params"]["train"]["optimizer"]["lr"] == 0.02
+    archived = [p for p in out.iterdir() if p.name.startswith("checkpoints.archived-")]
+    assert len(archived) == 1 and sorted(p.name for p in archived[0].iterdir()) == before

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import pytest
 import yaml
 
@@ -20,7 +21,10 @@ SKIP = {".git", ".venv", ".snakemake", "runs", "results", "data", "downloads", "
 
 
 def _copy_repo(dest: Path) -> Path:
-    shutil.copytree(ROOT, dest, ignore=lambda d, names: [n for n in names if n in SKIP or n.endswith(".egg-info")])
+    # SKIP names top-level folders only: mcibi/data/ must be copied (else mcibi.data came from another checkout)
+    shutil.copytree(ROOT, dest, ignore=lambda d, names: [n for n in names if (n in SKIP and Path(d) == ROOT)
+                                                         or n in ("__pycache__", ".pytest_cache")
+                                                         or n.endswith(".egg-info")])
     return dest
 
 
@@ -160,6 +164,29 @@ def test_reduced_demo_chain_runs_end_to_end(tmp_path):
     again = _snakemake(repo, "-n", "--cores", "2", "results/demo", env=env)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
 
+    # edits that change no trajectory and no protocol rerun nothing: description, resources, window batch
+    exp = repo / "params" / "demo" / "upernet_mcibipp.yaml"
+    text = exp.read_text()
+    data["train"]["resources"]["cpus_per_gpu"] += 1
+    data["evaluate"]["window_batch"] += 1
+    defaults.write_text(yaml.safe_dump(data))
+    exp.write_text(text.replace("description:", "description: Edited.", 1))
+    assert _jobs(_snakemake(repo, "-n", "--cores", "2", "results/demo", env=env)) == {}
+    # a changed protocol re-evaluates that protocol only (then the figures and the table); no training
+    data["evaluate"]["protocols"]["msflip"]["scales"] = [0.75, 1.0]
+    defaults.write_text(yaml.safe_dump(data))
+    assert _jobs(_snakemake(repo, "-n", "--cores", "2", "results/demo", env=env)) == {"evaluate": 2, "figures": 2,
+                                                                                       "report": 1}
+    # prepared files that changed since they were verified are verified again, and a failure stops everything
+    label = sorted((repo / "data" / "demo" / "labels").glob("train_*.png"))[0]
+    values = cv2.imread(str(label), cv2.IMREAD_UNCHANGED)
+    values[:2, :2] = 42
+    cv2.imwrite(str(label), values)
+    assert _jobs(_snakemake(repo, "-n", "--cores", "2", "results/demo", env=env))["verify_data"] == 1
+    proc = _snakemake(repo, "--cores", "2", "results/demo", env=env)
+    assert proc.returncode != 0 and "verify_data" in proc.stdout + proc.stderr
+    assert not (repo / "data" / "demo" / "verified.json").exists()
+    assert f"{label.name}: label values [42]" in (repo / "logs" / "verify_data" / "demo.log").read_text()
 
 def test_conda_env_pins_every_dependency_within_the_supported_ranges():
     """workflow/envs/mcibi.yaml pins (==) each of pyproject.toml's dependencies to a version its range allows."""
@@ -176,3 +203,13 @@ def test_conda_env_pins_every_dependency_within_the_supported_ranges():
         assert pin is not None, f"{dep.name} is not pinned in workflow/envs/mcibi.yaml"
         (spec,) = pin.specifier
         assert spec.operator == "==" and dep.specifier.contains(spec.version), (str(dep), str(pin))
+
+
+def _jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
+    """Job counts of a dry run (empty when nothing is to be done)."""
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    if "Nothing to be done" in out:
+        return {}
+    table = out.split("Job stats:", 1)[1].split("\n\n", 1)[0].splitlines()[3:]
+    return {r.split()[0]: int(r.split()[1]) for r in table if r.split() and r.split()[0] != "total"}

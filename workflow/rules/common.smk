@@ -8,7 +8,8 @@ from snakemake.utils import validate
 
 from mcibi.catalogue.rows import select
 from mcibi.data.specs import get_spec
-from mcibi.params import PROTOCOL_NAMES, experiment_files, load_params
+from mcibi.data.fingerprint import change_stamp
+from mcibi.params import PROTOCOL_NAMES, experiment_files, load_params, protocol_hash, trajectory_hash
 from mcibi.runs import job_threads, launcher, seed_runs, with_seed
 
 
@@ -126,12 +127,12 @@ def train_gpus(wildcards):
 
 
 def train_launcher(wildcards):
-    return launcher(run_params(wildcards).train.resources)
+    return untracked(launcher(run_params(wildcards).train.resources))
 
 
 def train_torch_threads(wildcards):
     """Torch threads per process: cpus_per_gpu."""
-    return run_params(wildcards).train.resources.cpus_per_gpu
+    return untracked(run_params(wildcards).train.resources.cpus_per_gpu)
 
 
 # What an evaluation (or export, figures) job asks for: its params' evaluate.resources.
@@ -152,11 +153,11 @@ def eval_gpus(wildcards):
 
 
 def eval_launcher(wildcards):
-    return launcher(run_params(wildcards).evaluate.resources)
+    return untracked(launcher(run_params(wildcards).evaluate.resources))
 
 
 def eval_torch_threads(wildcards):
-    return run_params(wildcards).evaluate.resources.cpus_per_gpu
+    return untracked(run_params(wildcards).evaluate.resources.cpus_per_gpu)
 
 
 def figures_gpus(wildcards):
@@ -203,3 +204,38 @@ def report_experiments(wildcards):
 
 def report_seeds(wildcards):
     return seeds_of(wildcards.dataset)
+
+
+# ----------------------------------------------------------------------------------------- rerun triggers (issue 11)
+# Training reruns only when the params that change its weights change, an evaluation only when its protocol does
+# (both as `params:` hashes; the params files are not inputs), and verify_data whenever the prepared files change.
+class untracked:
+    """A rule param that says how a job runs (launcher, threads), not what it computes: Snakemake's params rerun
+    trigger only compares values of builtin types, so wrapping one keeps its edits from rerunning the job."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __str__(self):
+        return str(self.value)
+
+
+def params_file(wildcards):
+    """The run's params file, passed to the CLI (a `params:` value: editing it triggers nothing by itself)."""
+    return experiment_params(wildcards)[0]
+
+
+def trajectory_of(wildcards):
+    """Hash of the params that change a run's weights (mcibi.params.trajectory_hash)."""
+    return trajectory_hash(_runs(wildcards.dataset)[wildcards.experiment])
+
+
+def protocol_of(wildcards):
+    """Hash of what evaluating this protocol reads besides the checkpoint (mcibi.params.protocol_hash)."""
+    return protocol_hash(_runs(wildcards.dataset)[wildcards.experiment], wildcards.protocol)
+
+
+def data_change_stamp(wildcards):
+    """A stamp rewritten at DAG-build time when data/<dataset>/ changed since verify_data checked it."""
+    return change_stamp(f"{DATA}/{wildcards.dataset}", f"{DATA}/{wildcards.dataset}/verified.json",
+                        f"logs/verify_data/{wildcards.dataset}.changed")

@@ -3,6 +3,9 @@
 # folder and prepare takes it as ancient(): after `dvc pull` on another machine nothing is downloaded or prepared
 # again, whatever timestamps the checkout gave the files (at most verify_data re-reads the prepared files).
 # A new download therefore does not re-prepare by itself: `snakemake -R prepare ...` does.
+# verify_data reruns whenever the prepared files differ from those it verified (mcibi.data.fingerprint), and a
+# failed verification leaves no verified.json, so nothing downstream starts. dvc_commit then commits data/ to the
+# DVC cache (linked, not copied), so `dvc status data.dvc` is clean and `dvc push` works after the chain.
 
 
 rule download:
@@ -57,7 +60,8 @@ rule prepare:
 
 rule verify_data:
     input:
-        rules.prepare.output,
+        manifest=rules.prepare.output[0],
+        changed=data_change_stamp,
     output:
         f"{DATA}/{{dataset}}/verified.json",
     log:
@@ -68,3 +72,20 @@ rule verify_data:
         "../envs/mcibi.yaml"
     shell:
         "mcibi verify-data {wildcards.dataset} --data {params.data} --report {output} > {log} 2>&1"
+
+
+localrules:
+    dvc_commit,
+
+
+rule dvc_commit:
+    input:
+        rules.verify_data.output,
+    output:
+        "logs/dvc/{dataset}.committed",
+    log:
+        "logs/dvc/{dataset}.log",
+    conda:
+        "../envs/mcibi.yaml"
+    shell:
+        "mcibi dvc-commit --record {output} > {log} 2>&1"

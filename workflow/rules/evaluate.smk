@@ -1,5 +1,7 @@
 # Each checkpoint under each protocol its params define: ss (single scale), flip, msflip (multi-scale + flip).
 # Resources come from evaluate.resources; several GPUs split the images (torchrun) and sum confusion matrices.
+# A job reruns when its checkpoint or what its protocol reads changes (mcibi.params.protocol_hash), not when another
+# protocol, the description or the resources are edited.
 
 
 rule evaluate:
@@ -7,7 +9,6 @@ rule evaluate:
         data=rules.verify_data.output,
         checkpoint=rules.train.output.checkpoint,
         run=rules.train.output.run,
-        params=experiment_params,
     output:
         metrics=f"{RUNS}/{{dataset}}/{{experiment}}/eval/{{protocol}}.json",
         per_class=f"{RUNS}/{{dataset}}/{{experiment}}/eval/{{protocol}}_per_class.csv",
@@ -24,10 +25,12 @@ rule evaluate:
         launcher=eval_launcher,
         torch_threads=eval_torch_threads,
         seed=run_seed,
+        file=params_file,
+        protocol=protocol_of,
     conda:
         "../envs/mcibi.yaml"
     shell:
-        "{params.launcher} evaluate {input.params[0]} --checkpoint {input.checkpoint} --protocol {wildcards.protocol}"
+        "{params.launcher} evaluate {params.file} --checkpoint {input.checkpoint} --protocol {wildcards.protocol}"
         " --data-root {params.data} --out-json {output.metrics} --out-csv {output.per_class}"
         " --threads {params.torch_threads} --seed {params.seed} > {log} 2>&1"
 
@@ -38,7 +41,6 @@ rule export_test:
     input:
         data=rules.verify_data.output,
         checkpoint=rules.train.output.checkpoint,
-        params=experiment_params,
     output:
         directory(f"{RUNS}/{{dataset}}/{{experiment}}/test_{{protocol}}"),
     log:
@@ -53,8 +55,10 @@ rule export_test:
         data=data_root,
         launcher=eval_launcher,
         torch_threads=eval_torch_threads,
+        file=params_file,
+        protocol=protocol_of,
     conda:
         "../envs/mcibi.yaml"
     shell:
-        "{params.launcher} export {input.params[0]} --checkpoint {input.checkpoint} --protocol {wildcards.protocol}"
+        "{params.launcher} export {params.file} --checkpoint {input.checkpoint} --protocol {wildcards.protocol}"
         " --split test --data-root {params.data} --out {output} --threads {params.torch_threads} > {log} 2>&1"

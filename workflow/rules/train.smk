@@ -23,7 +23,7 @@ rule mlflow_experiment:
 rule train:
     input:
         data=rules.verify_data.output,
-        params=experiment_params,
+        dvc=ancient(rules.dvc_commit.output),  # the verified data is versioned before any run records it
         mlflow=ancient(rules.mlflow_experiment.output),  # orders jobs; its timestamp never retrains
     output:
         checkpoint=f"{RUNS}/{{dataset}}/{{experiment}}/model.pt",
@@ -43,8 +43,10 @@ rule train:
         launcher=train_launcher,
         torch_threads=train_torch_threads,
         seed=run_seed,
+        file=params_file,
+        trajectory=trajectory_of,
     conda:
         "../envs/mcibi.yaml"
     shell:
-        "{params.launcher} train {input.params[0]} --data-root {params.data} --out {params.out}"
+        "{params.launcher} train {params.file} --data-root {params.data} --out {params.out}"
         " --threads {params.torch_threads} --seed {params.seed} >> {log} 2>&1"

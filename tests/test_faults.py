@@ -1,0 +1,119 @@
+"""Injected faults end in a clear error and lose nothing: divergence, old or conflicting checkpoints, write errors."""
+
+import errno
+
+import pytest
+import torch
+from tiny_training import tiny_dataset, tiny_params
+
+import mcibi.training as training
+from mcibi.checkpoint import load_checkpoint
+from mcibi.files import WriteError, write_json
+from mcibi.params import load_params, params_from_dict
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return tiny_dataset(tmp_path_factory.mktemp("tiny"), train_images=8)
+
+
+@pytest.fixture
+def params(tmp_path):
+    return load_params(tiny_params(tmp_path / "params", memory="mcibi++", epochs=2))
+
+
+def _names(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_exploding_weights_with_a_finite_loss_write_no_checkpoint(data_root, params, tmp_path, monkeypatch):
+    # the 4th optimiser step leaves NaN weights while its loss was finite: the checkpoint of iteration 4 is refused
+    real, calls = training.train_step, {"n": 0}
+
+    def exploding(model, *args, **kw):
+        losses = real(model, *args, **kw)
+        calls["n"] += 1
+        if calls["n"] == 4:
+            with torch.no_grad():
+                next(training._unwrap(model).parameters()).mul_(float("inf")).mul_(0)
+        return losses
+
+    monkeypatch.setattr(training, "train_step", exploding)
+    out = tmp_path / "run"
+    with pytest.raises(training.DivergedError, match=r"diverged.*after iteration 4.*last good checkpoint is "
+                       r".*iter_00000002\.pt \(iteration 2\).*--restart"):
+        training.train(params, data_root, out, threads=1)
+    assert _names(out / "checkpoints") == ["iter_00000002.pt"]
+    assert not (out / "model.pt").exists()
+
+
+def test_resume_sets_aside_a_non_finite_checkpoint_and_loads_an_old_version(data_root, params, tmp_path):
+    out = tmp_path / "run"
+    training.train(params, data_root, out, threads=1)  # 4 iterations; checkpoints 2 and 4 kept
+    (out / "model.pt").unlink()
+    # iteration 4's checkpoint holds a NaN memory (as older versions could write); iteration 2's was written by an
+    # older version whose params lack keys added since (they take their documented LEGACY_DEFAULTS)
+    newest, older = out / "checkpoints" / "iter_00000004.pt", out / "checkpoints" / "iter_00000002.pt"
+    state = load_checkpoint(newest)
+    key = next(k for k in state["state_dict"] if k.endswith("memory_module.memory"))
+    state["state_dict"][key][0, 0] = float("nan")
+    torch.save(state, newest)
+    state = load_checkpoint(older)
+    del state["params"]["data"]["train_sampling"], state["params"]["model"]["context_module"]
+    torch.save(state, older)
+    old = params_from_dict(state["params"], older)
+    assert old.data.train_sampling == "image" and old.model.context_module == "ppm"
+
+    again = training.train(params, data_root, out, threads=1)
+    assert again.resumed_from == 2 and again.iterations == 4
+    assert "iter_00000004.pt.nonfinite" in _names(out / "checkpoints")
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC])  # the other errors: every atomic write, below
+def test_a_failed_checkpoint_write_names_the_path_and_the_intact_checkpoint(data_root, params, tmp_path,
+                                                                             monkeypatch, code):
+    import mcibi.checkpoint as checkpoint
+
+    real = checkpoint.torch.save
+
+    def failing(obj, fh, *a, **kw):
+        if obj.get("iteration") == 4:
+            fh.write(b"partial")
+            raise OSError(code, "injected")
+        return real(obj, fh, *a, **kw)
+
+    monkeypatch.setattr(checkpoint.torch, "save", failing)
+    out = tmp_path / "run"
+    words = {errno.ENOSPC: "no space left", errno.EACCES: "permission denied", errno.EROFS: "read-only"}[code]
+    with pytest.raises(WriteError, match=rf"cannot write .*iter_00000004\.pt: {words}.*iter_00000002\.pt "
+                       r"\(iteration 2\) is intact: rerunning the same command resumes from it"):
+        training.train(params, data_root, out, threads=1)
+    assert _names(out / "checkpoints") == ["iter_00000002.pt"]  # no partial temporary file left behind
+    assert load_checkpoint(out / "checkpoints" / "iter_00000002.pt")["iteration"] == 2
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT])
+def test_every_atomic_write_reports_os_errors_and_keeps_the_old_file(tmp_path, monkeypatch, code):
+    import mcibi.files as files
+
+    target = tmp_path / "out" / "result.json"
+    write_json(target, {"v": 1})
+
+    def refuse(src, dst):
+        raise OSError(code, "injected", str(dst))
+
+    monkeypatch.setattr(files.os, "replace", refuse)
+    with pytest.raises(WriteError, match=r"cannot write .*result\.json: .*nothing was replaced"):
+        write_json(target, {"v": 2})
+    assert target.read_text() == '{\n  "v": 1\n}\n' and _names(target.parent) == ["result.json"]
+
+
+def test_cli_reports_os_errors_of_non_atomic_writes(tmp_path, monkeypatch, caplog):
+    from mcibi import cli
+
+    def full(a):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "data" / "x.png"))
+
+    monkeypatch.setattr(cli, "_cmd_prepare", full)
+    assert cli.main(["prepare", "demo"]) == 1
+    assert "cannot write" in caplog.text and "x.png" in caplog.text and "no space left" in caplog.text

@@ -1,0 +1,38 @@
+"""MLflow reruns leave no duplicates: a resumed run skips logged (metric, step) rows, a re-evaluated protocol
+replaces its child run."""
+
+from mlflow import MlflowClient
+
+from mcibi.tracking import RunLogger, log_evaluation
+
+
+def _rows(client, run_id, key):
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def test_resumed_run_and_rerun_protocol_log_no_duplicates(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    run = RunLogger.start(uri, "demo", "demo/x", {"memory": "none"}, {"train.seed": 0})
+    for step in (1, 2, 3, 4):  # the job logged up to step 4, its last checkpoint was at step 2, then it was killed
+        run.metrics({"loss_total": 1.0 / step}, step=step)
+    resumed = RunLogger.resume(uri, run.run_id)
+    for step in (3, 4, 5, 6):
+        resumed.metrics({"loss_total": 1.0 / step, "lr": 0.1}, step=step)
+    assert _rows(client, run.run_id, "loss_total") == [(s, 1.0 / s) for s in range(1, 7)]
+    assert [s for s, _ in _rows(client, run.run_id, "lr")] == [3, 4, 5, 6]
+
+    csv = tmp_path / "ss.csv"
+    csv.write_text("class_id,class,IoU,Acc\n")
+    result = {"mIoU": 0.5, "aAcc": 0.9, "mAcc": 0.7, "IoU": {"a": 0.5}, "Acc": {"a": 0.7},
+              "protocol": {"flip": False}, "checkpoint": "model.pt"}
+    first = log_evaluation(uri, run.run_id, "ss", result, csv, {})
+    log_evaluation(uri, run.run_id, "flip", result, csv, {})
+    again = log_evaluation(uri, run.run_id, "ss", result, csv, {})  # the same protocol evaluated again
+    exp = client.get_run(run.run_id).info.experiment_id
+    children = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{run.run_id}'")
+    assert sorted(r.data.tags["protocol"] for r in children) == ["flip", "ss"]
+    assert again != first and client.get_run(first).info.lifecycle_stage == "deleted"
+    assert _rows(client, run.run_id, "mIoU.ss") == [(0, 0.5)]  # unchanged value: no second row
+    log_evaluation(uri, run.run_id, "ss", result | {"mIoU": 0.6}, csv, {})
+    assert client.get_run(run.run_id).data.metrics["mIoU.ss"] == 0.6
