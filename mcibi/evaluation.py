@@ -36,9 +36,11 @@ from mcibi.params import PROTOCOL_TITLES, ExperimentParams, ProtocolParams, to_d
 log = logging.getLogger(__name__)
 
 
-def _load_model(params: ExperimentParams, checkpoint: str | Path, dev: torch.device) -> tuple[nn.Module, Any]:
-    """The checkpoint's model in eval mode, folded / channels-last as ``params.evaluate`` says, and its layout."""
-    state = load_checkpoint(checkpoint)
+def load_model(params: ExperimentParams, checkpoint: str | Path, dev: torch.device,
+               state: dict[str, Any] | None = None) -> tuple[nn.Module, Any]:
+    """The checkpoint's model in eval mode, folded / channels-last as ``params.evaluate`` says, and its layout
+    (``state``: the checkpoint already read, to avoid reading it twice)."""
+    state = load_checkpoint(checkpoint) if state is None else state
     trained = checkpoint_params(state, checkpoint)
     if trained.model != params.model:
         raise ValueError(f"{checkpoint}: trained with different model params than {params.path}. Retrain it.")
@@ -51,7 +53,8 @@ def _load_model(params: ExperimentParams, checkpoint: str | Path, dev: torch.dev
     return model.to(memory_format=layout), layout
 
 
-def _protocol(params: ExperimentParams, protocol: str) -> ProtocolParams:
+def get_protocol(params: ExperimentParams, protocol: str) -> ProtocolParams:
+    """The settings of one named protocol of ``params`` (KeyError naming the file and the defined ones)."""
     if protocol not in params.evaluate.protocols:
         raise KeyError(f"{params.path}: no protocol '{protocol}' (defined: {', '.join(params.evaluate.protocols)}).")
     return params.evaluate.protocols[protocol]
@@ -65,11 +68,18 @@ def _predictions(params: ExperimentParams, model: nn.Module, layout, proto: Prot
         for sample in tqdm(loader, total=total, desc=desc, mininterval=5.0, disable=not show):
             image = sample["image"].to(dev).contiguous(memory_format=layout)
             size = tuple(sample["label"].shape[-2:])
-            scores = predict_tta(model, image, out_size=size, scales=proto.scales, flip=proto.flip,
-                                 flip_permutation=spec.flip_permutation(), mode=proto.mode, crop=proto.crop,
-                                 stride=proto.stride, probs_before_resize=proto.probs_before_resize,
-                                 align_corners=params.model.align_corners, max_batch=params.evaluate.window_batch)
+            scores = protocol_scores(params, model, image, proto, spec.flip_permutation(), size)
             yield sample, scores.argmax(dim=1)
+
+
+def protocol_scores(params: ExperimentParams, model: nn.Module, images: torch.Tensor, proto: ProtocolParams,
+                    flip_permutation: list[int], out_size: tuple[int, int]) -> torch.Tensor:
+    """Class scores (B, K, *out_size) of normalised ``images`` under ``proto``: the one place that turns a
+    protocol's settings into a :func:`mcibi.inference.predict_tta` call (evaluation, export, figures, predict)."""
+    return predict_tta(model, images, out_size=out_size, scales=proto.scales, flip=proto.flip,
+                       flip_permutation=flip_permutation, mode=proto.mode, crop=proto.crop, stride=proto.stride,
+                       probs_before_resize=proto.probs_before_resize, align_corners=params.model.align_corners,
+                       max_batch=params.evaluate.window_batch)
 
 
 def protocol_record(name: str, proto: ProtocolParams) -> dict[str, Any]:
@@ -92,7 +102,7 @@ def evaluate(
     does; the checkpoint's model params must equal ``params.model`` (a different file is an error). Every rank
     returns the same (all-reduced) record; only rank 0 should write it.
     """
-    proto = _protocol(params, protocol)
+    proto = get_protocol(params, protocol)
     if threads:
         torch.set_num_threads(threads)
     env = setup(device)
@@ -105,7 +115,7 @@ def evaluate(
 def _evaluate(params: ExperimentParams, checkpoint: str | Path, protocol: str, proto: ProtocolParams,
               data_root: str | Path, env: DistEnv, limit: int | None) -> dict[str, Any]:
     dev = env.device
-    model, layout = _load_model(params, checkpoint, dev)
+    model, layout = load_model(params, checkpoint, dev)
     spec = get_spec(params.data.name)
     dataset = SegmentationDataset(Path(data_root) / params.data.name, params.data.eval_split,
                                   build_test_transform(params.data), seed=0)
@@ -186,13 +196,13 @@ def export_predictions(
     server expects); other datasets as class indices. Each PNG is written atomically and existing ones are
     skipped, so an interrupted export continues. Returns the number of PNGs written by this process.
     """
-    proto = _protocol(params, protocol)
+    proto = get_protocol(params, protocol)
     if threads:
         torch.set_num_threads(threads)
     env = setup(device)
     try:
         dev = env.device
-        model, layout = _load_model(params, checkpoint, dev)
+        model, layout = load_model(params, checkpoint, dev)
         dataset = SegmentationDataset(Path(data_root) / params.data.name, split, build_test_transform(params.data),
                                       seed=0)
         table = cityscapes_train_to_label_ids() if params.data.name == "cityscapes" else None

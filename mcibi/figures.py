@@ -179,16 +179,16 @@ def _predict_samples(params: ExperimentParams, checkpoint: Path, protocol: str, 
 
     from mcibi.data.dataset import SegmentationDataset
     from mcibi.data.transforms import build_test_transform
-    from mcibi.evaluation import _load_model, _predictions, _protocol
+    from mcibi.evaluation import _predictions, get_protocol, load_model
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, layout = _load_model(params, checkpoint, dev)
+    model, layout = load_model(params, checkpoint, dev)
     dataset = SegmentationDataset(data_root / params.data.name, params.data.eval_split,
                                   build_test_transform(params.data), seed=0)
     indices = list(range(min(count, len(dataset))))
     loader = DataLoader(dataset, batch_size=1, sampler=indices)
     images, labels, preds = [], [], []
-    for (sample, pred), index in zip(_predictions(params, model, layout, _protocol(params, protocol), loader, dev,
+    for (sample, pred), index in zip(_predictions(params, model, layout, get_protocol(params, protocol), loader, dev,
                                                   "overlays", len(indices), False), indices, strict=True):
         image, _ = dataset.read(index)
         label = sample["label"][0].cpu().numpy()

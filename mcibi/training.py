@@ -453,6 +453,8 @@ def _train(params: ExperimentParams, data_root: str | Path, out: Path, tracking_
                                   description=params.description)
             if params.path:
                 run.artifact(params.path, "params")
+            run.inputs(Path(data_root) / params.data.name,
+                       {"train": params.data.train_split, "eval": params.data.eval_split})
         run.tags({"batch.effective": str(plan.total), "batch.world_size": str(plan.world_size),
                   "batch.accumulation": str(plan.accumulation), "batch.micro_batch": str(plan.micro_batch)})
     log.info("training %s: %d images, %d iterations (%d epochs x %d), effective batch %d = %d process(es) x %d "
@@ -535,6 +537,7 @@ def _train(params: ExperimentParams, data_root: str | Path, out: Path, tracking_
                                           "accumulation": plan.accumulation, "micro_batch": plan.micro_batch})
             if run:
                 run.artifact(curve, "training")
+                run.model(ckpt, params.data.name)
                 run.metrics({"train_seconds": seconds}, step=it)
                 run.finish()
         barrier(env)
