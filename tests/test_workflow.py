@@ -138,3 +138,8 @@ def test_reduced_demo_chain_runs_end_to_end(tmp_path):
 
     again = _snakemake(repo, "-n", "--cores", "2", "results/demo", env=env)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+
+    report = _snakemake(repo, "--report", "report.html", "results/demo", env=env)  # the demo's Snakemake report
+    assert report.returncode == 0, report.stderr[-3000:]
+    categories = re.search(r"categories = (\{.*?\});", (repo / "report.html").read_text()).group(1)
+    assert all(n in categories for n in ('"demo"', '"results table"', '"upernet_mcibipp"', "confusion_msflip.png"))
