@@ -1,8 +1,9 @@
 """mcibi: MCIBI++ (MemoryNetV2, TPAMI 2022) semantic segmentation as a reproducible experiment pipeline.
 
 The public API is small: :func:`load_params` reads a strictly validated experiment file,
-:func:`build_segmentor` builds the model its ``model`` section describes and :func:`convert_official_checkpoint`
-turns an official sssegmentation state dict into that model's (torch and timm load on first use).
+:func:`build_segmentor` builds the model its ``model`` section describes, :func:`convert_official_checkpoint`
+turns an official sssegmentation state dict into that model's and :class:`Segmenter` segments images with a
+trained run (torch and timm load on first use).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ if TYPE_CHECKING:
 
     from mcibi.models.segmentor import MemorySegmentor
 
-__all__ = ["ExperimentParams", "ModelParams", "ParamsError", "build_segmentor", "convert_official_checkpoint",
+__all__ = ["ExperimentParams", "ModelParams", "ParamsError", "Segmenter", "build_segmentor",
+           "convert_official_checkpoint",
            "load_params"]
 __version__ = "0.1.0"
 
@@ -35,3 +37,12 @@ def convert_official_checkpoint(
     from mcibi.checkpoint import convert_official_checkpoint as _convert
 
     return _convert(state_dict, model_params)
+
+
+def __getattr__(name: str):
+    """``mcibi.Segmenter`` (:mod:`mcibi.predict`) loads torch on first use only."""
+    if name == "Segmenter":
+        from mcibi.predict import Segmenter
+
+        return Segmenter
+    raise AttributeError(f"module 'mcibi' has no attribute {name!r}")

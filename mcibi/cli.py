@@ -207,6 +207,51 @@ def _cmd_convert(a: argparse.Namespace) -> None:
     log.info("converted %s -> %s", a.official, a.out)
 
 
+def _cmd_predict(a: argparse.Namespace) -> None:
+    from mcibi.predict import Segmenter, predict_inputs
+
+    if a.checkpoint:
+        seg = Segmenter.from_checkpoint(a.checkpoint, params=a.params, protocol=a.protocol, device=a.device)
+    elif a.run:
+        seg = Segmenter.from_run(a.run, protocol=a.protocol, device=a.device)
+    else:
+        raise ValueError("say which model: --checkpoint model.pt (with --params), or --run <run folder | MLflow run "
+                         "id | models:/<name>/<version>>.")
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    written, errors = predict_inputs(seg, a.inputs, a.out, batch_size=a.batch, overlays=not a.no_overlay)
+    log.info("wrote %d predictions (class-index PNGs%s) to %s", written, " + overlays" if not a.no_overlay else "",
+             a.out)
+    if errors:
+        raise RuntimeError(f"{len(errors)} input(s) could not be read: " + "; ".join(errors))
+
+
+def _cmd_register(a: argparse.Namespace) -> None:
+    from mcibi.mlflow_model import register
+
+    name, version = register(a.run, a.name)
+    log.info("registered %s as model '%s' version %s (models:/%s/%s)", a.run, name, version, name, version)
+
+
+def _cmd_new_dataset(a: argparse.Namespace) -> None:
+    from mcibi.data.custom import new_dataset
+
+    files = new_dataset(a.description, a.seed_row, params_root=a.params_root, crop=a.crop, epochs=a.epochs,
+                        batch=a.batch, gpus=a.gpus)
+    for f in files:
+        log.info("wrote %s", f)
+    name = files[1].parent.name
+    log.info("next: snakemake --cores all results/%s   (or: dvc repro %s)", name, name)
+
+
+def _cmd_prepare_custom(a: argparse.Namespace) -> None:
+    from mcibi.data.custom import prepare_custom
+
+    log.info("prepared %s", prepare_custom(a.description, a.out))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="mcibi", description=__doc__)
@@ -331,6 +376,43 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--params-root", type=Path, default=Path("params"))
     s.add_argument("--official", type=Path, help="official configs dump (default: the copy shipped in mcibi)")
     s.set_defaults(func=_cmd_catalogue)
+
+    s = sub.add_parser("predict", help="segment images, folders, globs or videos with a trained model: class-index "
+                       "PNGs and colour overlays with a legend")
+    s.add_argument("inputs", nargs="+", help="image files, folders, globs ('photos/*.jpg') or video files")
+    s.add_argument("--out", type=Path, required=True, help="output folder (<name>.png, <name>_overlay.png)")
+    s.add_argument("--checkpoint", type=Path, help="a model.pt (its params are stored in it)")
+    s.add_argument("--params", type=Path, help="params file of the checkpoint (default: the checkpoint's own)")
+    s.add_argument("--run", help="a run folder (runs/<dataset>/<experiment>), an MLflow run id or a model URI "
+                   "(models:/<name>/<version>)")
+    s.add_argument("--protocol", default="ss", help="ss, flip or msflip, as the params define (default ss)")
+    s.add_argument("--batch", type=int, default=4, help="images of one size per forward (default 4)")
+    s.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    s.add_argument("--threads", type=int, help="torch intra-op threads")
+    s.add_argument("--no-overlay", action="store_true", help="class-index PNGs only")
+    s.set_defaults(func=_cmd_predict)
+
+    s = sub.add_parser("new-dataset", help="check a custom dataset's description file and every image/mask, register "
+                       "it as datasets/<name>.yaml and write params/<name>/ from a seed row (MCIBI++ + baseline)")
+    s.add_argument("description", type=Path, help="the dataset description (YAML; see README, Custom datasets)")
+    s.add_argument("--from", dest="seed_row", required=True, help="seed row: <dataset>/<experiment> (e.g. "
+                   "lip/upernet_r50_mcibipp) or an MCIBI++ params file")
+    s.add_argument("--params-root", type=Path, default=Path("params"))
+    s.add_argument("--crop", type=int, help="square crop size (default: the seed's, capped by the median image)")
+    s.add_argument("--epochs", type=int, help="default: the seed's, scaled up for smaller datasets")
+    s.add_argument("--batch", type=int, help="total batch size (default: the seed's, capped by half the images)")
+    s.add_argument("--gpus", type=int, help="GPUs per training job (default: the seed's)")
+    s.set_defaults(func=_cmd_new_dataset)
+
+    s = sub.add_parser("prepare-custom", help="validate and convert a custom dataset (the workflow's prepare step)")
+    s.add_argument("description", type=Path)
+    s.add_argument("--out", type=Path, required=True, help="prepared folder, data/<name>")
+    s.set_defaults(func=_cmd_prepare_custom)
+
+    s = sub.add_parser("register", help="register a run's logged MLflow model in the Model Registry")
+    s.add_argument("run", help="run folder (runs/<dataset>/<experiment>), MLflow run id or runs:/ URI")
+    s.add_argument("--name", required=True, help="registered model name")
+    s.set_defaults(func=_cmd_register)
     return parser
 
 

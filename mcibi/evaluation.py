@@ -36,9 +36,11 @@ from mcibi.params import PROTOCOL_TITLES, ExperimentParams, ProtocolParams, to_d
 log = logging.getLogger(__name__)
 
 
-def load_model(params: ExperimentParams, checkpoint: str | Path, dev: torch.device) -> tuple[nn.Module, Any]:
-    """The checkpoint's model in eval mode, folded / channels-last as ``params.evaluate`` says, and its layout."""
-    state = load_checkpoint(checkpoint)
+def load_model(params: ExperimentParams, checkpoint: str | Path, dev: torch.device,
+               state: dict[str, Any] | None = None) -> tuple[nn.Module, Any]:
+    """The checkpoint's model in eval mode, folded / channels-last as ``params.evaluate`` says, and its layout
+    (``state``: the checkpoint already read, to avoid reading it twice)."""
+    state = load_checkpoint(checkpoint) if state is None else state
     trained = checkpoint_params(state, checkpoint)
     if trained.model != params.model:
         raise ValueError(f"{checkpoint}: trained with different model params than {params.path}. Retrain it.")
@@ -52,6 +54,7 @@ def load_model(params: ExperimentParams, checkpoint: str | Path, dev: torch.devi
 
 
 def protocol_params(params: ExperimentParams, protocol: str) -> ProtocolParams:
+    """The settings of one named protocol of ``params`` (KeyError naming the file and the defined ones)."""
     if protocol not in params.evaluate.protocols:
         raise KeyError(f"{params.path}: no protocol '{protocol}' (defined: {', '.join(params.evaluate.protocols)}).")
     return params.evaluate.protocols[protocol]
@@ -65,11 +68,18 @@ def predictions(params: ExperimentParams, model: nn.Module, layout, proto: Proto
         for sample in tqdm(loader, total=total, desc=desc, mininterval=5.0, disable=not show):
             image = sample["image"].to(dev).contiguous(memory_format=layout)
             size = tuple(sample["label"].shape[-2:])
-            scores = predict_tta(model, image, out_size=size, scales=proto.scales, flip=proto.flip,
-                                 flip_permutation=spec.flip_permutation(), mode=proto.mode, crop=proto.crop,
-                                 stride=proto.stride, probs_before_resize=proto.probs_before_resize,
-                                 align_corners=params.model.align_corners, max_batch=params.evaluate.window_batch)
+            scores = protocol_scores(params, model, image, proto, spec.flip_permutation(), size)
             yield sample, scores.argmax(dim=1)
+
+
+def protocol_scores(params: ExperimentParams, model: nn.Module, images: torch.Tensor, proto: ProtocolParams,
+                    flip_permutation: list[int], out_size: tuple[int, int]) -> torch.Tensor:
+    """Class scores (B, K, *out_size) of normalised ``images`` under ``proto``: the one place that turns a
+    protocol's settings into a :func:`mcibi.inference.predict_tta` call (evaluation, export, figures, predict)."""
+    return predict_tta(model, images, out_size=out_size, scales=proto.scales, flip=proto.flip,
+                       flip_permutation=flip_permutation, mode=proto.mode, crop=proto.crop, stride=proto.stride,
+                       probs_before_resize=proto.probs_before_resize, align_corners=params.model.align_corners,
+                       max_batch=params.evaluate.window_batch)
 
 
 def protocol_record(name: str, proto: ProtocolParams) -> dict[str, Any]:

@@ -76,11 +76,31 @@ def _retry(fn, attempts: int = 5):
     return None
 
 
+# MLflow 3's UI opens an experiment by its kind (tag ``mlflow.experimentKind``, the ``ExperimentKind`` enum of
+# mlflow/server/js/src/experiment-tracking/constants.ts): without it, the GenAI traces overview; with
+# ``custom_model_development`` ("Machine learning"), the runs table.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+EXPERIMENT_NOTE = (
+    "MCIBI++ runs of dataset `{dataset}`: one run per experiment and seed, a child run per evaluation protocol. "
+    "Useful columns (Columns button): metrics `mIoU.ss`, `mIoU.flip`, `mIoU.msflip`; tags `framework`, "
+    "`backbone`, `memory`, `seed`, `params_hash`, `data_version`. The trained model of each run is its logged "
+    "model `model` (pyfunc: RGB images in, class maps out)."
+)
+
+
+def experiment_tags(dataset: str) -> dict[str, str]:
+    """The tags of a dataset's experiment: dataset, the machine-learning kind, the note the UI shows."""
+    return {"dataset": dataset, EXPERIMENT_KIND_TAG: EXPERIMENT_KIND,
+            "mlflow.note.content": EXPERIMENT_NOTE.format(dataset=dataset)}
+
+
 def ensure_experiment(dataset: str, uri: str) -> str:
     """Get or create the dataset's experiment (creating the store's schema on first use); return its id.
 
     Run once before parallel jobs start (the workflow's ``mlflow_experiment`` rule); jobs call it again, which
-    then only reads. A concurrent creator losing the race re-reads the winner's id.
+    then only reads. A concurrent creator losing the race re-reads the winner's id. An experiment created
+    before it was tagged as a machine-learning experiment gets the tags now.
     """
     from mlflow.exceptions import MlflowException
 
@@ -88,9 +108,12 @@ def ensure_experiment(dataset: str, uri: str) -> str:
     name = experiment_name(dataset)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            for key, value in experiment_tags(dataset).items():
+                _retry(lambda k=key, v=value: client.set_experiment_tag(exp.experiment_id, k, v))
         return exp.experiment_id
     try:
-        return client.create_experiment(name, tags={"dataset": dataset})
+        return client.create_experiment(name, tags=experiment_tags(dataset))
     except MlflowException:
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -211,9 +234,57 @@ class RunLogger:
         """Upload one file."""
         _retry(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
 
+    def inputs(self, data_dir: str | Path, splits: dict[str, str]) -> None:
+        """Log the prepared dataset as the run's input datasets, one per role (``{"train": "train", "eval":
+        "val"}``): name ``<dataset>/<split>``, digest = the data version (see :func:`dataset_digest`)."""
+        log_dataset_inputs(self.client, self.run_id, data_dir, splits)
+
+    def model(self, checkpoint: str | Path, dataset: str) -> str:
+        """Log the trained checkpoint as the run's MLflow model (:mod:`mcibi.mlflow_model`); returns its URI."""
+        from mcibi.mlflow_model import log_model
+
+        return log_model(self.uri, self.run_id, checkpoint, dataset)
+
     def finish(self, status: str = "FINISHED") -> None:
         """Mark the run as finished (or FAILED)."""
         _retry(lambda: self.client.set_terminated(self.run_id, status=status))
+
+
+def dataset_digest(data_dir: str | Path) -> str:
+    """The data version of a prepared dataset in the 36 characters MLflow stores: ``<dvc md5[:16]>-<manifest
+    sha256[:12]>`` (``data.dvc``'s md5 of ``data/`` beside the data root, 'nodvc' without it), the two parts of
+    the ``data_version`` tag the figures job sets."""
+    import hashlib
+
+    folder = Path(data_dir)
+    dvc_file = folder.parent.parent / f"{folder.parent.name}.dvc"
+    dvc_md5 = "nodvc"
+    if dvc_file.is_file():
+        found = re.search(r"md5:\s*([0-9a-f]+)", dvc_file.read_text())
+        dvc_md5 = found.group(1)[:16] if found else dvc_md5
+    manifest = folder / "manifest.json"
+    digest = hashlib.sha256(manifest.read_bytes()).hexdigest()[:12] if manifest.is_file() else "unknown"
+    return f"{dvc_md5}-{digest}"
+
+
+def log_dataset_inputs(client: Any, run_id: str, data_dir: str | Path, splits: dict[str, str]) -> None:
+    """Record a prepared dataset's splits as the run's inputs (MLflow dataset entities; the UI's Datasets column)."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    folder = Path(data_dir).resolve()
+    manifest = json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").is_file() else {}
+    digest = dataset_digest(folder)
+    inputs = []
+    for role, split in splits.items():
+        profile = {"images": manifest.get("splits", {}).get(split), "classes": manifest.get("num_classes"),
+                   "split": split}
+        entity = Dataset(name=f"{folder.name}/{split}", digest=digest, source_type="local",
+                         source=json.dumps({"uri": folder.as_uri(), "split_list": f"splits/{split}.txt"}),
+                         profile=json.dumps(profile))
+        inputs.append(DatasetInput(entity, tags=[InputTag("mlflow.data.context", role), InputTag("split", split)]))
+    _retry(lambda: client.log_inputs(run_id, datasets=inputs))
 
 
 def log_evaluation(

@@ -458,7 +458,7 @@ def train(
         if not resume and env.is_main:
             archive_checkpoints(t.ckpt_dir)
         state = _resume(t, resume)
-        t.run = _open_run(t, tracking_uri, state)
+        t.run = _open_run(t, tracking_uri, state, data_root)
         log.info("training %s: %d images, %d iterations (%d epochs x %d), effective batch %d = %d process(es) x "
                  "%d accumulation step(s) x %d images, %s on %s", params.name, len(t.dataset), t.max_iters,
                  params.train.epochs, t.iters_per_epoch, t.plan.total, t.plan.world_size, t.plan.accumulation,
@@ -534,8 +534,9 @@ def _resume(t: _Trainer, resume: bool) -> LoopState:
     return state
 
 
-def _open_run(t: _Trainer, tracking_uri: str | None, state: LoopState):
-    """Rank 0's MLflow run: the checkpoint's run continued, or a new one with the params, tags and params file."""
+def _open_run(t: _Trainer, tracking_uri: str | None, state: LoopState, data_root: str | Path):
+    """Rank 0's MLflow run: the checkpoint's run continued, or a new one with the params, tags, params file and
+    the prepared dataset as its input."""
     if not tracking_uri or not t.env.is_main:
         return None
     from mcibi.tracking import RunLogger, run_tags
@@ -550,6 +551,8 @@ def _open_run(t: _Trainer, tracking_uri: str | None, state: LoopState):
                               description=params.description)
         if params.path:
             run.artifact(params.path, "params")
+        run.inputs(Path(data_root) / params.data.name,
+                   {"train": params.data.train_split, "eval": params.data.eval_split})
         state.mlflow_run_id = run.run_id
     run.tags({"batch.effective": str(plan.total), "batch.world_size": str(plan.world_size),
               "batch.accumulation": str(plan.accumulation), "batch.micro_batch": str(plan.micro_batch)})
@@ -671,6 +674,7 @@ def _final_outputs(t: _Trainer, state: LoopState, out: Path, tracking_uri: str |
                                           "micro_batch": plan.micro_batch})
         if run:
             run.artifact(curve, "training")
+            run.model(ckpt, t.params.data.name)
             run.metrics({"train_seconds": seconds}, step=it)
             run.finish()
     return TrainResult(ckpt, curve, state.mlflow_run_id or None, it, seconds, state.resumed_from)

@@ -164,6 +164,11 @@ def test_reduced_demo_chain_runs_end_to_end(tmp_path):
     again = _snakemake(repo, "-n", "--cores", "2", "results/demo", env=env)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
 
+    report = _snakemake(repo, "--report", "report.html", "results/demo", env=env)  # the demo's Snakemake report
+    assert report.returncode == 0, report.stderr[-3000:]
+    categories = re.search(r"categories = (\{.*?\});", (repo / "report.html").read_text()).group(1)
+    assert all(n in categories for n in ('"demo"', '"results table"', '"upernet_mcibipp"', "confusion_msflip.png"))
+
     # edits that change no trajectory and no protocol rerun nothing: description, resources, window batch
     exp = repo / "params" / "demo" / "upernet_mcibipp.yaml"
     text = exp.read_text()
@@ -187,6 +192,7 @@ def test_reduced_demo_chain_runs_end_to_end(tmp_path):
     assert proc.returncode != 0 and "verify_data" in proc.stdout + proc.stderr
     assert not (repo / "data" / "demo" / "verified.json").exists()
     assert f"{label.name}: label values [42]" in (repo / "logs" / "verify_data" / "demo.log").read_text()
+
 
 def test_conda_env_pins_every_dependency_within_the_supported_ranges():
     """workflow/envs/mcibi.yaml pins (==) each of pyproject.toml's dependencies to a version its range allows."""

@@ -341,11 +341,18 @@ DATASETS: dict[str, DatasetSpec] = {
 
 
 def get_spec(name: str) -> DatasetSpec:
-    """The spec of a dataset by name; the KeyError lists the valid names."""
-    try:
+    """The spec of a dataset by name: a built-in one, or a custom dataset registered as ``datasets/<name>.yaml``
+    (:mod:`mcibi.data.custom`); the KeyError lists the valid names."""
+    if name in DATASETS:
         return DATASETS[name]
-    except KeyError:
-        raise KeyError(f"unknown dataset '{name}' (known: {', '.join(sorted(DATASETS))})") from None
+    from mcibi.data.custom import custom_spec, registered_datasets
+
+    spec = custom_spec(name)
+    if spec is None:
+        known = sorted(DATASETS) + registered_datasets()
+        raise KeyError(f"unknown dataset '{name}' (known: {', '.join(known)}; a custom dataset needs "
+                       f"datasets/{name}.yaml, see `mcibi new-dataset`)")
+    return spec
 
 
 def resolve(dataset: str | DatasetSpec) -> DatasetSpec:

@@ -10,7 +10,14 @@ rule figures:
         data=rules.verify_data.output,
         params=experiment_params,
     output:
-        directory(f"{RUNS}/{{dataset}}/{{experiment}}/figures"),
+        report(
+            directory(f"{RUNS}/{{dataset}}/{{experiment}}/figures"),
+            patterns=["{figure}.png", "{figure}.csv"],
+            caption="../report/figures.rst",
+            category="{dataset}",
+            subcategory="{experiment}",
+            labels={"run": "{experiment}", "figure": "{figure}"},
+        ),
     log:
         "logs/figures/{dataset}/{experiment}.log",
     threads: eval_threads
@@ -36,7 +43,14 @@ rule report:
         evaluations,
         experiment_id=ancient(rules.mlflow_experiment.output),
     output:
-        directory("results/{dataset}"),
+        report(
+            directory("results/{dataset}"),
+            patterns=["{table}.csv"],
+            caption="../report/table.rst",
+            category="{dataset}",
+            subcategory="results table",
+            labels={"dataset": "{dataset}", "table": "{table}"},
+        ),
     log:
         "logs/report/{dataset}.log",
     params:

@@ -1,0 +1,161 @@
+"""A trained run as an MLflow model: pyfunc (RGB images in, class maps out) with a pytorch flavour beside it.
+
+The model directory holds the checkpoint and ``segmenter.json`` (classes, flip pairs, palette) as pyfunc
+artifacts, a copy of the ``mcibi`` package as its code (so ``mlflow models serve`` / ``predict`` need only torch,
+timm and OpenCV), the signature (input ``uint8 (-1, -1, -1, 3)``, a batch of equally sized RGB images; output
+``int32 (-1, -1, -1)``, their class maps; parameter ``protocol``, default ``ss``) and a ``pytorch`` flavour whose
+``mlflow.pytorch.load_model`` gives the plain ``nn.Module`` (``forward(images).logits``). The pyfunc's
+``predict`` is :meth:`mcibi.predict.Segmenter.predict_batch`, so it equals ``mcibi predict``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "model"  # the logged model's name in its run: runs:/<run id>/model
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class SegmenterModel(mlflow.pyfunc.PythonModel):
+    """The pyfunc face of :class:`mcibi.predict.Segmenter`."""
+
+    def load_context(self, context):  # noqa: ANN001 - MLflow checks the hints of these two methods
+        from mcibi.predict import Segmenter
+
+        info = json.loads(Path(context.artifacts["info"]).read_text())
+        self.segmenter = Segmenter.from_checkpoint(context.artifacts["checkpoint"], info=info, device="cpu")
+
+    def predict(self, context, model_input, params=None):  # noqa: ANN001
+        from mcibi.predict import Segmenter
+
+        images = np.asarray(model_input, dtype=np.uint8)
+        if images.ndim == 3:
+            images = images[None]
+        protocol = (params or {}).get("protocol", "ss")
+        seg = self.segmenter
+        if protocol != seg.protocol_name:
+            seg = Segmenter(seg.model, seg.params, seg.info, protocol, seg.device, seg.layout)
+        return np.stack([p.classes for p in seg.predict_batch(list(images))]).astype(np.int32)
+
+
+def signature() -> Any:
+    """Image batch in (uint8 N×H×W×3 RGB), class maps out (int32 N×H×W); ``protocol`` as an inference param."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
+
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+                          outputs=Schema([TensorSpec(np.dtype(np.int32), (-1, -1, -1))]),
+                          params=ParamSchema([ParamSpec("protocol", "string", "ss")]))
+
+
+def requirements() -> list[str]:
+    """What the model needs installed besides its own code copy (pinned to this environment's versions)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for pkg in ("torch", "timm", "opencv-python-headless", "numpy", "pyyaml", "tqdm", "mlflow"):
+        try:
+            out.append(f"{pkg}=={version(pkg)}")
+        except PackageNotFoundError:
+            out.append(pkg)
+    return out
+
+
+class _Flavours:
+    """A flavour 'module' for :meth:`mlflow.models.Model.log`: saves the pyfunc, then adds a pytorch flavour."""
+
+    __name__ = "mcibi"
+
+    def __init__(self, checkpoint: Path, info: dict[str, Any]) -> None:
+        self.checkpoint, self.info = checkpoint, info
+
+    def save_model(self, path: str, mlflow_model: Any, **_: Any) -> None:
+        import mlflow.pytorch
+        from mlflow.models import Model
+
+        import mcibi
+        from mcibi.checkpoint import checkpoint_params, load_checkpoint, load_weights
+        from mcibi.models import build_segmentor
+        from mcibi.predict import DATASET_INFO
+
+        with tempfile.TemporaryDirectory() as tmp:
+            info_file = Path(tmp) / DATASET_INFO
+            info_file.write_text(json.dumps(self.info, indent=1))
+            mlflow.pyfunc.save_model(path, python_model=SegmenterModel(), mlflow_model=mlflow_model,
+                                     artifacts={"checkpoint": str(self.checkpoint), "info": str(info_file)},
+                                     code_paths=[str(Path(mcibi.__file__).parent)], signature=signature(),
+                                     pip_requirements=requirements())
+        state = load_checkpoint(self.checkpoint)
+        torch_model = build_segmentor(checkpoint_params(state, self.checkpoint).model)
+        load_weights(torch_model, state, self.checkpoint)
+        torch_model.eval()
+        sub = Path(path) / "pytorch"
+        mlflow.pytorch.save_model(torch_model, str(sub), serialization_format="pickle",
+                                  pip_requirements=requirements())
+        conf = dict(Model.load(str(sub / "MLmodel")).flavors["pytorch"])
+        conf["model_data"] = f"pytorch/{conf['model_data']}"
+        conf["code"] = mlflow_model.flavors["python_function"].get("code")
+        mlflow_model.add_flavor("pytorch", **conf)
+        mlflow_model.save(str(Path(path) / "MLmodel"))
+
+
+def log_model(tracking_uri: str, run_id: str, checkpoint: str | Path, dataset: str,
+              registered_model_name: str | None = None) -> str:
+    """Log ``checkpoint`` as the run's MLflow model (``runs:/<run_id>/model``); returns the model URI."""
+    from mlflow.models import Model
+
+    from mcibi.predict import dataset_info
+
+    mlflow.set_tracking_uri(tracking_uri)
+    # the logged model belongs to the active experiment: the run's, not "Default"
+    mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
+    info = Model.log(None, name=MODEL_NAME, flavor=_Flavours(Path(checkpoint), dataset_info(dataset)), run_id=run_id,
+                     registered_model_name=registered_model_name)
+    log.info("logged the model of run %s as %s", run_id, info.model_uri)
+    return info.model_uri
+
+
+def model_uri(ref: str, runs_root: str | Path = "runs") -> str:
+    """An MLflow model URI from a run id, a run folder (its ``run.json``), or a URI (returned as it is)."""
+    if "://" in ref or ref.startswith(("models:/", "runs:/")):
+        return ref
+    if _RUN_ID.match(ref):
+        return f"runs:/{ref}/{MODEL_NAME}"
+    run_file = Path(ref) / "run.json"
+    if not run_file.is_file():
+        run_file = Path(runs_root) / ref / "run.json"
+    if run_file.is_file():
+        run_id = json.loads(run_file.read_text()).get("mlflow_run_id")
+        if run_id:
+            return f"runs:/{run_id}/{MODEL_NAME}"
+        raise ValueError(f"{run_file}: the run was trained without MLflow (no mlflow_run_id); retrain with MLflow.")
+    raise ValueError(f"{ref}: neither an MLflow run id, a model URI (models:/<name>/<version>) nor a run folder "
+                     "with run.json.")
+
+
+def download_model(ref: str, tracking_uri: str | None = None) -> Path:
+    """A local copy of the MLflow model ``ref`` names (see :func:`model_uri`)."""
+    from mcibi.tracking import default_tracking_uri
+
+    uri = model_uri(ref)
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri,
+                                                    tracking_uri=tracking_uri or default_tracking_uri()))
+
+
+def register(ref: str, name: str, tracking_uri: str | None = None) -> tuple[str, str]:
+    """Register the model of a run (id or folder) or URI under ``name``; returns (name, version)."""
+    from mcibi.tracking import default_tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri or default_tracking_uri())
+    version = mlflow.register_model(model_uri(ref), name)
+    return version.name, str(version.version)

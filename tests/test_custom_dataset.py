@@ -1,0 +1,162 @@
+"""Custom datasets: a description file, `mcibi new-dataset` (errors name files, nothing half-written), and the
+whole chain plus the Snakemake report on a small folder dataset made here."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from folder_dataset import CLASSES, folder_dataset
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SKIP_TOP = {".git", ".venv", ".snakemake", "runs", "results", "data", "downloads", "logs", "mlflow.db", "mlruns",
+            ".pytest_cache", ".ruff_cache", "datasets", ".dvc"}
+
+
+def _copy_repo(dest: Path) -> Path:
+    """The repository without run outputs (only top-level folders are skipped: mcibi/data is code)."""
+    shutil.copytree(ROOT, dest, ignore=lambda d, names: [n for n in names if (Path(d) == ROOT and n in SKIP_TOP)
+                                                         or n in ("__pycache__",) or n.endswith(".egg-info")])
+    return dest
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                MLFLOW_DISABLE_TELEMETRY="true", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def _mcibi(cwd: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mcibi", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A working directory with the demo params (the seed row) and a user folder dataset."""
+    shutil.copytree(ROOT / "params" / "demo", tmp_path / "params" / "demo")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MCIBI_DATASETS", raising=False)
+    return tmp_path, folder_dataset(tmp_path / "user")
+
+
+def test_new_dataset_writes_params_and_registers(workdir):
+    from mcibi.data.custom import new_dataset
+    from mcibi.data.specs import get_spec
+    from mcibi.params import load_params
+
+    tmp, desc = workdir
+    files = new_dataset(desc, "demo/upernet_mcibipp", epochs=3, dvc_file=None, show_progress=False)
+    assert [f.as_posix() for f in files] == ["datasets/shapes.yaml", "params/shapes/defaults.yaml",
+                                             "params/shapes/upernet_mcibipp.yaml",
+                                             "params/shapes/upernet_baseline.yaml"]
+    spec = get_spec("shapes")
+    assert spec.classes == tuple(CLASSES) and spec.splits == {"train": 18, "val": 6}
+    mem, base = load_params(files[2]), load_params(files[3])
+    assert mem.model.memory.kind == "mcibi++" and base.model.memory.kind == "none"
+    assert mem.model.num_classes == 3 and mem.data.crop_size == (64, 64) and mem.train.epochs == 3
+    assert mem.evaluate.protocols["msflip"].crop == (64, 64)  # the seed's 96 window, scaled by 64/96
+    assert mem.train.total_batch_size == 8 and dataclasses.replace(mem.model, memory=base.model.memory) == base.model
+
+    from mcibi.data.custom import prepare_custom
+
+    out = prepare_custom("datasets/shapes.yaml", tmp / "data" / "shapes", show_progress=False)
+    label = np.asarray(Image.open(out / "labels" / "img000.png"))
+    assert set(np.unique(label)) <= {0, 1, 2} and (out / "images" / "img000.jpg").is_file()
+    from mcibi.data.prepare import verify_prepared
+
+    assert verify_prepared("shapes", out)["splits"]["val"]["images"] == 6
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("size", "differs from its mask"),
+    ("colour", "colours [(9, 9, 9)] are not in the palette"),
+    ("unreadable", "unreadable image"),
+    ("unpaired", "no mask"),
+])
+def test_new_dataset_names_the_bad_file_and_writes_nothing(workdir, damage, message):
+    tmp, desc = workdir
+    images, masks = tmp / "user" / "shapes" / "images", tmp / "user" / "shapes" / "masks"
+    if damage == "size":
+        Image.new("RGB", (60, 64)).save(images / "img005.jpg")
+        bad = images / "img005.jpg"
+    elif damage == "colour":
+        Image.new("RGB", (64, 64), (9, 9, 9)).save(masks / "img007.png")
+        bad = masks / "img007.png"
+    elif damage == "unreadable":
+        (images / "img003.jpg").write_bytes(b"\xff\xd8 truncated")
+        bad = images / "img003.jpg"
+    else:
+        Image.new("RGB", (64, 64)).save(images / "extra.png")
+        bad = images / "extra.png"
+    env = _env(tmp)
+    proc = _mcibi(tmp, env, "new-dataset", str(desc), "--from", "demo/upernet_mcibipp")
+    assert proc.returncode == 1
+    assert str(bad) in proc.stderr and message in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp / "datasets").exists() and not (tmp / "params" / "shapes").exists()
+
+
+def test_description_errors_name_the_file(workdir):
+    from mcibi.data.custom import CustomDatasetError, load_description
+
+    tmp, desc = workdir
+    data = yaml.safe_load(desc.read_text())
+    for change, message in (({"classs": ["a"]}, "unknown key(s) ['classs']"),
+                            ({"name": "My Set"}, "lower-case letters and digits"),
+                            ({"palette": [[0, 0, 0]]}, "1 colours for 3 classes"),
+                            ({"name": "lip"}, "built-in dataset")):
+        desc.write_text(yaml.safe_dump(data | change))
+        with pytest.raises(CustomDatasetError, match=re.escape(message)) as err:
+            load_description(desc)
+        assert str(desc) in str(err.value)
+
+
+@pytest.mark.workflow
+def test_custom_dataset_chain_and_report(tmp_path):
+    """new-dataset, then `snakemake results/<name>` (prepare_custom, verify, train, evaluate, figures, table with
+    MLflow) and `snakemake --report` grouping the table and each run's figures under the dataset."""
+    repo = _copy_repo(tmp_path / "repo")
+    desc = folder_dataset(tmp_path / "user", count=16)
+    env = _env(tmp_path)
+    proc = _mcibi(repo, env, "new-dataset", str(desc), "--from", "demo/upernet_mcibipp", "--epochs", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "  shapes:\n    cmd: python -m snakemake --cores all results/shapes" in (repo / "dvc.yaml").read_text()
+    defaults = repo / "params" / "shapes" / "defaults.yaml"
+    data = yaml.safe_load(defaults.read_text())
+    data["evaluate"]["protocols"] = {"ss": data["evaluate"]["protocols"]["ss"]}  # one protocol keeps it short
+    defaults.write_text(yaml.safe_dump(data))
+
+    def snakemake(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=repo, env=env, capture_output=True,
+                              text=True, timeout=1200)
+
+    run = snakemake("--cores", "2", "results/shapes")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    assert "prepare_custom" in run.stderr + run.stdout and "download" not in run.stderr + run.stdout
+    table = (repo / "results" / "shapes" / "table.md").read_text()
+    assert "| UperNet | MCIBI++ |" in table and "| UperNet | - |" in table and "not run" not in table
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("mcibi-shapes")
+    parents = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 2 and all("mIoU.ss" in r.data.metrics for r in parents)
+    assert all({d.dataset.name for d in r.inputs.dataset_inputs} == {"shapes/train", "shapes/val"} for r in parents)
+
+    report = snakemake("--report", "report.html", "results/shapes")
+    assert report.returncode == 0, report.stderr[-3000:]
+    html = (repo / "report.html").read_text()
+    categories = re.search(r"categories = (\{.*?\});", html).group(1)
+    for name in ('"shapes"', '"results table"', '"upernet_mcibipp"', '"upernet_baseline"', "confusion_ss.png",
+                 "memory_trajectories.png", "predictions.png", "table.csv"):
+        assert name in categories, name
+    assert "Run <strong>upernet_mcibipp</strong>" in html  # the caption, with its wildcards filled in

@@ -1,0 +1,38 @@
+# Custom datasets: every description registered as datasets/<name>.yaml (`mcibi new-dataset`) is a dataset of the
+# workflow. Its data come from the user's folders instead of download -> verify_archives -> prepare: the
+# prepare_custom rule validates and converts them (reruns when the description or any image/mask changes); then
+# verify_data, train, evaluate, figures and the table run as for the built-in datasets.
+from mcibi.data.custom import description_path, load_description, registered_datasets, scan
+
+CUSTOM_DATASETS = registered_datasets()
+for _custom in CUSTOM_DATASETS:
+    EXPERIMENTS.setdefault(_custom, _selected(_custom))
+
+
+def custom_sources(wildcards):
+    """The description file and every image and mask it pairs (their changes re-prepare the dataset)."""
+    desc = load_description(description_path(wildcards.dataset))
+    images, masks, _ = scan(desc)
+    return [str(description_path(wildcards.dataset))] + [str(p) for p in (*images.values(), *masks.values())]
+
+
+if CUSTOM_DATASETS:
+
+    ruleorder: prepare_custom > prepare
+
+    rule prepare_custom:
+        input:
+            custom_sources,
+        output:
+            f"{DATA}/{{dataset}}/manifest.json",
+        wildcard_constraints:
+            dataset="|".join(CUSTOM_DATASETS),
+        log:
+            "logs/prepare/{dataset}.log",
+        params:
+            description=lambda wc: description_path(wc.dataset),
+            out=lambda wc: f"{DATA}/{wc.dataset}",
+        conda:
+            "../envs/mcibi.yaml"
+        shell:
+            "mcibi prepare-custom {params.description} --out {params.out} > {log} 2>&1"
