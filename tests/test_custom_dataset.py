@@ -119,44 +119,30 @@ def test_description_errors_name_the_file(workdir):
         assert str(desc) in str(err.value)
 
 
-@pytest.mark.workflow
-def test_custom_dataset_chain_and_report(tmp_path):
-    """new-dataset, then `snakemake results/<name>` (prepare_custom, verify, train, evaluate, figures, table with
-    MLflow) and `snakemake --report` grouping the table and each run's figures under the dataset."""
+def test_custom_dataset_in_the_workflow(tmp_path):
+    """After new-dataset, `snakemake results/<name>` plans prepare_custom (no download) -> verify -> train ->
+    evaluate -> figures -> table, and the data steps run for real. (Training onwards are the rules the demo chain
+    test runs end to end.)"""
     repo = _copy_repo(tmp_path / "repo")
     desc = folder_dataset(tmp_path / "user", count=16)
     env = _env(tmp_path)
     proc = _mcibi(repo, env, "new-dataset", str(desc), "--from", "demo/upernet_mcibipp", "--epochs", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "  shapes:\n    cmd: python -m snakemake --cores all results/shapes" in (repo / "dvc.yaml").read_text()
-    defaults = repo / "params" / "shapes" / "defaults.yaml"
-    data = yaml.safe_load(defaults.read_text())
-    data["evaluate"]["protocols"] = {"ss": data["evaluate"]["protocols"]["ss"]}  # one protocol keeps it short
-    defaults.write_text(yaml.safe_dump(data))
 
     def snakemake(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=repo, env=env, capture_output=True,
-                              text=True, timeout=1200)
+                              text=True, timeout=600)
 
-    run = snakemake("--cores", "2", "results/shapes")
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
-    assert "prepare_custom" in run.stderr + run.stdout and "download" not in run.stderr + run.stdout
-    table = (repo / "results" / "shapes" / "table.md").read_text()
-    assert "| UperNet | MCIBI++ |" in table and "| UperNet | - |" in table and "not run" not in table
-
-    from mlflow import MlflowClient
-
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    exp = client.get_experiment_by_name("mcibi-shapes")
-    parents = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 2 and all("mIoU.ss" in r.data.metrics for r in parents)
-    assert all({d.dataset.name for d in r.inputs.dataset_inputs} == {"shapes/train", "shapes/val"} for r in parents)
-
-    report = snakemake("--report", "report.html", "results/shapes")
-    assert report.returncode == 0, report.stderr[-3000:]
-    html = (repo / "report.html").read_text()
-    categories = re.search(r"categories = (\{.*?\});", html).group(1)
-    for name in ('"shapes"', '"results table"', '"upernet_mcibipp"', '"upernet_baseline"', "confusion_ss.png",
-                 "memory_trajectories.png", "predictions.png", "table.csv"):
-        assert name in categories, name
-    assert "Run <strong>upernet_mcibipp</strong>" in html  # the caption, with its wildcards filled in
+    plan = snakemake("-n", "--cores", "1", "results/shapes")
+    assert plan.returncode == 0, plan.stdout[-3000:] + plan.stderr[-3000:]
+    stats = plan.stdout[plan.stdout.index("Job stats:"):]
+    jobs = {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.M)}
+    assert jobs == {"prepare_custom": 1, "verify_data": 1, "mlflow_experiment": 1, "train": 2, "evaluate": 6,
+                    "figures": 2, "report": 1, "total": 14}
+    data = snakemake("--cores", "1", "data/shapes/verified.json")
+    assert data.returncode == 0, data.stderr[-3000:]
+    assert (repo / "data" / "shapes" / "splits" / "val.txt").read_text().count("\n") == 4
+    Image.new("RGB", (64, 64), (0, 0, 0)).save(tmp_path / "user" / "shapes" / "masks" / "img001.png")
+    again = snakemake("-n", "--cores", "1", "data/shapes/verified.json")  # an edited mask re-prepares
+    assert "prepare_custom" in again.stdout and "img001.png" in again.stdout

@@ -4,6 +4,7 @@ one tiny trained demo model shared by the module."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -16,7 +17,9 @@ import cv2
 import numpy as np
 import pytest
 import requests
-from tiny_training import env_one_thread, mcibi_cmd, run, tiny_dataset, tiny_params
+from tiny_training import env_one_thread, tiny_dataset, tiny_params
+
+from mcibi.cli import main
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +53,7 @@ def _env(uri: str) -> dict[str, str]:
     return dict(env, MLFLOW_TRACKING_URI=uri, PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
 
 
-def test_predict_cli_equals_segmenter_and_pyfunc(trained, tmp_path):
+def test_predict_cli_equals_segmenter_and_pyfunc(trained, tmp_path, caplog):
     import mlflow
 
     from mcibi.predict import Segmenter
@@ -68,10 +71,11 @@ def test_predict_cli_equals_segmenter_and_pyfunc(trained, tmp_path):
     writer.release()
 
     out = tmp_path / "out"
-    proc = run(mcibi_cmd("predict", str(tmp_path / "in"), str(video), str(tmp_path / "nothing*.jpg"), "--run",
-                         str(run_dir), "--out", str(out), "--device", "cpu", "--batch", "2"), cwd=root)
-    assert proc.returncode == 1, proc.stderr[-3000:]  # the broken file and the empty glob are reported...
-    assert "broken.png: not a readable image" in proc.stderr and "nothing*.jpg" in proc.stderr
+    with caplog.at_level(logging.INFO):  # the CLI in-process (a subprocess would re-import torch and MLflow)
+        code = main(["predict", str(tmp_path / "in"), str(video), str(tmp_path / "nothing*.jpg"), "--run",
+                     str(run_dir), "--out", str(out), "--device", "cpu", "--batch", "2"])
+    assert code == 1, caplog.text[-3000:]  # the broken file and the empty glob are reported...
+    assert "broken.png: not a readable image" in caplog.text and "nothing*.jpg" in caplog.text
     written = {p.relative_to(out).as_posix() for p in out.rglob("*.png")}  # ...the rest is written
     assert {f"{Path(f).stem}.png" for f in files} | {f"{Path(f).stem}_overlay.png" for f in files} <= written
     assert {"clip/000000.png", "clip/000001.png", "clip/000001_overlay.png"} <= written
@@ -104,7 +108,7 @@ def test_predict_cli_equals_segmenter_and_pyfunc(trained, tmp_path):
     assert type(module).__name__ == "MemorySegmentor"
 
 
-def test_run_records_dataset_model_and_registers(trained):
+def test_run_records_dataset_model_and_registers(trained, caplog, monkeypatch):
     from mlflow import MlflowClient
 
     from mcibi.predict import Segmenter
@@ -121,10 +125,10 @@ def test_run_records_dataset_model_and_registers(trained):
     assert {t.key: t.value for t in inputs["demo/val"].tags}["mlflow.data.context"] == "eval"
     assert [m.model_id for m in r.outputs.model_outputs]
 
-    proc = subprocess.run(mcibi_cmd("register", str(run_dir), "--name", "tiny-demo"), cwd=root, env=_env(uri),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "models:/tiny-demo/1" in proc.stderr
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with caplog.at_level(logging.INFO):
+        assert main(["register", str(run_dir), "--name", "tiny-demo"]) == 0, caplog.text[-3000:]
+    assert "models:/tiny-demo/1" in caplog.text
     seg = Segmenter.from_run("models:/tiny-demo/1", device="cpu", tracking_uri=uri)
     _, images = _val_images(root, 1)
     direct = Segmenter.from_checkpoint(run_dir / "model.pt", device="cpu")

@@ -338,6 +338,14 @@ def custom_spec(name: str, root: str | Path | None = None) -> CustomDatasetSpec 
     return _spec(str(path.resolve()), path.stat().st_mtime)
 
 
+def source_files(name: str) -> list[str]:
+    """The registered description of a custom dataset and every image and mask it pairs (the workflow's inputs:
+    editing any of them prepares the dataset again)."""
+    desc = load_description(description_path(name))
+    images, masks, _ = scan(desc)
+    return [str(description_path(name))] + [str(p) for p in (*images.values(), *masks.values())]
+
+
 # ------------------------------------------------------------------------------------------------- prepare
 def prepare_custom(description: str | Path, out_dir: str | Path, show_progress: bool = True) -> Path:
     """Validate and convert a custom dataset into the prepared format (built beside ``out_dir``, renamed into

@@ -2,18 +2,11 @@
 # workflow. Its data come from the user's folders instead of download -> verify_archives -> prepare: the
 # prepare_custom rule validates and converts them (reruns when the description or any image/mask changes); then
 # verify_data, train, evaluate, figures and the table run as for the built-in datasets.
-from mcibi.data.custom import description_path, load_description, registered_datasets, scan
+from mcibi.data.custom import description_path, registered_datasets, source_files
 
 CUSTOM_DATASETS = registered_datasets()
 for _custom in CUSTOM_DATASETS:
     EXPERIMENTS.setdefault(_custom, _selected(_custom))
-
-
-def custom_sources(wildcards):
-    """The description file and every image and mask it pairs (their changes re-prepare the dataset)."""
-    desc = load_description(description_path(wildcards.dataset))
-    images, masks, _ = scan(desc)
-    return [str(description_path(wildcards.dataset))] + [str(p) for p in (*images.values(), *masks.values())]
 
 
 if CUSTOM_DATASETS:
@@ -22,7 +15,7 @@ if CUSTOM_DATASETS:
 
     rule prepare_custom:
         input:
-            custom_sources,
+            lambda wc: source_files(wc.dataset),  # the description and every image and mask
         output:
             f"{DATA}/{{dataset}}/manifest.json",
         wildcard_constraints:
