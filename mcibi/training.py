@@ -542,9 +542,18 @@ def _open_run(t: _Trainer, tracking_uri: str | None, state: LoopState, data_root
     from mcibi.tracking import RunLogger, run_tags
 
     params, plan = t.params, t.plan
+    run = None
     if state.mlflow_run_id:
-        run = RunLogger.resume(tracking_uri, state.mlflow_run_id)
-    else:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = RunLogger.resume(tracking_uri, state.mlflow_run_id)
+        except MlflowException as exc:  # a store without that run (deleted, or another machine's store)
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            log.warning("MLflow run %s of the checkpoint is not in %s (%s); logging to a new run", state.mlflow_run_id,
+                        tracking_uri, str(exc).splitlines()[0][:200])
+    if run is None:
         run = RunLogger.start(tracking_uri, params.data.name, params.name, run_tags(params),
                               flatten(to_dict(params)) | {"iterations": t.max_iters,
                                                           "iters_per_epoch": t.iters_per_epoch},

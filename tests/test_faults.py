@@ -117,3 +117,12 @@ def test_cli_reports_os_errors_of_non_atomic_writes(tmp_path, monkeypatch, caplo
     monkeypatch.setattr(cli, "_cmd_prepare", full)
     assert cli.main(["prepare", "demo"]) == 1
     assert "cannot write" in caplog.text and "x.png" in caplog.text and "no space left" in caplog.text
+
+
+def test_resume_whose_mlflow_run_is_gone_logs_to_a_new_run(data_root, tmp_path):
+    params = load_params(tiny_params(tmp_path / "params", memory="none", epochs=1))
+    out = tmp_path / "run"
+    first = training.train(params, data_root, out, tracking_uri=f"sqlite:///{tmp_path / 'a.db'}", threads=1)
+    (out / "model.pt").unlink()  # resumed from the last checkpoint, against another (empty) store
+    again = training.train(params, data_root, out, tracking_uri=f"sqlite:///{tmp_path / 'b.db'}", threads=1)
+    assert again.resumed_from == first.iterations and again.run_id and again.run_id != first.run_id

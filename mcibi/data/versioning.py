@@ -2,7 +2,8 @@
 
 ``data.dvc`` tracks all of ``data/``. After ``verify_data`` passes, :func:`commit_data` runs ``dvc commit`` on it:
 the files move into ``.dvc/cache`` and come back as links (``cache.type`` in ``.dvc/config``: hardlink, else
-symlink; DVC copies when the first type is not hardlink), so a 10 GB dataset takes 10 GB, not 20. Outside a DVC repository it does nothing and says so.
+symlink; DVC copies when the first type is not hardlink), so a 10 GB dataset takes 10 GB, not 20. Outside a DVC
+repository it does nothing and says so.
 """
 
 from __future__ import annotations
