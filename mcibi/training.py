@@ -404,6 +404,10 @@ def _train(params: ExperimentParams, data_root: str | Path, out: Path, tracking_
                          f"{len(dataset)} training images.")
     max_iters = iters_per_epoch * tp.epochs
     core = build_segmentor(params.model).to(dev)
+    if params.model.init_from:  # ---- fine-tuning hook: every weight from a checkpoint (a resumed run overrides it)
+        from mcibi.released import initialise_from
+
+        initialise_from(core, params.model.init_from, params.model)
     layout = torch.channels_last if tp.channels_last else torch.contiguous_format
     core = core.to(memory_format=layout)
     if env.distributed and tp.sync_batchnorm:
