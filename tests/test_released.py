@@ -98,6 +98,7 @@ def _prepared_voc(repo: Path, server: Server) -> None:
     write_json(repo / "data" / "pascalvoc" / "verified.json", {"dataset": "pascalvoc", "miniature": True})
 
 
+@pytest.mark.slow
 @pytest.mark.workflow
 def test_released_row_through_the_rules(tmp_path):
     from tests.test_workflow import _copy_repo
@@ -161,7 +162,7 @@ def test_released_row_through_the_rules(tmp_path):
     assert [c.data.metrics["mIoU"] for c in children] == pytest.approx([miou])
 
     # the recorded checksum is verified at every later use
-    (base / "release" / pth.name).write_bytes(b"tampered")
+    (base / "release" / release.checkpoint_urls[0].rsplit("/", 1)[1]).write_bytes(b"tampered")
     with pytest.raises(ReleaseError, match="differs"):
         released_file(base / "release", "checkpoint")
 
