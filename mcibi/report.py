@@ -148,6 +148,8 @@ def build_table(experiments: list[ExperimentParams], runs_dir: str | Path, seeds
         for proto in PROTOCOL_NAMES:
             result = _read(runs_dir / OFFICIAL_DIR / stem / "eval" / f"{proto}.json")
             row[f"{PROTOCOL_TITLES[proto]} {OFFICIAL_COLUMN}"] = 100.0 * result["mIoU"] if result else math.nan
+        row["Official exported"] = server and any((runs_dir / OFFICIAL_DIR / stem / f"test_{proto}").is_dir()
+                                                  for proto in p.evaluate.protocols)
         exported = server and any((runs_dir / run / f"test_{proto}").is_dir()
                                   for run, _ in seed_runs(stem, p.train.seed, seeds) for proto in p.evaluate.protocols)
         row["Status"] = (f"{SERVER}: predictions exported" if exported else SERVER) if server else ""
@@ -181,7 +183,7 @@ def _official_cell(row: pd.Series, protos: list[str]) -> str:
     mine = row["Protocols"].split()
     values = [row[f"{PROTOCOL_TITLES[p]} {OFFICIAL_COLUMN}"] for p in protos if p in mine]
     if all(pd.isna(v) for v in values):
-        return NOT_RUN
+        return "exported, submit to the server" if row["Official exported"] else NOT_RUN
     return "/".join(_pct(v) for v in values)
 
 
@@ -253,6 +255,9 @@ def to_markdown(df: pd.DataFrame, title: str) -> str:
     if official_used:
         lines += ["† the seed page leaves this cell empty; the value is the official MCIBI++ model zoo's "
                   "(mcibi/published.csv, source=official).", ""]
+    if "Released" in df and df["Released"].any():
+        lines += [f"{OFFICIAL_TITLE}: the authors' released checkpoint, converted and evaluated here under the row's "
+                  "protocols (`snakemake --cores all results/<dataset>/official`).", ""]
     lines.append("Δ = ours − published; Gain = ours − the paired baseline without memory (same params otherwise); "
                  "in percentage points.")
     return "\n".join(lines) + "\n"
