@@ -10,6 +10,7 @@ tensors, so a wrong file or a renamed layer is an error instead of a silently ra
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -110,10 +111,17 @@ def fetch_official_weights(weights: OfficialWeights, dest: str | Path | None = N
     The check: the sha256 prefix in the file's name where it has one; otherwise the sha256 recorded at the first
     download (``<file>.sha256.json``, logged as unverified by any published sum). A file that fails is deleted.
     """
-    from mcibi.data.download import ArchiveError, checksums, fetch
-
     folder = Path(dest) if dest is not None else cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
+    # one download per machine: the processes of a multi-GPU run wait for the first one (then find the file)
+    with open(folder / f".{weights.filename}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _fetch_locked(weights, folder)
+
+
+def _fetch_locked(weights: OfficialWeights, folder: Path) -> Path:
+    from mcibi.data.download import ArchiveError, checksums, fetch
+
     final = folder / weights.filename
     record = folder / f"{weights.filename}.sha256.json"
     if not final.is_file():
