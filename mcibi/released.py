@@ -18,13 +18,15 @@ import json
 import logging
 import re
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from mcibi.files import write_json
-from mcibi.params import ExperimentParams, ModelParams, flatten, to_dict
+from mcibi.params import DEFAULTS_FILE, ExperimentParams, ModelParams, experiment_files, flatten, load_params, to_dict
+
+if TYPE_CHECKING:  # the workflow's parse step imports this module: no torch at import time
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,40 @@ def release_of(dataset: str, experiment: str) -> Release:
         raise ReleaseError(f"{dataset}/{experiment}: no released checkpoint (the SOTA rows have one: "
                            f"{', '.join(releases(dataset)) or 'none for this dataset'}).")
     return found
+
+
+# ---------------------------------------------------------------------------------------- workflow (parse time)
+@cache
+def release_params(params_root: str, dataset: str, experiment: str) -> ExperimentParams:
+    """Validated params of a released row (cached: the workflow asks for them per job and resource)."""
+    return load_params(Path(params_root) / dataset / f"{experiment}.yaml")
+
+
+def released_rows(params_root: str, dataset: str) -> list[str]:
+    """The dataset's released rows that have a params file."""
+    stems = {f.stem for f in experiment_files(params_root, dataset)}
+    return [stem for stem in releases(dataset) if stem in stems]
+
+
+def release_params_files(params_root: str, dataset: str, experiment: str) -> list[str]:
+    """The row's params file and its dataset's defaults layer (both trigger reruns when edited)."""
+    defaults = Path(params_root) / dataset / DEFAULTS_FILE
+    return [str(Path(params_root) / dataset / f"{experiment}.yaml")] + ([str(defaults)] if defaults.is_file() else [])
+
+
+def released_outputs(runs_root: str, params_root: str, dataset: str) -> list[str]:
+    """What results/<dataset>/official needs: per row its evaluation JSONs (CityScapes test rows: the exported
+    predictions) and its MLflow run record."""
+    from mcibi.data.specs import get_spec
+
+    out = []
+    for stem in released_rows(params_root, dataset):
+        p = release_params(params_root, dataset, stem)
+        base = f"{runs_root}/{dataset}/official/{stem}"
+        server = p.data.eval_split in get_spec(p.data.name).unlabelled_splits
+        out += [f"{base}/test_{proto}" if server else f"{base}/eval/{proto}.json" for proto in p.evaluate.protocols]
+        out.append(f"{base}/run.json")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- download

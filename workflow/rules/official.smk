@@ -4,46 +4,9 @@
 # it under the row's protocols on the prepared data (CityScapes test rows: exported for the server), turns the log
 # into an MLflow run (tag source=official) whose child runs hold the evaluations, and writes the dataset's table
 # with the column "Official weights (our evaluation)". Everything lives under runs/<dataset>/official/<experiment>/.
-from mcibi.released import releases
+from mcibi.released import release_params, release_params_files, released_outputs, released_rows
 
 OFFICIAL = f"{RUNS}/{{dataset}}/official/{{experiment}}"
-_OFFICIAL_PARAMS = {}
-
-
-def official_params(dataset, experiment):
-    """Validated params of a released SOTA row (whatever workflow/config.yaml selects for training)."""
-    key = (dataset, experiment)
-    if key not in _OFFICIAL_PARAMS:
-        _OFFICIAL_PARAMS[key] = load_params(Path(PARAMS) / dataset / f"{experiment}.yaml")
-    return _OFFICIAL_PARAMS[key]
-
-
-def official_rows(dataset):
-    """The dataset's released rows that have a params file."""
-    stems = {f.stem for f in experiment_files(PARAMS, dataset)}
-    return [stem for stem in releases(dataset) if stem in stems]
-
-
-def official_params_files(wildcards):
-    files = [f"{PARAMS}/{wildcards.dataset}/{wildcards.experiment}.yaml"]
-    defaults = Path(PARAMS) / wildcards.dataset / "defaults.yaml"
-    return files + ([str(defaults)] if defaults.is_file() else [])
-
-
-def official_results(wildcards):
-    out = []
-    for stem in official_rows(wildcards.dataset):
-        p = official_params(wildcards.dataset, stem)
-        base = f"{RUNS}/{wildcards.dataset}/official/{stem}"
-        server = p.data.eval_split in get_spec(p.data.name).unlabelled_splits
-        out += [f"{base}/{'test_' if server else 'eval/'}{proto}{'' if server else '.json'}"
-                for proto in p.evaluate.protocols]
-        out.append(f"{base}/run.json")
-    return out
-
-
-def _eval_resources(wc):
-    return official_params(wc.dataset, wc.experiment).evaluate.resources
 
 
 rule official_download:
@@ -63,7 +26,7 @@ rule official_download:
 rule official_convert:
     input:
         record=rules.official_download.output,
-        params=official_params_files,
+        params=lambda wc: release_params_files(PARAMS, wc.dataset, wc.experiment),
     output:
         f"{OFFICIAL}/model.pt",
     log:
@@ -77,7 +40,7 @@ rule official_convert:
 rule official_log:
     input:
         record=rules.official_download.output,
-        params=official_params_files,
+        params=lambda wc: release_params_files(PARAMS, wc.dataset, wc.experiment),
         mlflow=ancient(rules.mlflow_experiment.output),
     output:
         f"{OFFICIAL}/run.json",
@@ -94,22 +57,22 @@ rule official_evaluate:
         data=rules.verify_data.output,
         checkpoint=rules.official_convert.output,
         run=rules.official_log.output,
-        params=official_params_files,
+        params=lambda wc: release_params_files(PARAMS, wc.dataset, wc.experiment),
     output:
         metrics=f"{OFFICIAL}/eval/{{protocol}}.json",
         per_class=f"{OFFICIAL}/eval/{{protocol}}_per_class.csv",
     log:
         "logs/official/{dataset}/{experiment}/evaluate_{protocol}.log",
-    threads: lambda wc: job_threads(_eval_resources(wc))
+    threads: lambda wc: job_threads(release_params(PARAMS, wc.dataset, wc.experiment).evaluate.resources)
     resources:
-        mem_mb=lambda wc: _eval_resources(wc).mem_mb,
-        runtime=lambda wc: _eval_resources(wc).runtime,
-        gpu=lambda wc: _eval_resources(wc).gpus,
-        cpus_per_task=lambda wc: job_threads(_eval_resources(wc)),
+        mem_mb=lambda wc: release_params(PARAMS, wc.dataset, wc.experiment).evaluate.resources.mem_mb,
+        runtime=lambda wc: release_params(PARAMS, wc.dataset, wc.experiment).evaluate.resources.runtime,
+        gpu=lambda wc: release_params(PARAMS, wc.dataset, wc.experiment).evaluate.resources.gpus,
+        cpus_per_task=lambda wc: job_threads(release_params(PARAMS, wc.dataset, wc.experiment).evaluate.resources),
     params:
         data=lambda wc, input: os.path.dirname(os.path.dirname(input.data[0])),
-        launcher=lambda wc: launcher(_eval_resources(wc)),
-        torch_threads=lambda wc: _eval_resources(wc).cpus_per_gpu,
+        launcher=lambda wc: launcher(release_params(PARAMS, wc.dataset, wc.experiment).evaluate.resources),
+        torch_threads=lambda wc: release_params(PARAMS, wc.dataset, wc.experiment).evaluate.resources.cpus_per_gpu,
     conda:
         "../envs/mcibi.yaml"
     shell:
@@ -122,20 +85,20 @@ rule official_export:
     input:
         data=rules.verify_data.output,
         checkpoint=rules.official_convert.output,
-        params=official_params_files,
+        params=lambda wc: release_params_files(PARAMS, wc.dataset, wc.experiment),
     output:
         directory(f"{OFFICIAL}/test_{{protocol}}"),
     log:
         "logs/official/{dataset}/{experiment}/export_{protocol}.log",
-    threads: lambda wc: job_threads(_eval_resources(wc))
+    threads: lambda wc: job_threads(release_params(PARAMS, wc.dataset, wc.experiment).evaluate.resources)
     resources:
-        mem_mb=lambda wc: _eval_resources(wc).mem_mb,
-        runtime=lambda wc: _eval_resources(wc).runtime,
-        gpu=lambda wc: _eval_resources(wc).gpus,
+        mem_mb=lambda wc: release_params(PARAMS, wc.dataset, wc.experiment).evaluate.resources.mem_mb,
+        runtime=lambda wc: release_params(PARAMS, wc.dataset, wc.experiment).evaluate.resources.runtime,
+        gpu=lambda wc: release_params(PARAMS, wc.dataset, wc.experiment).evaluate.resources.gpus,
     params:
         data=lambda wc, input: os.path.dirname(os.path.dirname(input.data[0])),
-        launcher=lambda wc: launcher(_eval_resources(wc)),
-        torch_threads=lambda wc: _eval_resources(wc).cpus_per_gpu,
+        launcher=lambda wc: launcher(release_params(PARAMS, wc.dataset, wc.experiment).evaluate.resources),
+        torch_threads=lambda wc: release_params(PARAMS, wc.dataset, wc.experiment).evaluate.resources.cpus_per_gpu,
     conda:
         "../envs/mcibi.yaml"
     shell:
@@ -145,7 +108,7 @@ rule official_export:
 
 rule official_table:
     input:
-        official_results,
+        lambda wc: released_outputs(RUNS, PARAMS, wc.dataset),
         experiment_id=ancient(rules.mlflow_experiment.output),
     output:
         directory("results/{dataset}/official"),
@@ -154,7 +117,7 @@ rule official_table:
     params:
         params_root=PARAMS,
         runs=RUNS,
-        experiments=lambda wc: " ".join(official_rows(wc.dataset)),
+        experiments=lambda wc: " ".join(released_rows(PARAMS, wc.dataset)),
         ui=config["mlflow_ui"],
     conda:
         "../envs/mcibi.yaml"
