@@ -189,3 +189,17 @@ def test_init_from_loads_a_converted_release(tmp_path):
     assert all(torch.equal(got[k], v) for k, v in expected.items())
     with pytest.raises(ReleaseError, match="does not exist"):
         initialise_from(model, tmp_path / "missing.pth", model_params)
+
+
+def test_table_shows_the_released_weights_beside_published(tmp_path):
+    from mcibi.files import write_json
+    from mcibi.params import load_params
+    from mcibi.report import OFFICIAL_TITLE, build_table, to_markdown
+
+    exps = [load_params(ROOT / "params" / "pascalvoc" / f"upernet_{b}_mcibipp.yaml") for b in ("r50", "r101")]
+    write_json(tmp_path / "official" / "upernet_r50_mcibipp" / "eval" / "ss.json", {"mIoU": 0.7941})
+    md = to_markdown(build_table(exps, tmp_path), "pascalvoc")
+    header = next(line for line in md.splitlines() if line.startswith("| Segmentor"))
+    assert header.index("Published") < header.index(OFFICIAL_TITLE) < header.index("Δ")
+    assert "| not run | 79.48% | 79.41% | - |" in next(line for line in md.splitlines() if "| R-50-D8 |" in line)
+    assert "| not run | 80.42% | not run | - |" in next(line for line in md.splitlines() if "| R-101-D8 |" in line)
