@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -252,6 +253,33 @@ def _cmd_prepare_custom(a: argparse.Namespace) -> None:
     log.info("prepared %s", prepare_custom(a.description, a.out))
 
 
+def _cmd_released(a: argparse.Namespace) -> None:
+    """The authors' released files of a SOTA row: download (+ sha256 record), convert, or log to MLflow."""
+    from mcibi import released
+
+    if a.action == "download":
+        dataset, experiment = a.target.split("/", 1)
+        mirror = os.environ.get(released.MIRROR_ENV)
+        url_map = None if not mirror else (lambda url: released.mirrored(url, mirror))
+        released.download_release(released.release_of(dataset, experiment), a.release_dir, url_map)
+        return
+    from mcibi.params import load_params
+
+    params = load_params(a.target)
+    checkpoint = released.released_file(a.release_dir, "checkpoint")
+    if a.action == "convert":
+        released.convert_release(checkpoint, params, a.out, released_from=str(checkpoint))
+        log.info("converted %s -> %s", checkpoint, a.out)
+    else:
+        from mcibi.files import write_json
+        from mcibi.tracking import default_tracking_uri
+
+        record = json.loads((a.release_dir / released.RECORD).read_text())
+        run_id = released.log_release_run(default_tracking_uri(), params, released.released_file(a.release_dir, "log"),
+                                          record)
+        write_json(a.out, {"mlflow_run_id": run_id, "source": "official", **record})
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="mcibi", description=__doc__)
@@ -358,6 +386,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("params", type=Path, help="the params file describing the same model")
     s.add_argument("--out", type=Path, required=True, help="our checkpoint to write")
     s.set_defaults(func=_cmd_convert)
+
+    s = sub.add_parser("released", help="the authors' released checkpoint and log of a SOTA row: download (sha256 "
+                       "recorded, then verified), convert to ours, or log the training log to MLflow (source=official)")
+    s.add_argument("action", choices=["download", "convert", "log"])
+    s.add_argument("target", help="download: <dataset>/<experiment>; convert, log: the experiment's params file")
+    s.add_argument("--release-dir", type=Path, required=True, help="folder of the downloaded files and release.json")
+    s.add_argument("--out", type=Path, help="convert: the mcibi checkpoint; log: the run.json to write")
+    s.set_defaults(func=_cmd_released)
 
     s = sub.add_parser("table", help="write results/<dataset>/table.md and table.csv")
     s.add_argument("dataset")

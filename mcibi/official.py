@@ -52,7 +52,7 @@ def load_official_config(path: str | Path | None, name: str) -> dict:
     return configs[name]
 
 
-def model_params_from_official(name: str, cfg: dict, pretrained: bool = False) -> ModelParams:
+def model_params_from_official(name: str, cfg: dict, pretrained: bool | str = False) -> ModelParams:
     """Our ``ModelParams`` computing what the official config ``name`` computes."""
     stem = name.removeprefix("mcibiplusplus_").rsplit("_", 1)[0]
     if stem not in _LAYOUTS:

@@ -78,7 +78,9 @@ class BackboneParams:
     """A timm backbone used through ``features_only``."""
 
     name: str  # timm model name, e.g. resnet50c, resnet101c, resnet10t
-    pretrained: bool
+    # false: random init; true: timm's ImageNet weights for `name`; official: the file the official toolbox starts
+    # from (open-mmlab V1c ResNets, ResNeSt, HRNet, the Swin 22k release), see mcibi/pretrained.py
+    pretrained: Literal[False, True, "official"]
     output_stride: Literal[4, 8, 16, 32]  # HRNet: 4 (its finest branch; the official configs say so)
     drop_path_rate: float  # stochastic depth (official Swin-L: 0.3; CNNs: 0)
     stem_first_relu: bool  # false = official HRNet 'mcibi_version' stem (no ReLU after bn1); HRNet only
@@ -129,6 +131,9 @@ class ModelParams:
     cwi_classifier_kernel: Literal[1, 3]  # first conv of decoder_cwi (official: 3 in 4 configs, else 1)
     dropout: float
     align_corners: bool
+    # fine-tune from these weights: an mcibi checkpoint (e.g. a converted released one, runs/<ds>/official/<exp>/
+    # model.pt) or an official sssegmentation .pth (converted on load); null = start from the backbone init
+    init_from: str | None = None
 
 
 # -------------------------------------------------------------------------------------------------------- train
@@ -431,6 +436,8 @@ def _check_model(m: ModelParams, file: Path) -> None:
     if m.context_module not in allowed:
         _fail(file, "model.context_module", f"is '{m.context_module}', but framework '{m.framework}' takes "
               f"{' or '.join(repr(c) for c in allowed)}.")
+    if type(m.backbone.pretrained) is int:  # Literal[False, True, "official"] also admits 0 and 1
+        _fail(file, "model.backbone.pretrained", f"must be false, true or official, got {m.backbone.pretrained}.")
     if not 0.0 <= m.backbone.drop_path_rate < 1.0:
         _fail(file, "model.backbone.drop_path_rate", f"must be in [0, 1), got {m.backbone.drop_path_rate}.")
     if not 0.0 <= m.dropout < 1.0:

@@ -27,6 +27,9 @@ MEMORY_NAMES = {"none": "-", "mcibi++": "MCIBI++", "mcibi": "MCIBI"}
 NOT_RUN = "not run"
 SERVER = "test server"  # the eval split's labels are private: the number comes from the benchmark's server
 OTHER_SECTION = "Other experiments"
+OFFICIAL_DIR = "official"  # runs/<dataset>/official/<experiment>/: the released weights, converted and evaluated
+OFFICIAL_COLUMN = "official weights"  # table.csv: '<protocol title> official weights'
+OFFICIAL_TITLE = "Official weights (our evaluation)"
 
 
 def lr_title(lr: float) -> str:
@@ -107,6 +110,13 @@ def build_table(experiments: list[ExperimentParams], runs_dir: str | Path, seeds
             row |= {title: mean, f"{title} sd": sd, f"{title} n": len(ours[stem][proto]),
                     f"{title} published": pub, f"{title} published source": source,
                     f"{title} delta": mean - pub, f"{title} baseline": b_mean, f"{title} gain": mean - b_mean}
+        # the authors' released weights evaluated by us (runs/<dataset>/official/<stem>, mcibi.released)
+        row["Released"] = _released(p.data.name, stem)
+        for proto in PROTOCOL_NAMES:
+            result = _read(runs_dir / OFFICIAL_DIR / stem / "eval" / f"{proto}.json")
+            row[f"{PROTOCOL_TITLES[proto]} {OFFICIAL_COLUMN}"] = 100.0 * result["mIoU"] if result else math.nan
+        row["Official exported"] = server and any((runs_dir / OFFICIAL_DIR / stem / f"test_{proto}").is_dir()
+                                                  for proto in p.evaluate.protocols)
         exported = server and any((runs_dir / run / f"test_{proto}").is_dir()
                                   for run, _ in seed_runs(stem, p.train.seed, seeds) for proto in p.evaluate.protocols)
         row["Status"] = (f"{SERVER}: predictions exported" if exported else SERVER) if server else ""
@@ -125,6 +135,23 @@ def build_table(experiments: list[ExperimentParams], runs_dir: str | Path, seeds
         return (sections.index(row["Section"]), ROWS.index(entry[0]), int(entry[1]))
 
     return pd.DataFrame(sorted(rows, key=position))
+
+
+def _released(dataset: str, stem: str) -> bool:
+    from mcibi.released import releases
+
+    return stem in releases(dataset)
+
+
+def _official_cell(row: pd.Series, protos: list[str]) -> str:
+    """Our mIoU of the authors' released weights, joined with '/' like Published."""
+    if not row["Released"]:
+        return "-"
+    mine = row["Protocols"].split()
+    values = [row[f"{PROTOCOL_TITLES[p]} {OFFICIAL_COLUMN}"] for p in protos if p in mine]
+    if all(pd.isna(v) for v in values):
+        return "exported, submit to the server" if row["Official exported"] else NOT_RUN
+    return "/".join(_pct(v) for v in values)
 
 
 def _pct(v: float) -> str:
@@ -162,7 +189,8 @@ def to_markdown(df: pd.DataFrame, title: str) -> str:
         protos = [p for p in PROTOCOL_NAMES if any(p in s.split() for s in part["Protocols"])]
         joined = "/".join(PROTOCOL_TITLES[p] for p in protos)
         headers = ["Segmentor", "Memory", "Backbone", "Crop Size", "Schedule", "Train/Eval Set",
-                   *(PROTOCOL_TITLES[p] for p in protos), f"Published {joined}", "Δ", "Baseline", "Gain", "MLflow run"]
+                   *(PROTOCOL_TITLES[p] for p in protos), f"Published {joined}",
+                   *([OFFICIAL_TITLE] if part["Released"].any() else []), "Δ", "Baseline", "Gain", "MLflow run"]
         lines += [f"#### {section}", "", "| " + " | ".join(headers) + " |",
                   "| " + " | ".join(":-:" for _ in headers) + " |"]
         for _, row in part.iterrows():
@@ -177,6 +205,8 @@ def to_markdown(df: pd.DataFrame, title: str) -> str:
                 pubs.append(_pct(row[f"{t} published"]) + mark)
             has_pub = any(not pd.isna(row[f"{PROTOCOL_TITLES[p]} published"]) for p in protos)
             cells.append("/".join(pubs) if has_pub else "-")
+            if OFFICIAL_TITLE in headers:
+                cells.append(_official_cell(row, protos))
             cells.append("/".join(_signed(row[f"{PROTOCOL_TITLES[p]} delta"]) for p in protos) if has_pub else "-")
             if row["Baseline"]:
                 cells.append("/".join(_pct(row[f"{PROTOCOL_TITLES[p]} baseline"]) for p in protos))
@@ -192,6 +222,9 @@ def to_markdown(df: pd.DataFrame, title: str) -> str:
     if official_used:
         lines += ["† the seed page leaves this cell empty; the value is the official MCIBI++ model zoo's "
                   "(mcibi/published.csv, source=official).", ""]
+    if "Released" in df and df["Released"].any():
+        lines += [f"{OFFICIAL_TITLE}: the authors' released checkpoint, converted and evaluated here under the row's "
+                  "protocols (`snakemake --cores all results/<dataset>/official`).", ""]
     lines.append("Δ = ours − published; Gain = ours − the paired baseline without memory (same params otherwise); "
                  "in percentage points.")
     return "\n".join(lines) + "\n"

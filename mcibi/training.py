@@ -496,6 +496,10 @@ def _build(params: ExperimentParams, data_root: str | Path, out: Path, env: Dist
                          f"{len(dataset)} training images.")
     layout = torch.channels_last if tp.channels_last else torch.contiguous_format
     core = build_segmentor(params.model).to(dev).to(memory_format=layout)
+    if params.model.init_from:  # fine-tuning: every weight from a checkpoint (a resumed run overrides them)
+        from mcibi.released import initialise_from
+
+        initialise_from(core, params.model.init_from, params.model)
     if env.distributed and tp.sync_batchnorm:
         if dev.type == "cuda":
             core = _convert_sync_batchnorm(core)

@@ -76,7 +76,7 @@ def test_model_switches_are_the_official_ones():
     configs = load_official_configs()
     for file in _all_files():
         row, baseline = catalogue_entry(file.parent.name, file.stem)
-        want = model_params_from_official(row.official_name, configs[row.official_name], pretrained=True)
+        want = model_params_from_official(row.official_name, configs[row.official_name], pretrained="official")
         if baseline:
             want = dataclasses.replace(want, memory=dataclasses.replace(want.memory, kind="none"))
         assert load_params(file).model == want, file

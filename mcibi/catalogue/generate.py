@@ -61,7 +61,7 @@ def experiment_dict(row: Row, cfg: dict, baseline: bool = False) -> dict:
     spec = get_spec(row.dataset)
     data = spec.data_params(_PIPELINE.get((row.dataset, row.crop)))
     data.update(train_split=row.train_split, eval_split=row.eval_split, crop_size=list(row.crop))
-    model = to_dict(model_params_from_official(row.official_name, cfg, pretrained=True))
+    model = to_dict(model_params_from_official(row.official_name, cfg, pretrained="official"))
     if baseline:
         model["memory"]["kind"] = "none"
     optimizer, schedule = _optimizer(cfg, row)

@@ -1,0 +1,221 @@
+"""The official ImageNet initialisations (``model.backbone.pretrained: official``): the exact files the official
+toolbox (sssegmentation 1.7.0) downloads for each seed backbone, fetched once into a cache (resumable, checked),
+their tensor names converted strictly to our timm backbones'.
+
+The official code loads these files with ``load_state_dict(strict=False)``; here every tensor of our backbone must
+come from the file (the Swin output norms excepted: the official ones are not in the file either and start as
+identities) and every tensor of the file must be used or be one of the listed ImageNet-classifier/constant
+tensors, so a wrong file or a renamed layer is an error instead of a silently random backbone.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "MCIBI_PRETRAINED_DIR"  # where the files are cached (default ~/.cache/mcibi/pretrained)
+MIRROR_ENV = "MCIBI_PRETRAINED_MIRROR"  # a base URL serving the files under /<host>/<path> (mirrors, tests)
+
+
+@dataclass(frozen=True)
+class OfficialWeights:
+    """One official ImageNet file: where the official code gets it, how its names map, what it holds besides."""
+
+    structure_type: str  # the official backbone's structure_type (its DEFAULT_MODEL_URLS key)
+    url: str  # from the official backbone module's DEFAULT_MODEL_URLS
+    family: str  # resnet (ResNetV1c and ResNeSt: deep stem 'stem.*'), hrnet, swin (original Swin release format)
+
+    @property
+    def filename(self) -> str:
+        return self.url.rsplit("/", 1)[1]
+
+    @property
+    def sha256_prefix(self) -> str | None:
+        """The first hex digits of the file's sha256 that its name carries (open-mmlab's ``<name>-<sha256[:8]>``
+        convention, the one torch.hub checks); None for files without one (the Swin release)."""
+        m = re.search(r"-([0-9a-f]{8,})\.pth$", self.filename)
+        return m[1] if m else None
+
+
+# our timm backbone name (without its pretrained tag) -> the official file of the seed configs' structure_type
+OFFICIAL_WEIGHTS: dict[str, OfficialWeights] = {
+    "resnet50c": OfficialWeights(
+        "resnet50conv3x3stem", "https://download.openmmlab.com/pretrain/third_party/resnet50_v1c-2cccc1ad.pth",
+        "resnet"),
+    "resnet101c": OfficialWeights(
+        "resnet101conv3x3stem", "https://download.openmmlab.com/pretrain/third_party/resnet101_v1c-e67eebb6.pth",
+        "resnet"),
+    "resnest101e": OfficialWeights(
+        "resnest101", "https://download.openmmlab.com/pretrain/third_party/resnest101_d2-f3b931b2.pth", "resnet"),
+    "hrnet_w48": OfficialWeights(
+        "hrnetv2_w48", "https://download.openmmlab.com/pretrain/third_party/hrnetv2_w48-d2186c55.pth", "hrnet"),
+    "swin_large_patch4_window12_384": OfficialWeights(
+        "swin_large_patch4_window12_384_22k",
+        "https://github.com/SwinTransformer/storage/releases/download/v1.0.0/swin_large_patch4_window12_384_22k.pth",
+        "swin"),
+}
+
+# tensors of the ImageNet files that a segmentation backbone does not use: the classifiers and, in the original
+# Swin release, constant buffers timm rebuilds
+_UNUSED = {
+    "resnet": re.compile(r"^fc\.(weight|bias)$"),
+    "hrnet": re.compile(r"^(incre_modules|downsamp_modules|final_layer|classifier)\."),
+    "swin": re.compile(r"^(head\.(weight|bias)|norm\.(weight|bias)|.*\.relative_position_index|.*\.attn_mask)$"),
+}
+_STEM = {"stem.0.": "conv1.0.", "stem.1.": "conv1.1.", "stem.3.": "conv1.3.", "stem.4.": "conv1.4.",
+         "stem.6.": "conv1.6.", "stem.7.": "bn1."}
+_SWIN_LAYER = re.compile(r"^layers\.(\d+)\.(blocks|downsample)\.")
+
+
+class PretrainedError(RuntimeError):
+    """An official ImageNet file is missing, corrupt or does not fit the backbone."""
+
+
+def official_weights_for(name: str) -> OfficialWeights:
+    """The official file for a timm backbone name (its pretrained tag is ignored)."""
+    base = name.split(".", 1)[0]
+    if base not in OFFICIAL_WEIGHTS:
+        raise PretrainedError(
+            f"backbone '{name}': no official ImageNet file is known for it (known: {', '.join(OFFICIAL_WEIGHTS)}). "
+            "Use pretrained: true (timm's weights) or false.")
+    return OFFICIAL_WEIGHTS[base]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mcibi" / "pretrained")
+
+
+def _mirrored(url: str) -> str:
+    mirror = os.environ.get(MIRROR_ENV)
+    if not mirror:
+        return url
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    return f"{mirror.rstrip('/')}/{u.netloc}{u.path}"
+
+
+def fetch_official_weights(weights: OfficialWeights, dest: str | Path | None = None) -> Path:
+    """The cached official file, downloaded first if needed (``.part`` + HTTP Range resume, then checked).
+
+    The check: the sha256 prefix in the file's name where it has one; otherwise the sha256 recorded at the first
+    download (``<file>.sha256.json``, logged as unverified by any published sum). A file that fails is deleted.
+    """
+    folder = Path(dest) if dest is not None else cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    # one download per machine: the processes of a multi-GPU run wait for the first one (then find the file)
+    with open(folder / f".{weights.filename}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _fetch_locked(weights, folder)
+
+
+def _fetch_locked(weights: OfficialWeights, folder: Path) -> Path:
+    from mcibi.data.download import ArchiveError, checksums, fetch
+
+    final = folder / weights.filename
+    record = folder / f"{weights.filename}.sha256.json"
+    if not final.is_file():
+        try:
+            part = fetch(_mirrored(weights.url), final)
+        except ArchiveError as exc:
+            raise PretrainedError(f"{exc}. Or place {weights.filename} (from {weights.url}) in {folder}/.") from exc
+        sha = checksums(part)["sha256"]
+        prefix = weights.sha256_prefix
+        if prefix and not sha.startswith(prefix):
+            part.unlink()
+            raise PretrainedError(f"{weights.url}: sha256 {sha} does not start with {prefix} as its name says; the "
+                                  "download was corrupt and was deleted. Run again.")
+        if not prefix:
+            log.warning("%s: no published checksum; recording sha256 %s in %s", weights.filename, sha, record)
+            record.write_text(json.dumps({"sha256": sha, "url": weights.url, "verified": False}) + "\n")
+        os.replace(part, final)
+        return final
+    sha = checksums(final)["sha256"]
+    expected = weights.sha256_prefix or (json.loads(record.read_text())["sha256"] if record.is_file() else None)
+    if expected is None:
+        log.warning("%s: placed by hand, no checksum to check it against; recording sha256 %s", final, sha)
+        record.write_text(json.dumps({"sha256": sha, "url": weights.url, "verified": False}) + "\n")
+    elif not sha.startswith(expected):
+        raise PretrainedError(f"{final}: sha256 {sha} does not match {expected}. Delete the file and run again.")
+    return final
+
+
+def read_official_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of an official ImageNet file, read with ``weights_only=True``, unwrapped from 'state_dict' or
+    'model' and stripped of 'module.'/'backbone.' prefixes as the official loader does."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise PretrainedError(f"{path}: cannot be read with weights_only=True ({exc}). Delete it, run again.") from exc
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict):
+        raise PretrainedError(f"{path}: not a state dict.")
+    return {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+
+
+def _resnet_key(key: str) -> str:
+    for old, new in _STEM.items():
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def _swin_key(key: str) -> str:
+    """Original Swin release name -> timm's: a stage's patch merging is timm's next stage's ``downsample`` (the
+    2x2 concatenation order is the same in both), ``layers.i`` -> ``layers_i``."""
+    m = _SWIN_LAYER.match(key)
+    if not m:
+        return key
+    stage = int(m[1]) + (1 if m[2] == "downsample" else 0)
+    return f"layers_{stage}.{m[2]}." + key[m.end():]
+
+
+def official_backbone_to_ours(state: dict[str, torch.Tensor], family: str,
+                              ours: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Convert an official ImageNet state dict to the tensors of our timm ``body`` (``ours``: its state dict).
+
+    Strict: every tensor of ``ours`` must be provided with the same shape and every file tensor must map to one
+    of ours or be one of the family's unused tensors; errors list the offenders.
+    """
+    rename = {"resnet": _resnet_key, "hrnet": lambda k: k, "swin": _swin_key}[family]
+    converted: dict[str, torch.Tensor] = {}
+    unused, unknown = [], []
+    for key, value in state.items():
+        if _UNUSED[family].match(key):
+            unused.append(key)
+            continue
+        new = rename(key)
+        if new in ours:
+            converted[new] = value
+        else:
+            unknown.append(key)
+    missing = sorted(k for k in ours if k not in converted)
+    wrong = [f"{k} {tuple(v.shape)} (ours {tuple(ours[k].shape)})" for k, v in converted.items()
+             if tuple(v.shape) != tuple(ours[k].shape)]
+    if unknown or missing or wrong:
+        raise PretrainedError(f"official {family} weights do not fit the backbone: unexpected {unknown[:6]}, missing "
+                              f"{missing[:6]}, shapes {wrong[:6]}. Is the file the one for this backbone?")
+    log.info("official weights: %d tensors loaded, %d classifier/constant tensors unused", len(converted), len(unused))
+    return {k: v.to(ours[k].dtype) for k, v in converted.items()}
+
+
+def load_official_backbone(body: nn.Module, name: str, path: str | Path | None = None) -> None:
+    """Load the official ImageNet file for timm backbone ``name`` into its features model ``body`` (in place);
+    ``path`` defaults to the cached download."""
+    weights = official_weights_for(name)
+    file = Path(path) if path is not None else fetch_official_weights(weights)
+    ours = body.state_dict()
+    body.load_state_dict(official_backbone_to_ours(read_official_file(file), weights.family, ours), strict=True)
