@@ -116,12 +116,12 @@ def convert_official_checkpoint(state_dict: dict[str, torch.Tensor], model_param
     provided (the fixed memory noise, which the official code does not store, is filled with the official
     draws). Errors name the offending tensors.
     """
-    from mcibi.models import build_segmentor
+    from mcibi.models import build_for_weights
 
     if isinstance(state_dict.get("model"), dict):  # a full training checkpoint: {'model': ..., 'optimizer': ...}
         state_dict = state_dict["model"]
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
-    model = build_segmentor(model_params)
+    model = build_for_weights(model_params)
     ours = model.state_dict()
     if model_params.backbone.name.startswith("swin"):
         from mcibi.official import official_swin_to_ours

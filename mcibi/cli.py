@@ -196,12 +196,12 @@ def _cmd_convert(a: argparse.Namespace) -> None:
     import torch
 
     from mcibi.checkpoint import convert_official_checkpoint, load_official_file, save_checkpoint
-    from mcibi.models import build_segmentor
+    from mcibi.models import build_for_weights
     from mcibi.params import load_params
 
     params = load_params(a.params)
     converted = convert_official_checkpoint(load_official_file(a.official), params.model)
-    model = build_segmentor(params.model)
+    model = build_for_weights(params.model)
     model.load_state_dict(converted, strict=True)
     with torch.no_grad():
         save_checkpoint(a.out, model, params, iteration=0, source=str(a.official), mlflow_run_id="")

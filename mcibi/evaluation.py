@@ -29,7 +29,7 @@ from mcibi.distributed import DistEnv, setup, teardown
 from mcibi.files import atomic_open, atomic_path, write_json
 from mcibi.inference import predict_tta
 from mcibi.metrics import ConfusionMatrix
-from mcibi.models import build_segmentor
+from mcibi.models import build_for_weights
 from mcibi.models.folding import fold_batchnorm
 from mcibi.params import PROTOCOL_TITLES, ExperimentParams, ProtocolParams, to_dict
 
@@ -44,7 +44,7 @@ def load_model(params: ExperimentParams, checkpoint: str | Path, dev: torch.devi
     trained = checkpoint_params(state, checkpoint)
     if trained.model != params.model:
         raise ValueError(f"{checkpoint}: trained with different model params than {params.path}. Retrain it.")
-    model = build_segmentor(params.model)
+    model = build_for_weights(params.model)
     load_weights(model, state, checkpoint)
     model.to(dev).eval()
     if params.evaluate.fold_batchnorm:

@@ -85,7 +85,7 @@ class _Flavours:
 
         import mcibi
         from mcibi.checkpoint import checkpoint_params, load_checkpoint, load_weights
-        from mcibi.models import build_segmentor
+        from mcibi.models import build_for_weights
         from mcibi.predict import DATASET_INFO
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -96,7 +96,7 @@ class _Flavours:
                                      code_paths=[str(Path(mcibi.__file__).parent)], signature=signature(),
                                      pip_requirements=requirements())
         state = load_checkpoint(self.checkpoint)
-        torch_model = build_segmentor(checkpoint_params(state, self.checkpoint).model)
+        torch_model = build_for_weights(checkpoint_params(state, self.checkpoint).model)
         load_weights(torch_model, state, self.checkpoint)
         torch_model.eval()
         sub = Path(path) / "pytorch"

@@ -209,19 +209,11 @@ def released_file(folder: str | Path, kind: str) -> Path | None:
 def convert_release(checkpoint: str | Path, params: ExperimentParams, out: str | Path, **extra: Any) -> None:
     """An official checkpoint as an mcibi checkpoint of ``params`` (strict conversion, then saved atomically)."""
     from mcibi.checkpoint import convert_official_checkpoint, load_official_file, save_checkpoint
-    from mcibi.models import build_segmentor
+    from mcibi.models import build_for_weights
 
-    model = build_segmentor(_without_init(params.model))
+    model = build_for_weights(params.model)
     model.load_state_dict(convert_official_checkpoint(load_official_file(checkpoint), params.model), strict=True)
     save_checkpoint(out, model, params, source="official", **extra)
-
-
-def _without_init(model: ModelParams) -> ModelParams:
-    """The architecture only: no ImageNet download and no init_from, since every weight is replaced anyway."""
-    import dataclasses
-
-    return dataclasses.replace(model, init_from=None,
-                               backbone=dataclasses.replace(model.backbone, pretrained=False))
 
 
 def initialise_from(model: nn.Module, path: str | Path, model_params: ModelParams) -> None:

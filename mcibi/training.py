@@ -32,7 +32,7 @@ from mcibi.data.specs import IGNORE_INDEX, get_spec
 from mcibi.data.transforms import build_train_transform
 from mcibi.distributed import BatchPlan, DistEnv, any_rank, barrier, batch_plan, setup, teardown
 from mcibi.files import WriteError, atomic_open, write_json
-from mcibi.models import build_segmentor
+from mcibi.models import build_for_weights, build_segmentor
 from mcibi.optim import build_optimizer as _build_optimizer
 from mcibi.optim import poly_lr, scheduled_lr, set_lr
 from mcibi.params import ExperimentParams, flatten, params_from_dict, to_dict, trajectory
@@ -495,11 +495,14 @@ def _build(params: ExperimentParams, data_root: str | Path, out: Path, env: Dist
         raise ValueError(f"{params.path}: train.total_batch_size {tp.total_batch_size} exceeds the "
                          f"{len(dataset)} training images.")
     layout = torch.channels_last if tp.channels_last else torch.contiguous_format
-    core = build_segmentor(params.model).to(dev).to(memory_format=layout)
     if params.model.init_from:  # fine-tuning: every weight from a checkpoint (a resumed run overrides them)
         from mcibi.released import initialise_from
 
+        core = build_for_weights(params.model)
         initialise_from(core, params.model.init_from, params.model)
+    else:
+        core = build_segmentor(params.model)
+    core = core.to(dev).to(memory_format=layout)
     if env.distributed and tp.sync_batchnorm:
         if dev.type == "cuda":
             core = _convert_sync_batchnorm(core)

@@ -9,6 +9,7 @@ distribution memory; ``"mcibi"`` the v1 vector memory in the same place (an abla
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -201,3 +202,10 @@ class MemorySegmentor(nn.Module):
 def build_segmentor(params: ModelParams) -> MemorySegmentor:
     """The segmentor that ``params`` (the ``model`` section of an experiment file) describes."""
     return MemorySegmentor(params)
+
+
+def build_for_weights(params: ModelParams) -> MemorySegmentor:
+    """The architecture of ``params`` to load a checkpoint's weights into: no ImageNet download (``pretrained``) and
+    no ``init_from``, since every weight is replaced (evaluating or converting must never fetch a file)."""
+    return MemorySegmentor(dataclasses.replace(params, init_from=None,
+                                               backbone=dataclasses.replace(params.backbone, pretrained=False)))
