@@ -26,7 +26,10 @@ def test_launcher_and_threads_follow_the_resources():
 def test_slurm_profile_plans_torchrun_jobs_with_param_resources(tmp_path):
     pytest.importorskip("snakemake_executor_plugin_slurm")
     repo = tmp_path / "repo"
-    shutil.copytree(ROOT, repo, ignore=lambda d, names: [n for n in names if n in SKIP or n.endswith(".egg-info")])
+    # SKIP names top-level folders only: mcibi/data/ must be copied (else mcibi.data came from another checkout)
+    shutil.copytree(ROOT, repo, ignore=lambda d, names: [n for n in names if (n in SKIP and Path(d) == ROOT)
+                                                         or n in ("__pycache__", ".pytest_cache")
+                                                         or n.endswith(".egg-info")])
     defaults = repo / "params" / "demo" / "defaults.yaml"
     data = yaml.safe_load(defaults.read_text())
     data["train"]["resources"] = {"gpus": 4, "cpus_per_gpu": 8, "mem_mb": 64000, "runtime": 1440}
