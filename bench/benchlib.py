@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL_CONFIGS = ROOT.parent / "shared" / "reference" / "official_configs.yaml"
 
@@ -144,3 +146,20 @@ def official_and_ours(name: str, cfg: dict, seed: int = 0):
     official.eval()
     ours.load_state_dict(convert_official_checkpoint(official.state_dict(), model_params), strict=True)
     return official, ours, model_params
+
+
+def override(params, assignments: list[str]):
+    """Params with dotted ``key=value`` overrides (values parsed as YAML), validated again."""
+    from mcibi.params import params_from_dict, to_dict
+
+    data = to_dict(params)
+    for item in assignments:
+        key, _, value = item.partition("=")
+        node = data
+        *path, last = key.split(".")
+        for part in path:
+            node = node[part]
+        if last not in node:
+            raise SystemExit(f"--set {item}: no key '{key}' in {params.path}")
+        node[last] = yaml.safe_load(value)
+    return params_from_dict(data, f"{params.path} with --set")

@@ -21,25 +21,32 @@ the official toolbox importable (see the README's parity section); without it on
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
-import dataclasses
-import json
-import os
-import platform
-import statistics
-import time
-from collections.abc import Callable
-from pathlib import Path
+import sys
 
-import torch
-import torch.nn.functional as F
+from benchlib import cap_isa
 
-from mcibi.models import build_segmentor
-from mcibi.models.folding import fold_batchnorm
-from mcibi.official import load_official_config, model_params_from_official
-from mcibi.params import ChannelParams, load_params
-from mcibi.training import build_optimizer, train_step
+if __name__ == "__main__" and "--isa" in sys.argv:  # before torch loads
+    cap_isa(sys.argv[sys.argv.index("--isa") + 1])
+
+import contextlib  # noqa: E402
+import copy  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from benchlib import machine  # noqa: E402
+
+from mcibi.models import build_segmentor  # noqa: E402
+from mcibi.models.folding import fold_batchnorm  # noqa: E402
+from mcibi.official import load_official_config, model_params_from_official  # noqa: E402
+from mcibi.params import ChannelParams, load_params  # noqa: E402
+from mcibi.training import build_optimizer, train_step  # noqa: E402
 
 Timer = Callable[[], None]
 
@@ -212,6 +219,9 @@ def main() -> None:
     ap.add_argument("--channels-last", action="store_true", help="ours: NHWC activations (train and eval)")
     ap.add_argument("--fold-bn", action="store_true", help="ours: BatchNorm folded into convolutions for eval")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for both (GPU)")
+    ap.add_argument("--isa", choices=["avx2", "avx512", "native"], default="native",
+                    help="cap the CPU kernels (re-executes with ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA)")
+    ap.add_argument("--skip-memory", action="store_true", help="time only the train step and the eval forward")
     ap.add_argument("--official", help="an official config name: build our model from it and time the official "
                                        "implementation too (needs sssegmentation)")
     ap.add_argument("--official-configs", default=str(Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -246,7 +256,19 @@ def main() -> None:
         timers |= {f"official.{k}": fn for k, fn in official(official_cfg, images, labels, args, device).items()}
     load_before = os.getloadavg()[0]
     times: dict[str, dict] = {}
-    for what in ("train_step", "eval_forward", "memory_read", "memory_update", "memory_aggregate"):
+    whats = ("train_step", "eval_forward") if args.skip_memory else \
+        ("train_step", "eval_forward", "memory_read", "memory_update", "memory_aggregate")
+    peak: dict[str, float] = {}
+    if device.type == "cuda":  # peak memory of one call of the step and the forward, per side
+        for name, fn in timers.items():
+            if name.endswith((".train_step", ".eval_forward")):
+                fn()
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                fn()
+                torch.cuda.synchronize(device)
+                peak[name] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    for what in whats:
         group = {k: fn for k, fn in timers.items() if k.endswith(f".{what}")}
         if group:
             times |= _interleaved(group, args.repeats, args.warmup, device)
@@ -261,7 +283,8 @@ def main() -> None:
         "batch": args.batch,
         "crop": args.crop,
         "threads": args.threads,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": str(device),
+        "machine": machine(args.threads),
         "channels_last": args.channels_last,
         "fold_bn": args.fold_bn,
         "bf16": args.bf16,
@@ -269,6 +292,8 @@ def main() -> None:
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "seconds": times,
     }
+    if peak:
+        result["peak_memory_mb"] = peak
     for side in ("ours", "official"):
         for total, parts in (("memory_read_update", ("memory_read", "memory_update")),
                              ("memory_specific", ("memory_aggregate", "memory_update"))):

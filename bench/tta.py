@@ -37,7 +37,9 @@ import torch.nn.functional as F  # noqa: E402
 from benchlib import interleaved, machine, official_and_ours, official_available, official_config, sync  # noqa: E402
 
 from mcibi.inference import predict_tta  # noqa: E402
+from mcibi.models import build_segmentor  # noqa: E402
 from mcibi.models.folding import fold_batchnorm  # noqa: E402
+from mcibi.official import model_params_from_official  # noqa: E402
 
 MS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 PROTOCOLS = {
@@ -85,8 +87,14 @@ def bench_protocol(name: str, spec: dict, args, device: torch.device) -> dict:
                                     "stride": list(stride) if stride else None},
                         "tta": {"multiscale": list(spec["scales"]), "flip": True,
                                 "use_probs_before_resize": spec["probs"], "fixed_seg_target_pairs": pairs or None}}
-    official, ours, model_params = official_and_ours(spec["config"], cfg)
-    official, ours = official.to(device), ours.to(device)
+    if args.official:
+        official, ours, model_params = official_and_ours(spec["config"], cfg)
+        official = official.to(device)
+    else:  # ours alone, random weights
+        torch.manual_seed(0)
+        model_params = model_params_from_official(spec["config"], cfg)
+        ours = build_segmentor(model_params).eval()
+    ours = ours.to(device)
     fast = fold_batchnorm(ours).to(memory_format=torch.channels_last)  # evaluate.fold_batchnorm / channels_last
     perm = list(range(spec["classes"]))
     for a, b in pairs:
