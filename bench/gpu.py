@@ -14,7 +14,8 @@ On one CUDA GPU (the issue's setting: UperNet R-50-D8 MCIBI++, 150 classes, batc
 
 ``summary`` then gives bf16 (best variant) / official fp32 step, MFU, ms+flip images/s and whether the resume
 matched. Without CUDA it runs the same four steps on the CPU at toy sizes (``"fallback": "cpu"``), which is what
-CI checks; the figures are then only a smoke test. Every step runs in its own process with a timeout; a failing
+CI checks; the figures are then only a smoke test, and the official R-50-D8 model is left to ``bench/step.py`` and
+``bench/tta.py`` (too slow for CI). Every step runs in its own process with a timeout; a failing
 step is recorded (its error tail) and the others still run.
 
     bench/gpu.sh                      # -> bench/results/gpu.json
@@ -131,16 +132,13 @@ def main(argv: list[str] | None = None) -> dict:
             "train": [py, str(bench / "train.py"), args.params, "--batch", str(batch), "--crop", str(crop), str(crop),
                       "--iters", "1", "--warmup", "0", "--no-eval", "--threads", "1", "--variants", "fp32", "bf16+cl",
                       "--set", *sets],
-            "official_step": [py, str(bench / "step.py"), args.params, "--official", OFFICIAL, "--classes", "20",
-                              "--batch", str(batch), "--crop", "64", "--repeats", "1", "--warmup", "0",
-                              "--threads", "1", "--skip-memory"],
             "tta": [py, str(bench / "tta.py"), "--protocols", "lip_msflip_whole", "--size-scale", "0.07",
-                    "--repeats", "1", "--warmup", "0", "--threads", "1"],
+                    "--repeats", "1", "--warmup", "0", "--threads", "1", "--no-official"],
             "ddp_resume": [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
                            str(bench / "ddp_resume.py"), args.params, "--batch", "2", "--crop", "32", "32",
                            "--iters", "2", "--more", "1", "--set", *sets],
         }
-        shares = {"train": 0.25, "official_step": 0.25, "tta": 0.25, "ddp_resume": 0.25}
+        shares = {"train": 1 / 3, "tta": 1 / 3, "ddp_resume": 1 / 3}
     report: dict = {"bench": "gpu", "fallback": None if cuda else "cpu", "machine": machine(),
                     "setting": {"params": args.params, "set": sets, "batch": batch, "crop": crop,
                                 "official_config": OFFICIAL},
@@ -161,6 +159,9 @@ def main(argv: list[str] | None = None) -> dict:
         later = sum(shares[k] for k in list(steps_cmd)[list(steps_cmd).index(name):])
         report["steps"][name] = run_step(name, cmd, left * shares[name] / later, log)
         print(f"{name}: ok={report['steps'][name]['ok']} in {report['steps'][name]['seconds']} s", file=sys.stderr)
+    if not cuda:
+        report["steps"]["official_step"] = {"ok": False, "skipped": "CPU fallback (bench/step.py --official times the "
+                                                                   "official R-50-D8 step on a CPU)"}
     report["seconds"] = round(time.perf_counter() - start, 1)
     report["summary"] = summarise(report["steps"], batch)
     tmp = args.out.with_suffix(".json.tmp")
