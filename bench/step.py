@@ -204,6 +204,39 @@ def official(cfg: dict, images, labels, args, device) -> dict[str, Timer]:
             "memory_aggregate": aggregate}
 
 
+# op-name fragments -> category of the profile (first match wins; self CPU time, so nothing is counted twice)
+PROFILE_GROUPS = (
+    ("convolution", ("conv", "mkldnn_convolution", "slow_conv")),
+    ("batchnorm", ("batch_norm",)),
+    ("upsample/interpolate", ("upsample", "grid_sampler")),
+    ("softmax/log-softmax/loss", ("softmax", "nll_loss", "cross_entropy")),
+    ("matmul/einsum (attention, memory)", ("bmm", "matmul", "einsum", "addmm", " mm", "aten::mm", "baddbmm")),
+    ("optimiser", ("sgd", "_foreach", "fused")),
+    ("elementwise", ("add", "mul", "relu", "threshold", "div", "sub", "clamp", "where", "dropout", "fill", "zero")),
+    ("copies/layout", ("copy", "contiguous", "cat", "clone", "to_dense", "reorder", "permute", "empty_strided")),
+)
+
+
+def profile(fn: Timer, top: int = 12) -> dict:
+    """Self CPU time of one call of ``fn`` by category (PROFILE_GROUPS) and its most expensive ops."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    groups: dict[str, float] = {}
+    for e in events:
+        name = e.key.lower()
+        group = next((g for g, keys in PROFILE_GROUPS if any(k in name for k in keys)), "other")
+        groups[group] = groups.get(group, 0.0) + e.self_cpu_time_total
+    ops = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
+    return {"self_cpu_s": round(total / 1e6, 3),
+            "share": {g: round(v / total, 3) for g, v in sorted(groups.items(), key=lambda kv: -kv[1])},
+            "top_ops_s": {e.key: round(e.self_cpu_time_total / 1e6, 3) for e in ops}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("params")
@@ -222,6 +255,8 @@ def main() -> None:
     ap.add_argument("--isa", choices=["avx2", "avx512", "native"], default="native",
                     help="cap the CPU kernels (re-executes with ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA)")
     ap.add_argument("--skip-memory", action="store_true", help="time only the train step and the eval forward")
+    ap.add_argument("--profile", action="store_true", help="add a profile (self CPU time by op category) of one "
+                                                           "train step and one eval forward per side")
     ap.add_argument("--official", help="an official config name: build our model from it and time the official "
                                        "implementation too (needs sssegmentation)")
     ap.add_argument("--official-configs", default=str(Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -305,6 +340,9 @@ def main() -> None:
                              for what in ("train_step", "eval_forward", "memory_read", "memory_update",
                                           "memory_read_update", "memory_aggregate", "memory_specific")
                              if f"ours.{what}" in times}
+    if args.profile:
+        result["profile"] = {name: profile(fn) for name, fn in timers.items()
+                             if name.endswith((".train_step", ".eval_forward"))}
     print(json.dumps(result, indent=2))
 
 

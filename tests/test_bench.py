@@ -43,8 +43,8 @@ def test_train_bench_rejects_unknown_override():
 def test_gpu_bench_cpu_fallback_writes_one_json(tmp_path):
     """bench/gpu.sh without CUDA: every step runs at toy sizes, one JSON file with the summary."""
     out = tmp_path / "gpu.json"
-    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--cpu", "--out", str(out), "--budget", "400"],
-                          capture_output=True, text=True, timeout=450, cwd=ROOT,
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--cpu", "--out", str(out), "--budget", "840"],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT,
                           env={"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
