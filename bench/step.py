@@ -306,7 +306,12 @@ def main() -> None:
     for what in whats:
         group = {k: fn for k, fn in timers.items() if k.endswith(f".{what}")}
         if group:
-            times |= _interleaved(group, args.repeats, args.warmup, device)
+            if args.repeats > 0:  # --repeats 0: no timing (e.g. only --profile)
+                times |= _interleaved(group, args.repeats, args.warmup, device)
+            else:
+                for fn in group.values():
+                    for _ in range(args.warmup):
+                        fn()
     result = {
         "params": args.params,
         "official_config": args.official,
@@ -335,7 +340,7 @@ def main() -> None:
             if all(f"{side}.{part}" in times for part in parts):
                 times[f"{side}.{total}"] = {stat: sum(times[f"{side}.{part}"][stat] for part in parts)
                                             for stat in ("median", "min", "cpu_median")}
-    if official_cfg is not None:
+    if official_cfg is not None and times:
         result["speedup"] = {what: round(times[f"official.{what}"]["median"] / times[f"ours.{what}"]["median"], 3)
                              for what in ("train_step", "eval_forward", "memory_read", "memory_update",
                                           "memory_read_update", "memory_aggregate", "memory_specific")
