@@ -21,24 +21,31 @@ the official toolbox importable (see the README's parity section); without it on
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
-import dataclasses
-import json
-import os
-import platform
-import statistics
-import time
-from collections.abc import Callable
+import sys
 
-import torch
-import torch.nn.functional as F
+from benchlib import cap_isa
 
-from mcibi.models import build_segmentor
-from mcibi.models.folding import fold_batchnorm
-from mcibi.official import load_official_config, model_params_from_official
-from mcibi.params import ChannelParams, load_params
-from mcibi.training import build_optimizer, train_step
+if __name__ == "__main__" and "--isa" in sys.argv:  # before torch loads
+    cap_isa(sys.argv[sys.argv.index("--isa") + 1])
+
+import contextlib  # noqa: E402
+import copy  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from benchlib import machine  # noqa: E402
+
+from mcibi.models import build_segmentor  # noqa: E402
+from mcibi.models.folding import fold_batchnorm  # noqa: E402
+from mcibi.official import load_official_config, model_params_from_official  # noqa: E402
+from mcibi.params import ChannelParams, load_params  # noqa: E402
+from mcibi.training import build_optimizer, train_step  # noqa: E402
 
 Timer = Callable[[], None]
 
@@ -196,6 +203,39 @@ def official(cfg: dict, images, labels, args, device) -> dict[str, Timer]:
             "memory_aggregate": aggregate}
 
 
+# op-name fragments -> category of the profile (first match wins; self CPU time, so nothing is counted twice)
+PROFILE_GROUPS = (
+    ("convolution", ("conv", "mkldnn_convolution", "slow_conv")),
+    ("batchnorm", ("batch_norm",)),
+    ("upsample/interpolate", ("upsample", "grid_sampler")),
+    ("softmax/log-softmax/loss", ("softmax", "nll_loss", "cross_entropy")),
+    ("matmul/einsum (attention, memory)", ("bmm", "matmul", "einsum", "addmm", " mm", "aten::mm", "baddbmm")),
+    ("optimiser", ("sgd", "_foreach", "fused")),
+    ("elementwise", ("add", "mul", "relu", "threshold", "div", "sub", "clamp", "where", "dropout", "fill", "zero")),
+    ("copies/layout", ("copy", "contiguous", "cat", "clone", "to_dense", "reorder", "permute", "empty_strided")),
+)
+
+
+def profile(fn: Timer, top: int = 12) -> dict:
+    """Self CPU time of one call of ``fn`` by category (PROFILE_GROUPS) and its most expensive ops."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    groups: dict[str, float] = {}
+    for e in events:
+        name = e.key.lower()
+        group = next((g for g, keys in PROFILE_GROUPS if any(k in name for k in keys)), "other")
+        groups[group] = groups.get(group, 0.0) + e.self_cpu_time_total
+    ops = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
+    return {"self_cpu_s": round(total / 1e6, 3),
+            "share": {g: round(v / total, 3) for g, v in sorted(groups.items(), key=lambda kv: -kv[1])},
+            "top_ops_s": {e.key: round(e.self_cpu_time_total / 1e6, 3) for e in ops}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("params")
@@ -211,6 +251,11 @@ def main() -> None:
     ap.add_argument("--channels-last", action="store_true", help="ours: NHWC activations (train and eval)")
     ap.add_argument("--fold-bn", action="store_true", help="ours: BatchNorm folded into convolutions for eval")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for both (GPU)")
+    ap.add_argument("--isa", choices=["avx2", "avx512", "native"], default="native",
+                    help="cap the CPU kernels (re-executes with ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA)")
+    ap.add_argument("--skip-memory", action="store_true", help="time only the train step and the eval forward")
+    ap.add_argument("--profile", action="store_true", help="add a profile (self CPU time by op category) of one "
+                                                           "train step and one eval forward per side")
     ap.add_argument("--official", help="an official config name: build our model from it and time the official "
                                        "implementation too (needs sssegmentation)")
     ap.add_argument("--official-configs", default=None, help="official configs dump (default: the copy in mcibi)")
@@ -244,10 +289,27 @@ def main() -> None:
         timers |= {f"official.{k}": fn for k, fn in official(official_cfg, images, labels, args, device).items()}
     load_before = os.getloadavg()[0]
     times: dict[str, dict] = {}
-    for what in ("train_step", "eval_forward", "memory_read", "memory_update", "memory_aggregate"):
+    whats = ("train_step", "eval_forward") if args.skip_memory else \
+        ("train_step", "eval_forward", "memory_read", "memory_update", "memory_aggregate")
+    peak: dict[str, float] = {}
+    if device.type == "cuda":  # peak memory of one call of the step and the forward, per side
+        for name, fn in timers.items():
+            if name.endswith((".train_step", ".eval_forward")):
+                fn()
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                fn()
+                torch.cuda.synchronize(device)
+                peak[name] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    for what in whats:
         group = {k: fn for k, fn in timers.items() if k.endswith(f".{what}")}
         if group:
-            times |= _interleaved(group, args.repeats, args.warmup, device)
+            if args.repeats > 0:  # --repeats 0: no timing (e.g. only --profile)
+                times |= _interleaved(group, args.repeats, args.warmup, device)
+            else:
+                for fn in group.values():
+                    for _ in range(args.warmup):
+                        fn()
     result = {
         "params": args.params,
         "official_config": args.official,
@@ -259,7 +321,8 @@ def main() -> None:
         "batch": args.batch,
         "crop": args.crop,
         "threads": args.threads,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": str(device),
+        "machine": machine(args.threads),
         "channels_last": args.channels_last,
         "fold_bn": args.fold_bn,
         "bf16": args.bf16,
@@ -267,17 +330,22 @@ def main() -> None:
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "seconds": times,
     }
+    if peak:
+        result["peak_memory_mb"] = peak
     for side in ("ours", "official"):
         for total, parts in (("memory_read_update", ("memory_read", "memory_update")),
                              ("memory_specific", ("memory_aggregate", "memory_update"))):
             if all(f"{side}.{part}" in times for part in parts):
                 times[f"{side}.{total}"] = {stat: sum(times[f"{side}.{part}"][stat] for part in parts)
                                             for stat in ("median", "min", "cpu_median")}
-    if official_cfg is not None:
+    if official_cfg is not None and times:
         result["speedup"] = {what: round(times[f"official.{what}"]["median"] / times[f"ours.{what}"]["median"], 3)
                              for what in ("train_step", "eval_forward", "memory_read", "memory_update",
                                           "memory_read_update", "memory_aggregate", "memory_specific")
                              if f"ours.{what}" in times}
+    if args.profile:
+        result["profile"] = {name: profile(fn) for name, fn in timers.items()
+                             if name.endswith((".train_step", ".eval_forward"))}
     print(json.dumps(result, indent=2))
 
 

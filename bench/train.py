@@ -30,12 +30,12 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
+from benchlib import override
 
 from mcibi.inference import predict_tta
 from mcibi.models import build_segmentor
 from mcibi.models.folding import fold_batchnorm
-from mcibi.params import ExperimentParams, load_params, params_from_dict, to_dict
+from mcibi.params import ExperimentParams, load_params
 from mcibi.training import build_optimizer, train_step
 
 # Dense (no sparsity) peak TFLOP/s by GPU name fragment: (bf16/fp16 tensor core, tf32 tensor core, fp32 CUDA core)
@@ -47,21 +47,6 @@ PEAK_TFLOPS = {
     "H100": (989.4, 494.7, 66.9),
     "A100": (312.0, 156.0, 19.5),
 }
-
-
-def override(params: ExperimentParams, assignments: list[str]) -> ExperimentParams:
-    """Params with dotted ``key=value`` overrides (values parsed as YAML), validated again."""
-    data = to_dict(params)
-    for item in assignments:
-        key, _, value = item.partition("=")
-        node = data
-        *path, last = key.split(".")
-        for part in path:
-            node = node[part]
-        if last not in node:
-            raise SystemExit(f"--set {item}: no key '{key}' in {params.path}")
-        node[last] = yaml.safe_load(value)
-    return params_from_dict(data, f"{params.path} with --set")
 
 
 def parse_variant(name: str) -> dict:

@@ -56,19 +56,25 @@ def predict_slide(
 
     All windows have the same size (clamped to the border), so they run as batches of up to ``max_batch``.
     """
+    # Speed/memory (bench/tta.py): each batch of windows is resized, soft-maxed and added into the sum as soon as
+    # it is computed, so memory holds one batch's scores whatever the image size (the same arithmetic, in the same
+    # order, as resizing all windows at once).
     b, _, h, w = images.shape
     boxes = slide_windows(h, w, crop, stride)
-    crops = torch.cat([images[:, :, y1:y2, x1:x2] for (y1, y2, x1, x2) in boxes], dim=0)
-    outs = [_forward_logits(model, chunk) for chunk in crops.split(max_batch * b, dim=0)]
-    scores = torch.cat(outs, dim=0)
-    scores = F.interpolate(scores, size=crops.shape[2:], mode="bilinear", align_corners=align_corners)
-    if probs:
-        scores = scores.softmax(dim=1)
-    total = images.new_zeros((b, scores.shape[1], h, w))
-    count = images.new_zeros((1, 1, h, w))
-    for i, (y1, y2, x1, x2) in enumerate(boxes):
-        total[:, :, y1:y2, x1:x2] += scores[i * b : (i + 1) * b]
-        count[:, :, y1:y2, x1:x2] += 1
+    total = count = None
+    for start in range(0, len(boxes), max_batch):
+        chunk = boxes[start : start + max_batch]
+        crops = torch.cat([images[:, :, y1:y2, x1:x2] for (y1, y2, x1, x2) in chunk], dim=0)
+        scores = _forward_logits(model, crops)
+        scores = F.interpolate(scores, size=crops.shape[2:], mode="bilinear", align_corners=align_corners)
+        if probs:
+            scores = scores.softmax(dim=1)
+        if total is None:
+            total = images.new_zeros((b, scores.shape[1], h, w))
+            count = images.new_zeros((1, 1, h, w))
+        for i, (y1, y2, x1, x2) in enumerate(chunk):
+            total[:, :, y1:y2, x1:x2] += scores[i * b : (i + 1) * b]
+            count[:, :, y1:y2, x1:x2] += 1
     return total / count
 
 

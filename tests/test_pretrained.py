@@ -3,13 +3,12 @@ classes with random weights, give our backbones the official backbones' features
 reference); the download goes through a loopback server (cache, resume, checksum from the file name)."""
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from mcibi.models.backbone import Backbone
+from mcibi.official import load_official_configs
 from mcibi.pretrained import (
     OFFICIAL_WEIGHTS,
     OfficialWeights,
@@ -22,14 +21,13 @@ from tests.miniature_datasets import Server, local_path, sha256
 
 ssseg = pytest.importorskip("ssseg", reason="the official sssegmentation package is not installed")
 
-CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_configs.yaml"
 
 
 def _official_backbone(config: str, **over):
     from ssseg.modules.models.backbones import BuildBackbone, hrnet
 
     hrnet.HRModule.use_checkpoint = False  # sssegmentation 1.7.0's HRModule reads an attribute it never sets
-    cfg = copy.deepcopy(yaml.safe_load(CONFIGS.read_text())[config]["backbone"])
+    cfg = copy.deepcopy(load_official_configs()[config]["backbone"])
     cfg.pop("mcibi_version", None)
     if cfg["type"] != "SwinTransformer":
         cfg["norm_cfg"] = {"type": "BatchNorm2d"}  # single process

@@ -15,13 +15,13 @@ import pytest
 import torch
 import yaml
 
+from mcibi.official import load_official_configs
 from mcibi.released import ReleaseError, parse_official_log, release_of, released_file
 from tests.miniature_datasets import BUILDERS, Server, local_path
 
 ssseg = pytest.importorskip("ssseg", reason="the official sssegmentation package is not installed")
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT.parent / "shared" / "reference" / "official_configs.yaml"
 NAME = "mcibiplusplus_upernet_resnet50os8_voc"
 
 
@@ -30,7 +30,7 @@ def _official_checkpoint(path: Path) -> None:
     from ssseg.modules.models.segmentors.mcibiplusplus.mcibiplusplus import MCIBIPlusPlus
     from ssseg.modules.utils.io import saveckpts
 
-    cfg = copy.deepcopy(yaml.safe_load(CONFIGS.read_text())[NAME])
+    cfg = copy.deepcopy(load_official_configs()[NAME])
     cfg["backbone"]["pretrained"] = False
     cfg["norm_cfg"] = {"type": "BatchNorm2d"}
     torch.manual_seed(0)

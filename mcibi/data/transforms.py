@@ -17,6 +17,8 @@ from mcibi.params import DataParams, ResizeParams
 
 MEAN = np.array([123.675, 116.28, 103.53], np.float32)  # ImageNet RGB statistics, as every official config
 STD = np.array([58.395, 57.12, 57.375], np.float32)
+_MEAN_T = torch.from_numpy(MEAN).view(3, 1, 1)
+_STD_T = torch.from_numpy(STD).view(3, 1, 1)
 
 Transform = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[torch.Tensor, torch.Tensor]]
 
@@ -58,7 +60,10 @@ def random_crop(image, label, crop: tuple[int, int], cat_max_ratio: float, rng: 
         lab = label[y : y + ch, x : x + cw]
         if cat_max_ratio >= 1.0:
             break
-        _, counts = np.unique(lab[lab != IGNORE_INDEX], return_counts=True)
+        # per-class pixel counts without the ignore label (bincount: same counts as np.unique, no sort)
+        counts = np.bincount(lab.ravel(), minlength=IGNORE_INDEX + 1)
+        counts[IGNORE_INDEX] = 0
+        counts = counts[counts > 0]
         if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
             break
     return image[y : y + ch, x : x + cw], lab
@@ -66,11 +71,13 @@ def random_crop(image, label, crop: tuple[int, int], cat_max_ratio: float, rng: 
 
 def flip_label_pairs(label: np.ndarray, flip_pairs: Sequence[tuple[int, int]]) -> np.ndarray:
     """Exchange the values of each left/right class pair (after a horizontal flip)."""
-    out = label.copy()
+    if not flip_pairs:
+        return label.copy()
+    size = 256 if label.dtype == np.uint8 else max(int(label.max()), *(max(p) for p in flip_pairs)) + 1
+    table = np.arange(size, dtype=label.dtype)  # one lookup instead of two masked writes per pair
     for a, b in flip_pairs:
-        out[label == a] = b
-        out[label == b] = a
-    return out
+        table[a], table[b] = b, a
+    return table[label]
 
 
 def random_flip(image, label, prob: float, flip_pairs, rng: np.random.Generator):
@@ -95,32 +102,51 @@ def random_rotation(image, label, prob: float, max_degrees: float, rng: np.rando
     return image, label
 
 
+def _lut(fn) -> np.ndarray:
+    """The 256-entry uint8 table of a per-pixel function of a uint8 value (same float32 arithmetic, so applying
+    it with cv2.LUT gives exactly what the function gives applied to the whole image, in one pass)."""
+    return fn(np.arange(256, dtype=np.float32)).astype(np.uint8)
+
+
 def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """mmseg PhotoMetricDistortion on an RGB uint8 image: brightness ±32, contrast 0.5–1.5, saturation
-    0.5–1.5, hue ±18, each with probability 0.5, contrast before or after the HSV steps."""
-    img = image.astype(np.float32)
-    if rng.integers(2):
-        img = img + rng.uniform(-32, 32)
+    0.5–1.5, hue ±18, each with probability 0.5, contrast before or after the HSV steps.
+
+    Every step is a function of each uint8 value, so it runs as a lookup table (bit-identical to computing it in
+    float32 over the image)."""
+    delta = rng.uniform(-32, 32) if rng.integers(2) else None
     contrast_first = bool(rng.integers(2))
-    if contrast_first and rng.integers(2):
-        img = img * rng.uniform(0.5, 1.5)
-    img = np.clip(img, 0, 255).astype(np.uint8)
+    alpha = rng.uniform(0.5, 1.5) if contrast_first and rng.integers(2) else None
+
+    def brightness_contrast(v: np.ndarray) -> np.ndarray:
+        if delta is not None:
+            v = v + delta
+        if alpha is not None:
+            v = v * alpha
+        return np.clip(v, 0, 255)
+
+    img = image if delta is None and alpha is None else cv2.LUT(image, _lut(brightness_contrast))
     if rng.integers(2) or rng.integers(2):
-        hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV).astype(np.float32)
+        hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
         if rng.integers(2):
-            hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(0.5, 1.5), 0, 255)
+            s = rng.uniform(0.5, 1.5)
+            hsv[..., 1] = _lut(lambda v: np.clip(v * s, 0, 255))[hsv[..., 1]]
         if rng.integers(2):
-            hsv[..., 0] = (hsv[..., 0] + rng.integers(-18, 18)) % 180
-        img = cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB)
+            d = rng.integers(-18, 18)
+            hsv[..., 0] = _lut(lambda v: (v + d) % 180)[hsv[..., 0]]
+        img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
     if not contrast_first and rng.integers(2):
-        img = np.clip(img.astype(np.float32) * rng.uniform(0.5, 1.5), 0, 255).astype(np.uint8)
+        beta = rng.uniform(0.5, 1.5)
+        img = cv2.LUT(img, _lut(lambda v: np.clip(v * beta, 0, 255)))
     return img
 
 
 def normalize(image: np.ndarray) -> torch.Tensor:
     """(x - mean) / std on RGB, HWC uint8 → CHW float32."""
-    x = (image.astype(np.float32) - MEAN) / STD
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+    # torch writes CHW directly; float32 subtract then divide, the same arithmetic as numpy's (x - MEAN) / STD
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    x = x.to(torch.float32, memory_format=torch.contiguous_format)
+    return x.sub_(_MEAN_T).div_(_STD_T)
 
 
 def pad_to(image: torch.Tensor, label: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
