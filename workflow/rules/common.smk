@@ -115,18 +115,7 @@ def evaluations(wildcards):
 # Training reruns only when the params that change its weights change, an evaluation only when its protocol does
 # (both as `params:` hashes; the params files are not inputs), and verify_data whenever the prepared files change.
 from mcibi.data.fingerprint import change_stamp
-from mcibi.params import protocol_hash, trajectory_hash
-
-
-class untracked:
-    """A rule param that says how a job runs (launcher, threads), not what it computes: Snakemake's params rerun
-    trigger only compares values of builtin types, so wrapping one keeps its edits from rerunning the job."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def __str__(self):
-        return str(self.value)
+from mcibi.params import Untracked, protocol_hash, trajectory_hash
 
 
 def params_file(wildcards):

@@ -22,8 +22,8 @@ rule evaluate:
         cpus_per_task=lambda wc: job_threads(EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources),
     params:
         data=lambda wc, input: os.path.dirname(os.path.dirname(input.data[0])),
-        launcher=lambda wc: untracked(launcher(EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources)),
-        torch_threads=lambda wc: untracked(EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources.cpus_per_gpu),
+        launcher=lambda wc: Untracked(launcher(EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources)),
+        torch_threads=lambda wc: Untracked(EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources.cpus_per_gpu),
         seed=run_seed,
         file=params_file,
         protocol=protocol_of,
@@ -53,8 +53,8 @@ rule export_test:
         cpus_per_task=lambda wc: job_threads(EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources),
     params:
         data=lambda wc, input: os.path.dirname(os.path.dirname(input.data[0])),
-        launcher=lambda wc: untracked(launcher(EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources)),
-        torch_threads=lambda wc: untracked(EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources.cpus_per_gpu),
+        launcher=lambda wc: Untracked(launcher(EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources)),
+        torch_threads=lambda wc: Untracked(EXPERIMENTS[wc.dataset][wc.experiment].evaluate.resources.cpus_per_gpu),
         file=params_file,
         protocol=protocol_of,
     conda:

@@ -43,8 +43,8 @@ rule train:
     params:
         data=lambda wc, input: os.path.dirname(os.path.dirname(input.data[0])),
         out=lambda wc, output: os.path.dirname(output.checkpoint),
-        launcher=lambda wc: untracked(launcher(EXPERIMENTS[wc.dataset][wc.experiment].train.resources)),
-        torch_threads=lambda wc: untracked(EXPERIMENTS[wc.dataset][wc.experiment].train.resources.cpus_per_gpu),
+        launcher=lambda wc: Untracked(launcher(EXPERIMENTS[wc.dataset][wc.experiment].train.resources)),
+        torch_threads=lambda wc: Untracked(EXPERIMENTS[wc.dataset][wc.experiment].train.resources.cpus_per_gpu),
         seed=run_seed,
         file=params_file,
         trajectory=trajectory_of,
