@@ -617,6 +617,17 @@ EXECUTION_KEYS = ("train.checkpoint_every", "train.keep_checkpoints", "train.res
                   "train.log_every", "train.batch_per_device", "train.compile", "evaluate", "description")
 
 
+class Untracked:
+    """A workflow rule param that says how a job runs (launcher, threads), not what it computes: Snakemake's params
+    rerun trigger compares only values of builtin types, so wrapping one keeps its edits from rerunning the job."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
 def _matches(key: str, prefixes: tuple[str, ...]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 

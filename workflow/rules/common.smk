@@ -9,7 +9,7 @@ from snakemake.utils import validate
 from mcibi.catalogue.rows import select
 from mcibi.data.specs import get_spec
 from mcibi.data.fingerprint import change_stamp
-from mcibi.params import PROTOCOL_NAMES, experiment_files, load_params, protocol_hash, trajectory_hash
+from mcibi.params import PROTOCOL_NAMES, Untracked, experiment_files, load_params, protocol_hash, trajectory_hash
 from mcibi.runs import job_threads, launcher, seed_runs, with_seed
 
 
@@ -127,12 +127,12 @@ def train_gpus(wildcards):
 
 
 def train_launcher(wildcards):
-    return untracked(launcher(run_params(wildcards).train.resources))
+    return Untracked(launcher(run_params(wildcards).train.resources))
 
 
 def train_torch_threads(wildcards):
     """Torch threads per process: cpus_per_gpu."""
-    return untracked(run_params(wildcards).train.resources.cpus_per_gpu)
+    return Untracked(run_params(wildcards).train.resources.cpus_per_gpu)
 
 
 # What an evaluation (or export, figures) job asks for: its params' evaluate.resources.
@@ -153,11 +153,11 @@ def eval_gpus(wildcards):
 
 
 def eval_launcher(wildcards):
-    return untracked(launcher(run_params(wildcards).evaluate.resources))
+    return Untracked(launcher(run_params(wildcards).evaluate.resources))
 
 
 def eval_torch_threads(wildcards):
-    return untracked(run_params(wildcards).evaluate.resources.cpus_per_gpu)
+    return Untracked(run_params(wildcards).evaluate.resources.cpus_per_gpu)
 
 
 def figures_gpus(wildcards):
@@ -206,18 +206,9 @@ def report_seeds(wildcards):
     return seeds_of(wildcards.dataset)
 
 
-# ----------------------------------------------------------------------------------------- rerun triggers (issue 11)
+# ------------------------------------------------------------------------------------------------- rerun triggers
 # Training reruns only when the params that change its weights change, an evaluation only when its protocol does
 # (both as `params:` hashes; the params files are not inputs), and verify_data whenever the prepared files change.
-class untracked:
-    """A rule param that says how a job runs (launcher, threads), not what it computes: Snakemake's params rerun
-    trigger only compares values of builtin types, so wrapping one keeps its edits from rerunning the job."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def __str__(self):
-        return str(self.value)
 
 
 def params_file(wildcards):
