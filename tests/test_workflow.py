@@ -20,7 +20,10 @@ SKIP = {".git", ".venv", ".snakemake", "runs", "results", "data", "downloads", "
 
 
 def _copy_repo(dest: Path) -> Path:
-    shutil.copytree(ROOT, dest, ignore=lambda d, names: [n for n in names if n in SKIP or n.endswith(".egg-info")])
+    """The repository without run outputs; only top-level names are skipped (mcibi/data is code, not data/)."""
+    shutil.copytree(ROOT, dest, ignore=lambda d, names: [n for n in names if (Path(d) == ROOT and n in SKIP)
+                                                         or n in ("__pycache__", ".pytest_cache")
+                                                         or n.endswith(".egg-info")])
     return dest
 
 
