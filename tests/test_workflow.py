@@ -21,8 +21,8 @@ SKIP = {".git", ".venv", ".snakemake", "runs", "results", "data", "downloads", "
 
 
 def _copy_repo(dest: Path) -> Path:
-    # SKIP names top-level folders only: mcibi/data/ must be copied (else mcibi.data came from another checkout)
-    shutil.copytree(ROOT, dest, ignore=lambda d, names: [n for n in names if (n in SKIP and Path(d) == ROOT)
+    """The repository without run outputs; only top-level names are skipped (mcibi/data is code, not data/)."""
+    shutil.copytree(ROOT, dest, ignore=lambda d, names: [n for n in names if (Path(d) == ROOT and n in SKIP)
                                                          or n in ("__pycache__", ".pytest_cache")
                                                          or n.endswith(".egg-info")])
     return dest
