@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 
 from mcibi.catalogue import ASSUMED_IMAGES_PER_GPU_S
 from mcibi.data.dataset import SegmentationDataset
-from mcibi.data.specs import get_spec
+from mcibi.data.lookup import get_spec
 from mcibi.data.transforms import build_train_transform
 from mcibi.params import load_params
 

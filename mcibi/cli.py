@@ -237,7 +237,7 @@ def _cmd_register(a: argparse.Namespace) -> None:
 
 
 def _cmd_new_dataset(a: argparse.Namespace) -> None:
-    from mcibi.data.custom import new_dataset
+    from mcibi.catalogue.custom import new_dataset
 
     files = new_dataset(a.description, a.seed_row, params_root=a.params_root, crop=a.crop, epochs=a.epochs,
                         batch=a.batch, gpus=a.gpus)

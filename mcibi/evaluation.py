@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from mcibi.checkpoint import checkpoint_params, load_checkpoint, load_weights
 from mcibi.data.dataset import SegmentationDataset
-from mcibi.data.specs import get_spec
+from mcibi.data.lookup import get_spec
 from mcibi.data.transforms import build_test_transform
 from mcibi.distributed import DistEnv, setup, teardown
 from mcibi.files import atomic_open, atomic_path, write_json

@@ -207,7 +207,7 @@ def make_figures(params: ExperimentParams, run_dir: str | Path, data_root: str |
                  section: str = "", baseline: str = "") -> list[Path]:
     """Write the run's figures and tables to ``out_dir``; with a tracking URI and an MLflow run id in
     ``run.json``, log them as artifacts of that run and set its comparison tags. Returns the files written."""
-    from mcibi.data.specs import get_spec
+    from mcibi.data.lookup import get_spec
 
     run_dir, out = Path(run_dir), Path(out_dir)
     spec = get_spec(params.data.name)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,10 +19,10 @@ from typing import Any
 import mlflow
 import numpy as np
 
+from mcibi.tracking import MODEL_NAME, default_tracking_uri, model_uri
+
 log = logging.getLogger(__name__)
 
-MODEL_NAME = "model"  # the logged model's name in its run: runs:/<run id>/model
-_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 class SegmenterModel(mlflow.pyfunc.PythonModel):
@@ -125,37 +124,8 @@ def log_model(tracking_uri: str, run_id: str, checkpoint: str | Path, dataset: s
     return info.model_uri
 
 
-def model_uri(ref: str, runs_root: str | Path = "runs") -> str:
-    """An MLflow model URI from a run id, a run folder (its ``run.json``), or a URI (returned as it is)."""
-    if "://" in ref or ref.startswith(("models:/", "runs:/")):
-        return ref
-    if _RUN_ID.match(ref):
-        return f"runs:/{ref}/{MODEL_NAME}"
-    run_file = Path(ref) / "run.json"
-    if not run_file.is_file():
-        run_file = Path(runs_root) / ref / "run.json"
-    if run_file.is_file():
-        run_id = json.loads(run_file.read_text()).get("mlflow_run_id")
-        if run_id:
-            return f"runs:/{run_id}/{MODEL_NAME}"
-        raise ValueError(f"{run_file}: the run was trained without MLflow (no mlflow_run_id); retrain with MLflow.")
-    raise ValueError(f"{ref}: neither an MLflow run id, a model URI (models:/<name>/<version>) nor a run folder "
-                     "with run.json.")
-
-
-def download_model(ref: str, tracking_uri: str | None = None) -> Path:
-    """A local copy of the MLflow model ``ref`` names (see :func:`model_uri`)."""
-    from mcibi.tracking import default_tracking_uri
-
-    uri = model_uri(ref)
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri,
-                                                    tracking_uri=tracking_uri or default_tracking_uri()))
-
-
 def register(ref: str, name: str, tracking_uri: str | None = None) -> tuple[str, str]:
     """Register the model of a run (id or folder) or URI under ``name``; returns (name, version)."""
-    from mcibi.tracking import default_tracking_uri
-
     mlflow.set_tracking_uri(tracking_uri or default_tracking_uri())
     version = mlflow.register_model(model_uri(ref), name)
     return version.name, str(version.version)

@@ -368,7 +368,7 @@ def timm_model_names() -> frozenset[str]:
 
 def _check(params: ExperimentParams, file: Path) -> None:
     """Cross-field and range checks the types cannot express."""
-    from mcibi.data.specs import get_spec
+    from mcibi.data.lookup import get_spec
 
     try:
         spec = get_spec(params.data.name)

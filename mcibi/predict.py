@@ -33,7 +33,7 @@ DATASET_INFO = "segmenter.json"  # what a Segmenter needs besides the checkpoint
 
 def dataset_info(name: str) -> dict[str, Any]:
     """Classes, flip pairs and palette of a dataset (a custom dataset's own palette when it defines one)."""
-    from mcibi.data.specs import get_spec
+    from mcibi.data.lookup import get_spec
     from mcibi.figures import palette as default_palette
 
     spec = get_spec(name)
@@ -97,7 +97,7 @@ class Segmenter:
             return cls.from_checkpoint(folder / "model.pt", protocol=protocol, device=device)
         if folder.is_dir() and (folder / "MLmodel").is_file():
             return cls.from_mlflow_model_dir(folder, protocol, device)
-        from mcibi.mlflow_model import download_model
+        from mcibi.tracking import download_model
 
         return cls.from_mlflow_model_dir(download_model(str(run), tracking_uri), protocol, device)
 

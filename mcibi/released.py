@@ -120,7 +120,7 @@ def release_params_files(params_root: str, dataset: str, experiment: str) -> lis
 def released_outputs(runs_root: str, params_root: str, dataset: str) -> list[str]:
     """What results/<dataset>/official needs: per row its evaluation JSONs (CityScapes test rows: the exported
     predictions) and its MLflow run record."""
-    from mcibi.data.specs import get_spec
+    from mcibi.data.lookup import get_spec
 
     out = []
     for stem in released_rows(params_root, dataset):

@@ -57,7 +57,7 @@ def build_table(experiments: list[ExperimentParams], runs_dir: str | Path, seeds
                 mlflow_ui: str | None = None, experiment_id: str | None = None) -> pd.DataFrame:
     """One row per experiment with, per protocol, our mean/sd/count over the seed runs that have an evaluation
     file ``<runs_dir>/<run>/eval/<protocol>.json``, the published value, delta, paired baseline and gain."""
-    from mcibi.data.specs import get_spec
+    from mcibi.data.lookup import get_spec
 
     runs_dir = Path(runs_dir)
     by_stem = {p.name.split("/")[-1]: p for p in experiments}

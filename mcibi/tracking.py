@@ -7,6 +7,7 @@ ids (no fluent ``set_experiment``, which silently files runs under "Default" whe
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -23,6 +24,8 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 
 log = logging.getLogger(__name__)
 
+MODEL_NAME = "model"  # a run's logged MLflow model (mcibi.mlflow_model): runs:/<run id>/model
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 MAX_PARAM_LEN = 500
 _INVALID_KEY = re.compile(r"[^\w\-. /:]")  # MLflow accepts letters, digits, _ - . space / : in names
 
@@ -239,12 +242,6 @@ class RunLogger:
         "val"}``): name ``<dataset>/<split>``, digest = the data version (see :func:`dataset_digest`)."""
         log_dataset_inputs(self.client, self.run_id, data_dir, splits)
 
-    def model(self, checkpoint: str | Path, dataset: str) -> str:
-        """Log the trained checkpoint as the run's MLflow model (:mod:`mcibi.mlflow_model`); returns its URI."""
-        from mcibi.mlflow_model import log_model
-
-        return log_model(self.uri, self.run_id, checkpoint, dataset)
-
     def finish(self, status: str = "FINISHED") -> None:
         """Mark the run as finished (or FAILED)."""
         _retry(lambda: self.client.set_terminated(self.run_id, status=status))
@@ -351,3 +348,30 @@ def memory_history(uri: str, run_id: str, classes: list[str]) -> dict[str, dict[
             if key in logged:
                 out[stat][name] = [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
     return out
+
+
+def model_uri(ref: str, runs_root: str | Path = "runs") -> str:
+    """An MLflow model URI from a run id, a run folder (its ``run.json``), or a URI (returned as it is)."""
+    if "://" in ref or ref.startswith(("models:/", "runs:/")):
+        return ref
+    if _RUN_ID.match(ref):
+        return f"runs:/{ref}/{MODEL_NAME}"
+    run_file = Path(ref) / "run.json"
+    if not run_file.is_file():
+        run_file = Path(runs_root) / ref / "run.json"
+    if run_file.is_file():
+        run_id = json.loads(run_file.read_text()).get("mlflow_run_id")
+        if run_id:
+            return f"runs:/{run_id}/{MODEL_NAME}"
+        raise ValueError(f"{run_file}: the run was trained without MLflow (no mlflow_run_id); retrain with MLflow.")
+    raise ValueError(f"{ref}: neither an MLflow run id, a model URI (models:/<name>/<version>) nor a run folder "
+                     "with run.json.")
+
+
+def download_model(ref: str, tracking_uri: str | None = None) -> Path:
+    """A local copy of the MLflow model ``ref`` names (see :func:`model_uri`)."""
+    import mlflow
+
+    uri = model_uri(ref)
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri,
+                                                    tracking_uri=tracking_uri or default_tracking_uri()))

@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from mcibi.checkpoint import CheckpointError, load_checkpoint, load_weights, non_finite_tensors, save_checkpoint
 from mcibi.data.dataset import SegmentationDataset
-from mcibi.data.specs import IGNORE_INDEX, get_spec
+from mcibi.data.lookup import get_spec
+from mcibi.data.specs import IGNORE_INDEX
 from mcibi.data.transforms import build_train_transform
 from mcibi.distributed import BatchPlan, DistEnv, any_rank, barrier, batch_plan, setup, teardown
 from mcibi.files import WriteError, atomic_open, write_json
@@ -689,8 +690,10 @@ def _final_outputs(t: _Trainer, state: LoopState, out: Path, tracking_uri: str |
                                           "world_size": plan.world_size, "accumulation": plan.accumulation,
                                           "micro_batch": plan.micro_batch})
         if run:
+            from mcibi.mlflow_model import log_model
+
             run.artifact(curve, "training")
-            run.model(ckpt, t.params.data.name)
+            log_model(run.uri, run.run_id, ckpt, t.params.data.name)  # the MLflow model (pyfunc + pytorch)
             run.metrics({"train_seconds": seconds}, step=it)
             run.finish()
     return TrainResult(ckpt, curve, state.mlflow_run_id or None, it, seconds, state.resumed_from)

@@ -456,8 +456,8 @@ def bench_prepare(repeats: int = 5, workers: int = 2) -> None:
     import tempfile
     import time
 
+    from mcibi.data.lookup import get_spec
     from mcibi.data.prepare import prepare
-    from mcibi.data.specs import get_spec
 
     logging.disable(logging.WARNING)
     for name, build in sorted(BUILDERS.items()):

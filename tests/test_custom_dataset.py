@@ -49,8 +49,8 @@ def workdir(tmp_path, monkeypatch):
 
 
 def test_new_dataset_writes_params_and_registers(workdir):
-    from mcibi.data.custom import new_dataset
-    from mcibi.data.specs import get_spec
+    from mcibi.catalogue.custom import new_dataset
+    from mcibi.data.lookup import get_spec
     from mcibi.params import load_params
 
     tmp, desc = workdir
@@ -138,8 +138,8 @@ def test_custom_dataset_in_the_workflow(tmp_path):
     assert plan.returncode == 0, plan.stdout[-3000:] + plan.stderr[-3000:]
     stats = plan.stdout[plan.stdout.index("Job stats:"):]
     jobs = {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.M)}
-    assert jobs == {"prepare_custom": 1, "verify_data": 1, "mlflow_experiment": 1, "train": 2, "evaluate": 6,
-                    "figures": 2, "report": 1, "total": 14}
+    assert jobs == {"prepare_custom": 1, "verify_data": 1, "dvc_commit": 1, "mlflow_experiment": 1, "train": 2,
+                    "evaluate": 6, "figures": 2, "report": 1, "total": 15}
     data = snakemake("--cores", "1", "data/shapes/verified.json")
     assert data.returncode == 0, data.stderr[-3000:]
     assert (repo / "data" / "shapes" / "splits" / "val.txt").read_text().count("\n") == 4

@@ -28,8 +28,9 @@ from miniature_datasets import (
 )
 
 from mcibi.data.download import ArchiveError, download, verify_archives
+from mcibi.data.lookup import get_spec
 from mcibi.data.prepare import PreparedDataError, prepare, verify_prepared
-from mcibi.data.specs import DATASETS, IGNORE_INDEX, get_spec
+from mcibi.data.specs import DATASETS, IGNORE_INDEX
 
 ADE_URL = "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip"
 COCO_URL = "http://calvin.inf.ed.ac.uk/wp-content/uploads/data/cocostuffdataset/cocostuff-10k-v1.1.zip"

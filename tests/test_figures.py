@@ -26,7 +26,7 @@ def _fake_eval(run_dir: Path, proto: str, classes: list[str], seed: int) -> dict
 
 def test_figures_from_evaluation_files_without_mlflow(tmp_path):
     params = load_params(PARAMS / "demo" / "upernet_mcibipp.yaml")
-    from mcibi.data.specs import get_spec
+    from mcibi.data.lookup import get_spec
 
     classes = list(get_spec("demo").classes)
     run = tmp_path / "run"
@@ -69,7 +69,7 @@ def test_mlflow_artifacts_tags_and_trajectories_with_ade20k_class_names(tmp_path
     as trajectories, and every figure lands in the run's artifacts with the comparison tags."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     params = load_params(PARAMS / "ade20k" / "upernet_r101_mcibipp.yaml")
-    from mcibi.data.specs import get_spec
+    from mcibi.data.lookup import get_spec
 
     classes = list(get_spec("ade20k").classes)
     from mcibi.params import flatten, to_dict

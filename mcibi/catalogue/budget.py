@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from mcibi.catalogue.generate import EXECUTION
 from mcibi.catalogue.rows import Row, rows_of
-from mcibi.data.specs import get_spec
+from mcibi.data.lookup import get_spec
 
 # ASSUMED training throughput (images per second per GPU) at a 512x512 crop on an A100/H100-class GPU in fp32/TF32
 # with the MCIBI++ head. Not measured here (no GPU was available to this work): replace them with

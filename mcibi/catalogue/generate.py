@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from mcibi.catalogue.rows import DATASET_TITLES, DATASETS, SECTIONS, Row, backbone_title, rows_of
-from mcibi.data.specs import get_spec
+from mcibi.data.lookup import get_spec
 from mcibi.files import write_text
 from mcibi.params import DEFAULTS_FILE, merge, to_dict
 

@@ -27,7 +27,8 @@ import requests
 import urllib3
 from tqdm import tqdm
 
-from mcibi.data.specs import Archive, DatasetSpec, Source, resolve
+from mcibi.data.lookup import resolve
+from mcibi.data.specs import Archive, DatasetSpec, Source
 from mcibi.data.synthetic import generate_archive, sha256_file
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from mcibi.data.archives import PreparedDataError, extract
 from mcibi.data.converters import CONVERTERS
-from mcibi.data.specs import IGNORE_INDEX, DatasetSpec, resolve
+from mcibi.data.lookup import resolve
+from mcibi.data.specs import IGNORE_INDEX, DatasetSpec
 from mcibi.files import write_json
 
 log = logging.getLogger(__name__)

@@ -338,23 +338,3 @@ PASCALCONTEXT = DatasetSpec(
 DATASETS: dict[str, DatasetSpec] = {
     spec.name: spec for spec in (DEMO, LIP, ADE20K, CITYSCAPES, COCOSTUFF10K, VSPW, PASCALVOC, PASCALCONTEXT)
 }
-
-
-def get_spec(name: str) -> DatasetSpec:
-    """The spec of a dataset by name: a built-in one, or a custom dataset registered as ``datasets/<name>.yaml``
-    (:mod:`mcibi.data.custom`); the KeyError lists the valid names."""
-    if name in DATASETS:
-        return DATASETS[name]
-    from mcibi.data.custom import custom_spec, registered_datasets
-
-    spec = custom_spec(name)
-    if spec is None:
-        known = sorted(DATASETS) + registered_datasets()
-        raise KeyError(f"unknown dataset '{name}' (known: {', '.join(known)}; a custom dataset needs "
-                       f"datasets/{name}.yaml, see `mcibi new-dataset`)")
-    return spec
-
-
-def resolve(dataset: str | DatasetSpec) -> DatasetSpec:
-    """A spec from a name or a spec (tests pass modified specs, e.g. miniature split sizes or checksums)."""
-    return dataset if isinstance(dataset, DatasetSpec) else get_spec(dataset)

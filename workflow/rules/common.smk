@@ -7,7 +7,7 @@ from pathlib import Path
 from snakemake.utils import validate
 
 from mcibi.catalogue.rows import select
-from mcibi.data.specs import get_spec
+from mcibi.data.lookup import get_spec
 from mcibi.data.fingerprint import change_stamp
 from mcibi.params import PROTOCOL_NAMES, Untracked, experiment_files, load_params, protocol_hash, trajectory_hash
 from mcibi.runs import job_threads, launcher, seed_runs, with_seed
