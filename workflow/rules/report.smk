@@ -8,7 +8,6 @@ rule figures:
         checkpoint=rules.train.output.checkpoint,
         run=rules.train.output.run,
         data=rules.verify_data.output,
-        params=experiment_params,
     output:
         report(
             directory(f"{RUNS}/{{dataset}}/{{experiment}}/figures"),
@@ -31,10 +30,11 @@ rule figures:
         run_dir=checkpoint_run_dir,
         seed=run_seed,
         images=config["overlay_images"],
+        file=params_file,  # the run's params file: its protocols reach the figures through the evaluations
     conda:
         "../envs/mcibi.yaml"
     shell:
-        "mcibi figures {input.params[0]} --run-dir {params.run_dir} --data-root {params.data} --seed {params.seed}"
+        "mcibi figures {params.file} --run-dir {params.run_dir} --data-root {params.data} --seed {params.seed}"
         " --images {params.images} --out {output} > {log} 2>&1"
 
 
