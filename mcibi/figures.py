@@ -184,7 +184,7 @@ def _predict_samples(params: ExperimentParams, checkpoint: Path, protocol: str, 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, layout = _load_model(params, checkpoint, dev)
     dataset = SegmentationDataset(data_root / params.data.name, params.data.eval_split,
-                                  build_test_transform(params.data), seed=0)
+                                  build_test_transform(params.data, _protocol(params, protocol).test_resize), seed=0)
     indices = list(range(min(count, len(dataset))))
     loader = DataLoader(dataset, batch_size=1, sampler=indices)
     images, labels, preds = [], [], []

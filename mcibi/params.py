@@ -195,8 +195,11 @@ class TrainParams:
 # --------------------------------------------------------------------------------------------------------- eval
 @dataclass(frozen=True)
 class ProtocolParams:
-    """One evaluation protocol: scales, flip, whole or sliding-window inference."""
+    """One evaluation protocol: test-time resize, scales, flip, whole or sliding-window inference."""
 
+    # resize of the original image before the scales; null = data.test_resize (official LIP ms+flip: 520x520
+    # while ss and flip use 473x473)
+    test_resize: ResizeParams | None
     scales: tuple[float, ...]
     flip: bool
     mode: Literal["whole", "slide"]
@@ -354,6 +357,9 @@ def _check(params: ExperimentParams, file: Path) -> None:
             )
         if proto.mode == "slide" and (proto.crop is None or proto.stride is None):
             raise ParamsError(f"{file}: protocol '{name}' uses slide mode: set both 'crop' and 'stride'.")
+        if proto.test_resize is not None and proto.test_resize.ratio_range is not None:
+            raise ParamsError(f"{file}: key 'evaluate.protocols.{name}.test_resize.ratio_range' must be null "
+                              "(test-time resizing is not random).")
     positive = {
         "train.total_batch_size": params.train.total_batch_size,
         "train.epochs": params.train.epochs,

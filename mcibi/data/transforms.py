@@ -153,12 +153,14 @@ def build_train_transform(params: DataParams, flip_pairs: Sequence[tuple[int, in
     return apply
 
 
-def build_test_transform(params: DataParams) -> Transform:
-    """Resize the image only; the label stays at its original size, where predictions are scored."""
+def build_test_transform(params: DataParams, resize: ResizeParams | None = None) -> Transform:
+    """Resize the image only (``resize``, by default ``params.test_resize``: a protocol may have its own); the
+    label stays at its original size, where predictions are scored."""
+    test_resize = resize or params.test_resize
 
     def apply(image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
         del rng
-        size = rescale_size(*image.shape[:2], params.test_resize.size, params.test_resize.keep_ratio)
+        size = rescale_size(*image.shape[:2], test_resize.size, test_resize.keep_ratio)
         image, _ = resize(image, None, size)
         return normalize(image), torch.from_numpy(np.ascontiguousarray(label)).long()
 
