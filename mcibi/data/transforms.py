@@ -17,6 +17,7 @@ from mcibi.params import DataParams, ResizeParams
 
 MEAN = np.array([123.675, 116.28, 103.53], np.float32)  # ImageNet RGB statistics, as every official config
 STD = np.array([58.395, 57.12, 57.375], np.float32)
+_INV_STD = 1.0 / np.array([58.395, 57.12, 57.375], np.float64)
 
 Transform = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[torch.Tensor, torch.Tensor]]
 
@@ -118,8 +119,9 @@ def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.nd
 
 
 def normalize(image: np.ndarray) -> torch.Tensor:
-    """(x - mean) / std on RGB, HWC uint8 → CHW float32."""
-    x = (image.astype(np.float32) - MEAN) / STD
+    """(x - mean) / std on RGB, HWC uint8 → CHW float32, rounded as the official Normalize: the difference in
+    float32, times 1/std in float64, rounded to float32 (bit-identical; tests/test_parity_training.py)."""
+    x = ((image.astype(np.float32) - MEAN).astype(np.float64) * _INV_STD).astype(np.float32)
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
@@ -153,10 +155,10 @@ def build_train_transform(params: DataParams, flip_pairs: Sequence[tuple[int, in
     return apply
 
 
-def build_test_transform(params: DataParams, resize: ResizeParams | None = None) -> Transform:
-    """Resize the image only (``resize``, by default ``params.test_resize``: a protocol may have its own); the
-    label stays at its original size, where predictions are scored."""
-    test_resize = resize or params.test_resize
+def build_test_transform(params: DataParams, test_resize: ResizeParams | None = None) -> Transform:
+    """Resize the image only (``test_resize``, by default ``params.test_resize``: a protocol may have its own);
+    the label stays at its original size, where predictions are scored."""
+    test_resize = test_resize or params.test_resize
 
     def apply(image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
         del rng
