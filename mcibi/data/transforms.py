@@ -24,9 +24,10 @@ Transform = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[torch.
 
 def rescale_size(h: int, w: int, target: tuple[int, int], keep_ratio: bool) -> tuple[int, int]:
     """Output (h, w): with ``keep_ratio`` the mmcv 'rescale' rule (fit the long side to max(target) and the short
-    side to min(target), whichever is smaller, rounded), otherwise exactly ``target``."""
+    side to min(target), whichever is smaller, rounded), otherwise ``target`` turned to the image's orientation
+    (the official Resize: a portrait image gets the long side as its height)."""
     if not keep_ratio:
-        return target
+        return (max(target), min(target)) if h > w else (min(target), max(target))
     scale = min(max(target) / max(h, w), min(target) / min(h, w))
     return int(h * scale + 0.5), int(w * scale + 0.5)
 
@@ -51,14 +52,14 @@ def random_resize(image, label, params: ResizeParams, rng: np.random.Generator):
 
 def random_crop(image, label, crop: tuple[int, int], cat_max_ratio: float, rng: np.random.Generator):
     """Random crop of at most ``crop``; retried (up to 10 times) while one class covers ≥ cat_max_ratio of the
-    labelled pixels or only one class is present, keeping the last try."""
+    labelled pixels or only one class is present, keeping the last try (as the official RandomCrop, which also
+    retries a single-class crop when the ratio is 1; it keeps the uncropped image when the last try has no
+    labelled pixel, where we keep that crop)."""
     h, w = label.shape
     ch, cw = min(crop[0], h), min(crop[1], w)
     for _ in range(10):
         y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
         lab = label[y : y + ch, x : x + cw]
-        if cat_max_ratio >= 1.0:
-            break
         _, counts = np.unique(lab[lab != IGNORE_INDEX], return_counts=True)
         if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
             break
@@ -76,7 +77,7 @@ def flip_label_pairs(label: np.ndarray, flip_pairs: Sequence[tuple[int, int]]) -
 
 def random_flip(image, label, prob: float, flip_pairs, rng: np.random.Generator):
     """Horizontal flip with probability ``prob``; left/right class pairs are swapped in the label."""
-    if rng.random() < prob:
+    if rng.random() <= prob:  # the official: no flip when the draw exceeds prob
         image = image[:, ::-1]
         label = flip_label_pairs(label[:, ::-1], flip_pairs)
     return image, label
@@ -85,7 +86,7 @@ def random_flip(image, label, prob: float, flip_pairs, rng: np.random.Generator)
 def random_rotation(image, label, prob: float, max_degrees: float, rng: np.random.Generator):
     """Rotation about the centre by an integer angle in [-max, max): image bicubic (fill 0), label nearest
     (fill ignore)."""
-    if max_degrees <= 0 or rng.random() >= prob:
+    if max_degrees <= 0 or rng.random() > prob:  # the official: no rotation when the draw exceeds prob
         return image, label
     angle = float(rng.integers(-int(max_degrees), int(max_degrees)))
     h, w = label.shape
@@ -96,25 +97,36 @@ def random_rotation(image, label, prob: float, max_degrees: float, rng: np.rando
     return image, label
 
 
+def _convert(image: np.ndarray, alpha: float = 1, beta: float = 0) -> np.ndarray:
+    """image * alpha + beta in float32, clipped and truncated to uint8 (each photometric step rounds)."""
+    return np.clip(image.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+
 def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """mmseg PhotoMetricDistortion on an RGB uint8 image: brightness ±32, contrast 0.5–1.5, saturation
-    0.5–1.5, hue ±18, each with probability 0.5, contrast before or after the HSV steps."""
-    img = image.astype(np.float32)
+    """The official PhotoMetricDistortion on an RGB uint8 image, step by step with its rounding and draw order:
+    brightness ±32, then contrast 0.5–1.5 either first (mode 1) or last (mode 0), saturation 0.5–1.5 and hue ±18
+    each in its own RGB→HSV→RGB round trip, every step with probability 0.5.
+
+    The official pipeline applies it to the BGR image as read by OpenCV (its Normalize converts to RGB later), so
+    its hue step turns the other way round the hue circle; we apply it to RGB, as intended (documented in the
+    README's parity section; tests/test_parity_training.py checks both).
+    """
+    img = image
     if rng.integers(2):
-        img = img + rng.uniform(-32, 32)
-    contrast_first = bool(rng.integers(2))
-    if contrast_first and rng.integers(2):
-        img = img * rng.uniform(0.5, 1.5)
-    img = np.clip(img, 0, 255).astype(np.uint8)
-    if rng.integers(2) or rng.integers(2):
-        hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV).astype(np.float32)
-        if rng.integers(2):
-            hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(0.5, 1.5), 0, 255)
-        if rng.integers(2):
-            hsv[..., 0] = (hsv[..., 0] + rng.integers(-18, 18)) % 180
-        img = cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB)
-    if not contrast_first and rng.integers(2):
-        img = np.clip(img.astype(np.float32) * rng.uniform(0.5, 1.5), 0, 255).astype(np.uint8)
+        img = _convert(img, beta=rng.uniform(-32, 32))
+    mode = rng.integers(2)
+    if mode == 1 and rng.integers(2):
+        img = _convert(img, alpha=rng.uniform(0.5, 1.5))
+    if rng.integers(2):
+        hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+        hsv[..., 1] = _convert(hsv[..., 1], alpha=rng.uniform(0.5, 1.5))
+        img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    if rng.integers(2):
+        hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+        hsv[..., 0] = (hsv[..., 0].astype(int) + rng.integers(-18, 18)) % 180
+        img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    if mode == 0 and rng.integers(2):
+        img = _convert(img, alpha=rng.uniform(0.5, 1.5))
     return img
 
 
