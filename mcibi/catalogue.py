@@ -244,8 +244,10 @@ def _optimizer(cfg: dict, row: Row) -> tuple[dict, dict]:
         "momentum": float(opt.get("momentum", 0.9)),
         "weight_decay": float(opt["weight_decay"]),
         "betas": [float(b) for b in opt.get("betas", (0.9, 0.999))],
-        "no_decay_norms": "norm" in rules,
-        "no_decay_keys": sorted(k for k, v in rules.items() if k != "norm" and v.get("wd_multiplier") == 0.0) or None,
+        # the official rules match parameter names: its 'norm' rule spares the backbone's norms (named norm*), not
+        # the head's BatchNorms (named by position), so it is a name key here, not no_decay_norms
+        "no_decay_norms": False,
+        "no_decay_keys": sorted(k for k, v in rules.items() if v.get("wd_multiplier") == 0.0) or None,
         "backbone_lr_mult": float(rules.get("backbone_net", {}).get("lr_multiplier", 1.0)),
     }
     warm = sched.get("warmup_cfg") or {}

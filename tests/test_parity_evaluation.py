@@ -162,7 +162,11 @@ def test_evaluation_class_maps_equal_the_official_test_path(dataset, stem, proto
                                                       f"im{i}.jpg", _shrink(resize), keep_ratio)
         got = cv2.imread(str(out_dir / f"im{i}.png"), cv2.IMREAD_UNCHANGED)
         assert got.shape == size == expected.shape
-        ties = margin <= 1e-4 * scale  # float rounding (BatchNorm folded, batched passes) may flip a near-tie
+        # ties aside: where the top-2 margin is under 1e-3 of the largest score, float rounding of an equivalent
+        # computation (BatchNorm folded into the convolutions, channels-last, flips batched: logits equal to ~1e-5
+        # relative) may pick the other class
+        ties = margin <= 1e-3 * scale
+        assert ties.mean() < 0.01
         differ = (got != expected) & ~ties
         assert differ.sum() == 0, (f"{differ.sum()} of {got.size} pixels differ ({ties.sum()} near-ties excluded; "
                                    f"their margins / max |score|: {margin[differ] / scale})")
