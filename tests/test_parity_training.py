@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from parity_support import official_config
 
 from mcibi.data.specs import IGNORE_INDEX, get_spec
@@ -196,3 +197,96 @@ def test_test_transform_gives_the_official_tensor_exactly(dataset):
                            "height": h, "width": w})
         assert torch.equal(got, sample["image"])
         assert np.array_equal(got_label.numpy(), label)
+
+
+# ------------------------------------------------------------------------------------------- the training step
+STEP_MODEL = "mcibiplusplus_upernet_resnet50os8_lip"  # cls, cwi, pr and aux losses; memory; BN in train mode
+OPTIMISERS = {  # our params file whose optimiser + schedule is applied; the official config that states them
+    "sgd": ("lip/upernet_r101_mcibipp", "mcibiplusplus_upernet_resnet101os8_lip"),
+    "adamw_swinl_rules": ("ade20k/upernet_swinl_mcibipp", "mcibiplusplus_upernet_swinlarge_ade20k"),
+}
+
+
+def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12))
+
+
+@pytest.mark.parametrize("optimiser", list(OPTIMISERS))
+def test_training_step_equals_the_official(optimiser):
+    """Same weights, same batch (dropout off, BN in train mode): the official scheduler + optimiser + forward in
+    TRAIN mode (losses, memory update) against our ``train_step``, at iteration 0 then at a mid-schedule
+    iteration (inside the Swin-L rows' 1500-iteration warm-up for AdamW): every loss term, the memory, the
+    learning rate and every weight after the step within 1e-4 relative."""
+    from ssseg.modules.models.optimizers import BuildOptimizer
+    from ssseg.modules.models.schedulers import BuildScheduler
+    from ssseg.modules.models.segmentors.mcibiplusplus.mcibiplusplus import MCIBIPlusPlus
+    from ssseg.modules.utils import SSSegInputStructure
+
+    from mcibi.checkpoint import convert_official_checkpoint
+    from mcibi.models import build_segmentor
+    from mcibi.official import model_params_from_official
+    from mcibi.optim import scheduled_lr
+    from mcibi.training import build_optimizer, train_step
+
+    stem, opt_config = OPTIMISERS[optimiser]
+    cfg = official_config(STEP_MODEL)
+    cfg["backbone"]["pretrained"] = False
+    cfg["norm_cfg"] = {"type": "BatchNorm2d"}
+    for dec in cfg["head"]["decoder"].values():
+        dec["dropout"] = 0.0
+    cfg["auxiliary"]["dropout"] = 0.0
+    cfg["scheduler"] = official_config(opt_config)["scheduler"]
+    model_params = model_params_from_official(STEP_MODEL, cfg)
+    params = load_params(f"params/{stem}.yaml")
+    params = dataclasses.replace(params, model=model_params, data=dataclasses.replace(
+        load_params("params/lip/upernet_r101_mcibipp.yaml").data))
+    # the committed optimiser and schedule are the official ones
+    sched, opt = cfg["scheduler"], cfg["scheduler"]["optimizer"]
+    ours_opt, ours_sched = params.train.optimizer, params.train.schedule
+    assert (ours_opt.name, ours_opt.lr, ours_opt.weight_decay) == (opt["type"].lower(), opt["lr"], opt["weight_decay"])
+    assert ours_sched.power == sched["power"]
+    assert ours_sched.min_lr == sched.get("min_lr", opt["lr"] * 0.01)
+    assert ours_sched.warmup_iters == (sched.get("warmup_cfg") or {}).get("iters", 0)
+
+    torch.manual_seed(0)
+    official = MCIBIPlusPlus(cfg, mode="TRAIN")
+    with torch.no_grad():
+        official.memory_module.memory.data.copy_(torch.rand_like(official.memory_module.memory) + 0.1)
+    ours = build_segmentor(model_params)
+    ours.load_state_dict(convert_official_checkpoint(official.state_dict(), model_params), strict=True)
+    official.train()
+    optimizer = build_optimizer(ours, params)
+    official_optimizer = BuildOptimizer(official, dict(opt))
+    iters_per_epoch = 20
+    max_iters = sched["max_epochs"] * iters_per_epoch
+    scheduler = BuildScheduler(official_optimizer, {**sched, "lr": opt["lr"], "iters_per_epoch": iters_per_epoch,
+                                                    "params_rules": opt["params_rules"]})
+    # our max_iters is epochs x iterations per epoch as well (training.py)
+    assert params.train.epochs == sched["max_epochs"]
+    gen = torch.Generator().manual_seed(3)
+    for it in (0, 700):
+        images = torch.randn(2, 3, 49, 49, generator=gen)
+        labels = torch.randint(0, 20, (2, 7, 7), generator=gen)
+        labels = F.interpolate(labels[:, None].float(), size=(49, 49), mode="nearest")[:, 0].long()
+        labels[:, :6, :6] = IGNORE_INDEX
+        scheduler.cur_iter = it
+        official_lr = scheduler.updatelr()
+        lr = scheduled_lr(ours_opt.lr, ours_sched, it, max_iters)
+        assert lr == pytest.approx(official_lr, rel=1e-12)
+        official_optimizer.zero_grad()
+        targets = torch.where(labels == IGNORE_INDEX, -100, labels)
+        loss, log = official(SSSegInputStructure(mode="TRAIN", images=images, seg_targets=targets),
+                             learning_rate=official_lr, epoch=1).getsetvariables().values()
+        loss.backward()
+        scheduler.step()
+        got = train_step(ours, images, labels, optimizer, lr, params, epoch=1)
+        for term in ("cls", "cwi", "pr", "aux"):
+            assert got[term] == pytest.approx(log[f"loss_{term}"], rel=1e-4), term
+        assert got["total"] == pytest.approx(log["loss_total"], rel=1e-4)
+        # the same learning rates (per-group multipliers); weight decay per parameter shows in the weights below
+        assert sorted({round(g["lr"], 15) for g in optimizer.param_groups}) == pytest.approx(
+            sorted({round(g["lr"], 15) for g in official_optimizer.param_groups if g["params"][0].requires_grad}))
+        expected = convert_official_checkpoint(official.state_dict(), model_params)
+        mine = ours.state_dict()
+        worst = max((_max_rel(mine[k], v), k) for k, v in expected.items() if v.is_floating_point())
+        assert worst[0] < 1e-4, f"iteration {it}: {worst[1]} differs by {worst[0]:.2e} relative"
