@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from parity_support import official_config, randomise_state, calibrate
+from parity_support import calibrate, official_config, randomise_state
 
 from mcibi.checkpoint import convert_official_checkpoint, save_checkpoint
 from mcibi.data.dataset import SegmentationDataset
@@ -106,8 +106,10 @@ def _shrunk_params(dataset: str, stem: str, protocol: str, model_params):
     """The committed params file with the converted model, one protocol, and every pixel size shrunk."""
     params = load_params(f"params/{dataset}/{stem}.yaml")
     proto = params.evaluate.protocols[protocol]
-    shrink_resize = (lambda r: None if r is None else
-                     dataclasses.replace(r, size=_shrink(r.size)))
+
+    def shrink_resize(r):
+        return None if r is None else dataclasses.replace(r, size=_shrink(r.size))
+
     proto = dataclasses.replace(proto, test_resize=shrink_resize(proto.test_resize), crop=_shrink(proto.crop),
                                 stride=_shrink(proto.stride))
     data = dataclasses.replace(params.data, test_resize=shrink_resize(params.data.test_resize))
@@ -142,7 +144,6 @@ def test_evaluation_class_maps_equal_the_official_test_path(dataset, stem, proto
     resize, keep_ratio, mode, crop, stride, scales, flip, probs = OFFICIAL[(dataset, stem, protocol)]
     official, model_params, ours, data_root, root = converted[dataset]
     params = _shrunk_params(dataset, stem, protocol, model_params)
-    proto = params.evaluate.protocols[protocol]
     # the committed protocol is the official one (sizes compared before shrinking: _shrink is applied to both)
     full = load_params(f"params/{dataset}/{stem}.yaml").evaluate.protocols[protocol]
     test_resize = full.test_resize or load_params(f"params/{dataset}/{stem}.yaml").data.test_resize
