@@ -118,7 +118,7 @@ def _evaluate(params: ExperimentParams, checkpoint: str | Path, protocol: str, p
     model, layout = load_model(params, checkpoint, dev)
     spec = get_spec(params.data.name)
     dataset = SegmentationDataset(Path(data_root) / params.data.name, params.data.eval_split,
-                                  build_test_transform(params.data), seed=0)
+                                  build_test_transform(params.data, proto.test_resize), seed=0)
     count = len(dataset) if limit is None else min(limit, len(dataset))
     indices = list(range(count))[env.rank :: env.world_size]
     loader = DataLoader(dataset, batch_size=1, sampler=indices, num_workers=params.train.num_workers)
@@ -201,7 +201,8 @@ def export_predictions(
     try:
         dev = env.device
         model, layout = load_model(params, checkpoint, dev)
-        dataset = SegmentationDataset(Path(data_root) / params.data.name, split, build_test_transform(params.data),
+        dataset = SegmentationDataset(Path(data_root) / params.data.name, split,
+                                      build_test_transform(params.data, proto.test_resize),
                                       seed=0)
         table = cityscapes_train_to_label_ids() if params.data.name == "cityscapes" else None
         out = Path(out_dir)

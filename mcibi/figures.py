@@ -183,12 +183,13 @@ def _predict_samples(params: ExperimentParams, checkpoint: Path, protocol: str, 
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, layout = load_model(params, checkpoint, dev)
+    proto = protocol_params(params, protocol)
     dataset = SegmentationDataset(data_root / params.data.name, params.data.eval_split,
-                                  build_test_transform(params.data), seed=0)
+                                  build_test_transform(params.data, proto.test_resize), seed=0)
     indices = list(range(min(count, len(dataset))))
     loader = DataLoader(dataset, batch_size=1, sampler=indices)
     images, labels, preds = [], [], []
-    for (sample, pred), index in zip(predictions(params, model, layout, protocol_params(params, protocol), loader, dev,
+    for (sample, pred), index in zip(predictions(params, model, layout, proto, loader, dev,
                                                   "overlays", len(indices), False), indices, strict=True):
         image, _ = dataset.read(index)
         label = sample["label"][0].cpu().numpy()

@@ -211,8 +211,11 @@ class TrainParams:
 # --------------------------------------------------------------------------------------------------------- eval
 @dataclass(frozen=True)
 class ProtocolParams:
-    """One evaluation protocol: scales, flip, whole or sliding-window inference."""
+    """One evaluation protocol: test-time resize, scales, flip, whole or sliding-window inference."""
 
+    # resize of the original image before the scales; null = data.test_resize (official LIP ms+flip: 520x520
+    # while ss and flip use 473x473)
+    test_resize: ResizeParams | None
     scales: tuple[float, ...]
     flip: bool
     mode: Literal["whole", "slide"]
@@ -489,6 +492,11 @@ def _check_evaluate(e: EvalParams, file: Path) -> None:
             raise ParamsError(f"{file}: unknown protocol '{key}' (valid: {', '.join(PROTOCOL_NAMES)}).", key)
         if min(proto.scales) <= 0:
             _fail(file, f"{key}.scales", f"must be positive, got {list(proto.scales)}.")
+        if proto.test_resize is not None:
+            if min(proto.test_resize.size) <= 0:
+                _fail(file, f"{key}.test_resize.size", f"must be positive, got {list(proto.test_resize.size)}.")
+            if proto.test_resize.ratio_range is not None:
+                _fail(file, f"{key}.test_resize.ratio_range", "must be null (test-time resizing is not random).")
         if proto.mode == "slide":
             if proto.crop is None or proto.stride is None:
                 raise ParamsError(f"{file}: protocol '{name}' uses slide mode: set both 'crop' and 'stride'.", key)

@@ -114,7 +114,7 @@ class Segmenter:
 
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"expected an RGB uint8 image (H, W, 3), got {image.dtype} {image.shape}.")
-        test = self.params.data.test_resize
+        test = self.protocol.test_resize or self.params.data.test_resize  # as build_test_transform
         resized, _ = resize(image, None, rescale_size(*image.shape[:2], test.size, test.keep_ratio))
         return normalize(resized)
 

@@ -132,8 +132,8 @@ def test_whole_slide_and_batched_windows_give_the_same_confusion_matrix(tiny_che
     single = dataclasses.replace(windows, evaluate=dataclasses.replace(windows.evaluate, window_batch=1))
     assert evaluate(single, ckpt, "ss", data_root, threads=1)["confusion"] == batched["confusion"]
     # every record says how it was measured
-    assert batched["protocol"] == {"scales": [1.0], "flip": True, "mode": "slide", "crop": [64, 64],
-                                   "stride": [40, 40], "probs_before_resize": False}
+    assert batched["protocol"] == {"test_resize": None, "scales": [1.0], "flip": True, "mode": "slide",
+                                   "crop": [64, 64], "stride": [40, 40], "probs_before_resize": False}
     assert batched["protocol_title"] == "mIoU" and batched["checkpoint"] == str(ckpt)
 
 

@@ -82,7 +82,7 @@ def test_num_classes_must_match_dataset(tmp_path):
 
 
 def test_slide_protocol_needs_crop(tmp_path):
-    proto = {"scales": [1.0], "flip": False, "mode": "slide", "crop": None, "stride": None,
+    proto = {"test_resize": None, "scales": [1.0], "flip": False, "mode": "slide", "crop": None, "stride": None,
              "probs_before_resize": False}
     file = _copy_demo(tmp_path, {"description": "x", "model": {"framework": "fcn"},
                                  "evaluate": {"protocols": {"ss": proto}}})

@@ -1,21 +1,18 @@
 """Converted weights give the official implementation's logits (fp32, eval mode, 1e-4 relative).
 
-Needs the official toolbox (``pip install -e '.[parity]'`` or sssegmentation's source on PYTHONPATH); skipped
-otherwise. The official configs are the copy shipped in mcibi (mcibi/official_configs.yaml).
+The official toolbox (sssegmentation 1.7.0) comes with the test extra; the official configs through
+:func:`parity_support.official_config`.
 """
-
-import copy
 
 import pytest
 import torch
+from parity_support import official_config, randomise_state
 
 from mcibi.checkpoint import convert_official_checkpoint
 from mcibi.models import build_segmentor
-from mcibi.official import load_official_config, model_params_from_official
+from mcibi.official import model_params_from_official
 
-ssseg = pytest.importorskip("ssseg", reason="the official sssegmentation package is not installed")
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", [
     "mcibiplusplus_resnet50os8_lip", "mcibiplusplus_ppm_resnet50os8_lip", "mcibiplusplus_upernet_resnet50os8_lip",
     "mcibiplusplus_aspp_resnet50os8_ade20k",
@@ -30,7 +27,7 @@ def test_converted_official_model_gives_the_same_logits(name, monkeypatch):
     from ssseg.modules.models.segmentors.mcibiplusplus.mcibiplusplus import MCIBIPlusPlus
     from ssseg.modules.utils import SSSegInputStructure
 
-    cfg = copy.deepcopy(load_official_config(None, name))
+    cfg = official_config(name)
     if "hrnet" in name:  # sssegmentation 1.7.0's HRModule reads an attribute it never sets
         from ssseg.modules.models.backbones import hrnet
 
@@ -41,15 +38,7 @@ def test_converted_official_model_gives_the_same_logits(name, monkeypatch):
     ours = build_segmentor(model_params_from_official(name, cfg)).eval()
     torch.manual_seed(0)
     official = MCIBIPlusPlus(cfg, mode="TEST")
-    with torch.no_grad():  # non-trivial state: random BN statistics and memory
-        for m in official.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-            if isinstance(m, torch.nn.LayerNorm):  # so that a misplaced norm or channel order shows
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.1, 0.1)
-        official.memory_module.memory.data.copy_(torch.rand_like(official.memory_module.memory) + 0.1)
+    randomise_state(official)
     official.eval()
     ours.load_state_dict(convert_official_checkpoint(official.state_dict(), ours.params), strict=True)
     images = torch.randn(1, 3, 65, 81)  # odd sizes: padding and rounding paths too

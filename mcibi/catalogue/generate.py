@@ -43,8 +43,10 @@ def _optimizer(cfg: dict, row: Row) -> tuple[dict, dict]:
         "momentum": float(opt.get("momentum", 0.9)),
         "weight_decay": float(opt["weight_decay"]),
         "betas": [float(b) for b in opt.get("betas", (0.9, 0.999))],
-        "no_decay_norms": "norm" in rules,
-        "no_decay_keys": sorted(k for k, v in rules.items() if k != "norm" and v.get("wd_multiplier") == 0.0) or None,
+        # the official rules match parameter names: its 'norm' rule spares the backbone's norms (named norm*), not
+        # the head's BatchNorms (named by position), so it is a name key here, not no_decay_norms
+        "no_decay_norms": False,
+        "no_decay_keys": sorted(k for k, v in rules.items() if v.get("wd_multiplier") == 0.0) or None,
         "backbone_lr_mult": float(rules.get("backbone_net", {}).get("lr_multiplier", 1.0)),
     }
     warm = sched.get("warmup_cfg") or {}
@@ -159,7 +161,7 @@ def _list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
 def _dict(dumper: yaml.SafeDumper, data: dict) -> yaml.Node:
     flat = all(not isinstance(v, dict) and not (isinstance(v, list) and any(isinstance(x, dict | list) for x in v))
                for v in data.values())
-    return dumper.represent_mapping("tag:yaml.org,2002:map", data.items(), flow_style=flat and len(data) <= 6)
+    return dumper.represent_mapping("tag:yaml.org,2002:map", data.items(), flow_style=flat and len(data) <= 7)
 
 
 _Dumper.add_representer(list, _list)

@@ -62,9 +62,11 @@ class Protocol:
     crop: tuple[int, int] | None = None  # (h, w)
     stride: tuple[int, int] | None = None
     probs: bool = False  # use_probs_before_resize
+    resize: tuple[int, int] | None = None  # (h, w) its own test Resize (keep_ratio false); None = the dataset's
 
     def params(self) -> dict:
-        return {"scales": list(self.scales), "flip": self.flip, "mode": self.mode,
+        resize = {"size": list(self.resize), "keep_ratio": False, "ratio_range": None} if self.resize else None
+        return {"test_resize": resize, "scales": list(self.scales), "flip": self.flip, "mode": self.mode,
                 "crop": list(self.crop) if self.crop else None, "stride": list(self.stride) if self.stride else None,
                 "probs_before_resize": self.probs}
 
@@ -115,12 +117,9 @@ def _framework_rows(dataset: str, crop: tuple[int, int], lr: float, batch: int, 
             for fw in ("fcn", "psnet", "upernet", "deeplabv3")]
 
 
+# official ms+flip block: test Resize(520, 520, keep_ratio=False), then slide 473/315 at [0.75, 1, 1.25], flip, probs
 _LIP_TTA = {"ss": WHOLE, "flip": Protocol(flip=True),
-            # official: Resize(520, 520) + slide 473/315 at [0.75, 1, 1.25], flip, probs; our protocols share the
-            # dataset's test resize (473x473), see the row note
-            "msflip": _slide(473, 315, (0.75, 1.0, 1.25), True)}
-_LIP_TTA_NOTE = ("ms+flip: the official block resizes test images to 520x520 before sliding 473/315; protocols here "
-                 "share data.test_resize (473x473), so the ms+flip scales apply to 473x473 images.")
+            "msflip": Protocol((0.75, 1.0, 1.25), True, "slide", (473, 473), (315, 315), True, resize=(520, 520))}
 
 _VSPW_NOTE = ("as the official sampler, every epoch draws one random frame per training video (data.train_sampling: "
               "frame_per_video; 2,806 samples, 42k iterations in 240 epochs)")
@@ -143,11 +142,11 @@ ROWS: tuple[Row, ...] = (
     *(Row("pascalcontext", "sota", "upernet", bb, (480, 480), lr, 16, 260, "train", "val",
           {"ss": _slide(480, 320), "msflip": _slide(480, 320, SIX_SCALES, True)})
       for bb, lr in (("r101", 0.004), ("s101", 0.004), ("swinl", 6e-5))),
-    Row("lip", "sota", "upernet", "r101", (473, 473), 0.01, 32, 150, "train", "val", _LIP_TTA, _LIP_TTA_NOTE),
-    Row("lip", "sota", "upernet", "s101", (473, 473), 0.01, 32, 150, "train", "val", _LIP_TTA, _LIP_TTA_NOTE),
-    Row("lip", "sota", "upernet", "swinl", (473, 473), 6e-5, 16, 110, "train", "val", _LIP_TTA, _LIP_TTA_NOTE),
+    Row("lip", "sota", "upernet", "r101", (473, 473), 0.01, 32, 150, "train", "val", _LIP_TTA),
+    Row("lip", "sota", "upernet", "s101", (473, 473), 0.01, 32, 150, "train", "val", _LIP_TTA),
+    Row("lip", "sota", "upernet", "swinl", (473, 473), 6e-5, 16, 110, "train", "val", _LIP_TTA),
     Row("lip", "sota", "deeplabv3", "hr48", (512, 512), 0.007, 40, 150, "train", "val", _LIP_TTA,
-        "seed crop 512x512; the official config (and official page) crop 473x473. " + _LIP_TTA_NOTE),
+        "seed crop 512x512; the official config (and official page) crop 473x473."),
     Row("ade20k", "sota", "upernet", "r101", (512, 512), 0.01, 16, 130, "train", "val",
         {"ss": WHOLE, "msflip": Protocol(SIX_SCALES, True, probs=True)}),
     Row("ade20k", "sota", "upernet", "s101", (512, 512), 0.004, 16, 180, "train", "val",

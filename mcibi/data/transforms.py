@@ -17,17 +17,17 @@ from mcibi.params import DataParams, ResizeParams
 
 MEAN = np.array([123.675, 116.28, 103.53], np.float32)  # ImageNet RGB statistics, as every official config
 STD = np.array([58.395, 57.12, 57.375], np.float32)
-_MEAN_T = torch.from_numpy(MEAN).view(3, 1, 1)
-_STD_T = torch.from_numpy(STD).view(3, 1, 1)
+_INV_STD = 1.0 / np.array([58.395, 57.12, 57.375], np.float64)
 
 Transform = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[torch.Tensor, torch.Tensor]]
 
 
 def rescale_size(h: int, w: int, target: tuple[int, int], keep_ratio: bool) -> tuple[int, int]:
     """Output (h, w): with ``keep_ratio`` the mmcv 'rescale' rule (fit the long side to max(target) and the short
-    side to min(target), whichever is smaller, rounded), otherwise exactly ``target``."""
+    side to min(target), whichever is smaller, rounded), otherwise ``target`` turned to the image's orientation
+    (the official Resize: a portrait image gets the long side as its height)."""
     if not keep_ratio:
-        return target
+        return (max(target), min(target)) if h > w else (min(target), max(target))
     scale = min(max(target) / max(h, w), min(target) / min(h, w))
     return int(h * scale + 0.5), int(w * scale + 0.5)
 
@@ -52,14 +52,14 @@ def random_resize(image, label, params: ResizeParams, rng: np.random.Generator):
 
 def random_crop(image, label, crop: tuple[int, int], cat_max_ratio: float, rng: np.random.Generator):
     """Random crop of at most ``crop``; retried (up to 10 times) while one class covers ≥ cat_max_ratio of the
-    labelled pixels or only one class is present, keeping the last try."""
+    labelled pixels or only one class is present, keeping the last try (as the official RandomCrop, which also
+    retries a single-class crop when the ratio is 1; it keeps the uncropped image when the last try has no
+    labelled pixel, where we keep that crop)."""
     h, w = label.shape
     ch, cw = min(crop[0], h), min(crop[1], w)
     for _ in range(10):
         y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
         lab = label[y : y + ch, x : x + cw]
-        if cat_max_ratio >= 1.0:
-            break
         # per-class pixel counts without the ignore label (bincount: same counts as np.unique, no sort)
         counts = np.bincount(lab.ravel(), minlength=IGNORE_INDEX + 1)
         counts[IGNORE_INDEX] = 0
@@ -82,7 +82,7 @@ def flip_label_pairs(label: np.ndarray, flip_pairs: Sequence[tuple[int, int]]) -
 
 def random_flip(image, label, prob: float, flip_pairs, rng: np.random.Generator):
     """Horizontal flip with probability ``prob``; left/right class pairs are swapped in the label."""
-    if rng.random() < prob:
+    if rng.random() <= prob:  # the official: no flip when the draw exceeds prob
         image = image[:, ::-1]
         label = flip_label_pairs(label[:, ::-1], flip_pairs)
     return image, label
@@ -91,7 +91,7 @@ def random_flip(image, label, prob: float, flip_pairs, rng: np.random.Generator)
 def random_rotation(image, label, prob: float, max_degrees: float, rng: np.random.Generator):
     """Rotation about the centre by an integer angle in [-max, max): image bicubic (fill 0), label nearest
     (fill ignore)."""
-    if max_degrees <= 0 or rng.random() >= prob:
+    if max_degrees <= 0 or rng.random() > prob:  # the official: no rotation when the draw exceeds prob
         return image, label
     angle = float(rng.integers(-int(max_degrees), int(max_degrees)))
     h, w = label.shape
@@ -102,51 +102,44 @@ def random_rotation(image, label, prob: float, max_degrees: float, rng: np.rando
     return image, label
 
 
-def _lut(fn) -> np.ndarray:
-    """The 256-entry uint8 table of a per-pixel function of a uint8 value (same float32 arithmetic, so applying
-    it with cv2.LUT gives exactly what the function gives applied to the whole image, in one pass)."""
-    return fn(np.arange(256, dtype=np.float32)).astype(np.uint8)
+def _convert(image: np.ndarray, alpha: float = 1, beta: float = 0) -> np.ndarray:
+    """image * alpha + beta in float32, clipped and truncated to uint8 (each photometric step rounds)."""
+    return np.clip(image.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
 
 
 def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """mmseg PhotoMetricDistortion on an RGB uint8 image: brightness ±32, contrast 0.5–1.5, saturation
-    0.5–1.5, hue ±18, each with probability 0.5, contrast before or after the HSV steps.
+    """The official PhotoMetricDistortion on an RGB uint8 image, step by step with its rounding and draw order:
+    brightness ±32, then contrast 0.5–1.5 either first (mode 1) or last (mode 0), saturation 0.5–1.5 and hue ±18
+    each in its own RGB→HSV→RGB round trip, every step with probability 0.5.
 
-    Every step is a function of each uint8 value, so it runs as a lookup table (bit-identical to computing it in
-    float32 over the image)."""
-    delta = rng.uniform(-32, 32) if rng.integers(2) else None
-    contrast_first = bool(rng.integers(2))
-    alpha = rng.uniform(0.5, 1.5) if contrast_first and rng.integers(2) else None
-
-    def brightness_contrast(v: np.ndarray) -> np.ndarray:
-        if delta is not None:
-            v = v + delta
-        if alpha is not None:
-            v = v * alpha
-        return np.clip(v, 0, 255)
-
-    img = image if delta is None and alpha is None else cv2.LUT(image, _lut(brightness_contrast))
-    if rng.integers(2) or rng.integers(2):
+    The official pipeline applies it to the BGR image as read by OpenCV (its Normalize converts to RGB later), so
+    its hue step turns the other way round the hue circle; we apply it to RGB, as intended (documented in the
+    README's parity section; tests/test_parity_training.py checks both).
+    """
+    img = image
+    if rng.integers(2):
+        img = _convert(img, beta=rng.uniform(-32, 32))
+    mode = rng.integers(2)
+    if mode == 1 and rng.integers(2):
+        img = _convert(img, alpha=rng.uniform(0.5, 1.5))
+    if rng.integers(2):
         hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
-        if rng.integers(2):
-            s = rng.uniform(0.5, 1.5)
-            hsv[..., 1] = _lut(lambda v: np.clip(v * s, 0, 255))[hsv[..., 1]]
-        if rng.integers(2):
-            d = rng.integers(-18, 18)
-            hsv[..., 0] = _lut(lambda v: (v + d) % 180)[hsv[..., 0]]
+        hsv[..., 1] = _convert(hsv[..., 1], alpha=rng.uniform(0.5, 1.5))
         img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
-    if not contrast_first and rng.integers(2):
-        beta = rng.uniform(0.5, 1.5)
-        img = cv2.LUT(img, _lut(lambda v: np.clip(v * beta, 0, 255)))
+    if rng.integers(2):
+        hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+        hsv[..., 0] = (hsv[..., 0].astype(int) + rng.integers(-18, 18)) % 180
+        img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    if mode == 0 and rng.integers(2):
+        img = _convert(img, alpha=rng.uniform(0.5, 1.5))
     return img
 
 
 def normalize(image: np.ndarray) -> torch.Tensor:
-    """(x - mean) / std on RGB, HWC uint8 → CHW float32."""
-    # torch writes CHW directly; float32 subtract then divide, the same arithmetic as numpy's (x - MEAN) / STD
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-    x = x.to(torch.float32, memory_format=torch.contiguous_format)
-    return x.sub_(_MEAN_T).div_(_STD_T)
+    """(x - mean) / std on RGB, HWC uint8 → CHW float32, rounded as the official Normalize: the difference in
+    float32, times 1/std in float64, rounded to float32 (bit-identical; tests/test_parity_training.py)."""
+    x = ((image.astype(np.float32) - MEAN).astype(np.float64) * _INV_STD).astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
 def pad_to(image: torch.Tensor, label: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,12 +172,14 @@ def build_train_transform(params: DataParams, flip_pairs: Sequence[tuple[int, in
     return apply
 
 
-def build_test_transform(params: DataParams) -> Transform:
-    """Resize the image only; the label stays at its original size, where predictions are scored."""
+def build_test_transform(params: DataParams, test_resize: ResizeParams | None = None) -> Transform:
+    """Resize the image only (``test_resize``, by default ``params.test_resize``: a protocol may have its own);
+    the label stays at its original size, where predictions are scored."""
+    test_resize = test_resize or params.test_resize
 
     def apply(image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
         del rng
-        size = rescale_size(*image.shape[:2], params.test_resize.size, params.test_resize.keep_ratio)
+        size = rescale_size(*image.shape[:2], test_resize.size, test_resize.keep_ratio)
         image, _ = resize(image, None, size)
         return normalize(image), torch.from_numpy(np.ascontiguousarray(label)).long()
 

@@ -1,0 +1,16 @@
+"""Suite-wide pytest hooks: a closing summary of every skipped test and why (so a fresh clone's run says it)."""
+
+from __future__ import annotations
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """List each skipped test with its reason, or say that none was skipped."""
+    del exitstatus, config
+    skipped = terminalreporter.stats.get("skipped", [])
+    terminalreporter.section("skipped tests")
+    if not skipped:
+        terminalreporter.write_line("none: every test ran (the official toolbox parity tests included)")
+        return
+    for report in skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        terminalreporter.write_line(f"{report.nodeid}: {reason.removeprefix('Skipped: ')}")

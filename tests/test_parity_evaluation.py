@@ -1,0 +1,188 @@
+"""Evaluation protocol parity: ``mcibi evaluate``'s code path gives the official test-time class maps.
+
+For the same converted weights, the class map of every original-size image that our evaluation path produces
+(the prepared dataset read, the protocol's test-time resize, scales, flips with the left/right class swap, whole
+or sliding-window inference, averaging of logits or probabilities, resize back to the original size, argmax;
+through :func:`mcibi.evaluation.export_predictions`, which shares ``_predictions`` with ``evaluate``) equals the
+official path: the official test pipeline (Resize, Normalize, ToTensor) on the image read as the official reader
+does, the official ``auginference`` (whole / slide, scales, flip, pairs read from the train pipeline) and the
+averaging + resize + argmax of the official test script (``ssseg/test.py``, which needs CUDA + NCCL, so its three
+lines are transcribed in :func:`_official_class_map`).
+
+The protocols are the committed params files' (``params/<dataset>/*.yaml``), compared with the official values
+(the config's active block, or its commented TTA block) in :data:`OFFICIAL`; all pixel sizes are divided by
+:data:`SHRINK` on both sides so that a CPU runs it in seconds (the arithmetic does not depend on the sizes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from parity_support import calibrate, official_config, randomise_state
+
+from mcibi.checkpoint import convert_official_checkpoint, save_checkpoint
+from mcibi.data.dataset import SegmentationDataset
+from mcibi.data.lookup import get_spec
+from mcibi.data.transforms import build_test_transform
+from mcibi.evaluation import export_predictions
+from mcibi.models import build_segmentor
+from mcibi.official import model_params_from_official
+from mcibi.params import load_params
+
+SHRINK = 12
+# the model each dataset's checks run (any official model will do: the protocol is what is compared)
+MODEL = {"lip": "mcibiplusplus_resnet50os8_lip", "ade20k": "mcibiplusplus_aspp_resnet50os8_ade20k"}
+# official protocols: test Resize (output_size, keep_ratio), forward mode, cropsize, stride, scales, flip, probs.
+# ss values are the configs' active blocks; flip and ms+flip the commented TTA blocks of the same files
+OFFICIAL = {
+    ("lip", "upernet_r101_mcibipp", "ss"): ((473, 473), False, "whole", None, None, [1], False, False),
+    ("lip", "upernet_r101_mcibipp", "flip"): ((473, 473), False, "whole", None, None, [1], True, False),
+    ("lip", "upernet_r101_mcibipp", "msflip"): ((520, 520), False, "slide", (473, 473), (315, 315),
+                                                [0.75, 1.0, 1.25], True, True),
+    ("ade20k", "upernet_r101_mcibipp", "ss"): ((2048, 512), True, "whole", None, None, [1], False, False),
+    ("ade20k", "upernet_r101_mcibipp", "msflip"): ((2048, 512), True, "whole", None, None,
+                                                  [0.5, 0.75, 1.0, 1.25, 1.5, 1.75], True, True),
+    ("ade20k", "upernet_swinl_mcibipp", "msflip"): ((2560, 640), True, "slide", (640, 640), (426, 426),
+                                                   [0.5, 0.75, 1.0, 1.25, 1.5, 1.75], True, True),
+}
+CALIBRATE = {"lip": "upernet_r101_mcibipp", "ade20k": "upernet_r101_mcibipp"}  # the test images' ss sizes
+ORIGINAL_SIZES = [(45, 61), (57, 41)]  # (h, w): a landscape and a portrait image
+
+
+def _shrink(x):
+    return None if x is None else tuple(max(int(round(v / SHRINK)), 1) for v in x)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """Per dataset: (official model, our params with the converted model, its checkpoint, data root)."""
+    from ssseg.modules.models.segmentors.mcibiplusplus.mcibiplusplus import MCIBIPlusPlus
+
+    root = tmp_path_factory.mktemp("eval_parity")
+    out = {}
+    for dataset, name in MODEL.items():
+        cfg = official_config(name)
+        cfg["backbone"]["pretrained"] = False
+        cfg["norm_cfg"] = {"type": "BatchNorm2d"}
+        model_params = model_params_from_official(name, cfg)
+        torch.manual_seed(0)
+        official = MCIBIPlusPlus(cfg, mode="TEST")
+        randomise_state(official)
+        official.eval()
+        data_root = root / "data"
+        _prepared_images(data_root / dataset, seed=len(out))
+        test = build_test_transform(_shrunk_params(dataset, CALIBRATE[dataset], "ss", model_params).data)
+        images = SegmentationDataset(data_root / dataset, "val", test)
+        calibrate(official, [images[i]["image"][None] for i in range(len(images))])
+        ours = build_segmentor(model_params)
+        ours.load_state_dict(convert_official_checkpoint(official.state_dict(), model_params), strict=True)
+        out[dataset] = (official, model_params, ours, data_root, root)
+    return out
+
+
+def _prepared_images(folder, seed: int) -> None:
+    """A prepared dataset (our on-disk format) with two JPEG images of odd original sizes in split 'val'."""
+    rng = np.random.default_rng(seed)
+    (folder / "images").mkdir(parents=True)
+    (folder / "labels").mkdir()
+    ids = []
+    for i, (h, w) in enumerate(ORIGINAL_SIZES):
+        smooth = cv2.resize(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8), (w, h), interpolation=cv2.INTER_CUBIC)
+        image = np.clip(smooth.astype(int) + rng.integers(-20, 20, smooth.shape), 0, 255).astype(np.uint8)
+        cv2.imwrite(str(folder / "images" / f"im{i}.jpg"), image)
+        cv2.imwrite(str(folder / "labels" / f"im{i}.png"), np.zeros((h, w), np.uint8))
+        ids.append(f"im{i}")
+    (folder / "splits").mkdir()
+    (folder / "splits" / "val.txt").write_text("\n".join(ids) + "\n")
+    (folder / "manifest.json").write_text(json.dumps({"image_ext": ".jpg", "splits": {"val": len(ids)},
+                                                      "classes": list(get_spec(folder.name).classes)}))
+
+
+def _shrunk_params(dataset: str, stem: str, protocol: str, model_params):
+    """The committed params file with the converted model, one protocol, and every pixel size shrunk."""
+    params = load_params(f"params/{dataset}/{stem}.yaml")
+    proto = params.evaluate.protocols[protocol]
+
+    def shrink_resize(r):
+        return None if r is None else dataclasses.replace(r, size=_shrink(r.size))
+
+    proto = dataclasses.replace(proto, test_resize=shrink_resize(proto.test_resize), crop=_shrink(proto.crop),
+                                stride=_shrink(proto.stride))
+    data = dataclasses.replace(params.data, test_resize=shrink_resize(params.data.test_resize))
+    return dataclasses.replace(
+        params, data=data, model=model_params,
+        train=dataclasses.replace(params.train, num_workers=0),
+        evaluate=dataclasses.replace(params.evaluate, protocols={protocol: proto}))
+
+
+def _official_class_map(official, cfg_inference: dict, image_file, resize: tuple, keep_ratio: bool) -> tuple:
+    """(class map, top-2 logit margin) of the official test path for one original image."""
+    from ssseg.modules.datasets.pipelines.transforms import Compose, Normalize, Resize, ToTensor
+
+    image = cv2.imread(str(image_file))  # the official reader: BGR, Normalize converts to RGB
+    h, w = image.shape[:2]
+    pipeline = Compose([Resize(output_size=resize, keep_ratio=keep_ratio, scale_range=None),
+                        Normalize(mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375]), ToTensor()])
+    sample = pipeline({"image": image, "seg_target": np.zeros((h, w), np.float32), "height": h, "width": w})
+    official.cfg["inference"] = cfg_inference
+    with torch.no_grad():
+        seg_logits_list = official.auginference(sample["image"][None])
+        # ssseg/test.py: every pass resized to the original size, averaged, argmax
+        seg_logit_list = [F.interpolate(s[0:1], size=(h, w), mode="bilinear", align_corners=official.align_corners)
+                          for s in seg_logits_list]
+        seg_logit = sum(seg_logit_list) / len(seg_logit_list)
+    top2 = seg_logit[0].topk(2, dim=0).values
+    return seg_logit[0].argmax(dim=0).numpy(), (top2[0] - top2[1]).numpy(), seg_logit.abs().max().item()
+
+
+OPEN = {  # cases not proven yet: strict xfails, so the day they pass the suite says so
+    ("lip", "upernet_r101_mcibipp", "msflip"): "1 of 2745 pixels differs beyond the tie margin (5.8e-3 of the max "
+                                               "score): the 520x520 resize + slide path is not yet bit-faithful",
+    ("ade20k", "upernet_r101_mcibipp", "msflip"): "the random-weight model's class map is constant at these sizes, "
+                                                  "so the comparison cannot discriminate yet",
+}
+
+
+@pytest.mark.parametrize("dataset,stem,protocol", [
+    pytest.param(*key, marks=pytest.mark.xfail(reason=OPEN[key], strict=True)) if key in OPEN else key
+    for key in OFFICIAL])
+def test_evaluation_class_maps_equal_the_official_test_path(dataset, stem, protocol, converted, tmp_path):
+    resize, keep_ratio, mode, crop, stride, scales, flip, probs = OFFICIAL[(dataset, stem, protocol)]
+    official, model_params, ours, data_root, root = converted[dataset]
+    params = _shrunk_params(dataset, stem, protocol, model_params)
+    # the committed protocol is the official one (sizes compared before shrinking: _shrink is applied to both)
+    full = load_params(f"params/{dataset}/{stem}.yaml").evaluate.protocols[protocol]
+    test_resize = full.test_resize or load_params(f"params/{dataset}/{stem}.yaml").data.test_resize
+    assert (sorted(test_resize.size), test_resize.keep_ratio) == (sorted(resize), keep_ratio)
+    assert not keep_ratio and resize[0] == resize[1] or keep_ratio  # (h, w) order only matters without keep_ratio
+    assert (full.mode, full.crop, full.stride, list(full.scales), full.flip, full.probs_before_resize) == (
+        mode, crop, stride, scales, flip, probs)
+    ckpt = root / f"{dataset}.pt"
+    if not ckpt.exists():
+        save_checkpoint(ckpt, ours, params)
+    out_dir = tmp_path / "pred"
+    assert export_predictions(params, ckpt, protocol, data_root, out_dir, split="val", device="cpu") == 2
+    cfg_inference = {"forward": {"mode": mode, "cropsize": _shrink(crop), "stride": _shrink(stride)},
+                     "tta": {"multiscale": scales, "flip": flip, "use_probs_before_resize": probs}}
+    classes = set()
+    for i, size in enumerate(ORIGINAL_SIZES):
+        expected, margin, scale = _official_class_map(official, cfg_inference, data_root / dataset / "images" /
+                                                      f"im{i}.jpg", _shrink(resize), keep_ratio)
+        got = cv2.imread(str(out_dir / f"im{i}.png"), cv2.IMREAD_UNCHANGED)
+        assert got.shape == size == expected.shape
+        # ties aside: where the top-2 margin is under 1e-3 of the largest score, float rounding of an equivalent
+        # computation (BatchNorm folded into the convolutions, channels-last, flips batched: logits equal to ~1e-5
+        # relative) may pick the other class
+        ties = margin <= 1e-3 * scale
+        differ = (got != expected) & ~ties
+        assert differ.sum() == 0, (f"{differ.sum()} of {got.size} pixels differ ({ties.sum()} near-ties excluded; "
+                                   f"their margins / max |score|: {margin[differ] / scale})")
+        assert ties.mean() < 0.05  # the tie exclusion stays marginal
+        classes.update(np.unique(expected).tolist())
+    assert len(classes) > 1  # non-trivial maps
