@@ -68,12 +68,14 @@ def _client(uri: str):
 
 
 def _retry(fn, attempts: int = 5):
-    """Retry a store call a few times: concurrent SQLite writers may briefly see 'database is locked'."""
+    """Retry a store call a few times: concurrent SQLite writers may briefly see 'database is locked', and two jobs
+    logging the same dataset entity race on its unique row (the retry finds the row the other job wrote)."""
     for i in range(attempts):
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - re-raised after the last attempt
-            if i == attempts - 1 or "locked" not in str(exc).lower():
+            text = str(exc).lower()
+            if i == attempts - 1 or not ("locked" in text or "unique constraint failed" in text):
                 raise
             time.sleep(0.5 * (i + 1))
     return None

@@ -36,3 +36,37 @@ def test_resumed_run_and_rerun_protocol_log_no_duplicates(tmp_path):
     assert _rows(client, run.run_id, "mIoU.ss") == [(0, 0.5)]  # unchanged value: no second row
     log_evaluation(uri, run.run_id, "ss", result | {"mIoU": 0.6}, csv, {})
     assert client.get_run(run.run_id).data.metrics["mIoU.ss"] == 0.6
+
+
+def test_two_jobs_logging_the_same_dataset_both_get_it_as_input(tmp_path):
+    """Parallel training jobs log the same prepared dataset: the one that loses the race on the dataset's unique
+    row (MLflow raises IntegrityError) retries and links the row the other job wrote."""
+    import json
+
+    from mcibi.tracking import log_dataset_inputs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    data = tmp_path / "demo"
+    (data / "splits").mkdir(parents=True)
+    (data / "manifest.json").write_text(json.dumps({"splits": {"train": 2, "val": 1}, "num_classes": 3}))
+    first = RunLogger.start(uri, "demo", "demo/a", {}, {})
+    second = RunLogger.start(uri, "demo", "demo/b", {}, {})
+    client = MlflowClient(tracking_uri=uri)
+
+    class RacedClient:  # the other job inserts the same rows between this job's lookup and its insert
+        calls = 0
+
+        def log_inputs(self, run_id, datasets):
+            from mlflow.exceptions import MlflowException
+
+            RacedClient.calls += 1
+            if RacedClient.calls == 1:
+                log_dataset_inputs(client, second.run_id, data, {"train": "train", "eval": "val"})
+                raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, "
+                                      "datasets.name, datasets.digest")  # what the store raised in the demo chain
+            return client.log_inputs(run_id, datasets=datasets)
+
+    log_dataset_inputs(RacedClient(), first.run_id, data, {"train": "train", "eval": "val"})
+    for run in (first, second):
+        inputs = client.get_run(run.run_id).inputs.dataset_inputs
+        assert sorted(i.dataset.name for i in inputs) == ["demo/train", "demo/val"]
