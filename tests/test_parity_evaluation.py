@@ -144,13 +144,16 @@ def _official_class_map(official, cfg_inference: dict, image_file, resize: tuple
 OPEN = {  # cases not proven yet: strict xfails, so the day they pass the suite says so
     ("lip", "upernet_r101_mcibipp", "msflip"): "1 of 2745 pixels differs beyond the tie margin (5.8e-3 of the max "
                                                "score): the 520x520 resize + slide path is not yet bit-faithful",
-    ("ade20k", "upernet_r101_mcibipp", "msflip"): "the random-weight model's class map is constant at these sizes, "
-                                                  "so the comparison cannot discriminate yet",
+}
+INCONCLUSIVE = {  # depends on the RNG state the module's models were drawn in: not strict
+    ("ade20k", "upernet_r101_mcibipp", "msflip"): "with some random weights the class map is constant at these "
+                                                  "sizes, so the comparison cannot discriminate (passes otherwise)",
 }
 
 
 @pytest.mark.parametrize("dataset,stem,protocol", [
-    pytest.param(*key, marks=pytest.mark.xfail(reason=OPEN[key], strict=True)) if key in OPEN else key
+    pytest.param(*key, marks=pytest.mark.xfail(reason=OPEN[key], strict=True)) if key in OPEN else
+    pytest.param(*key, marks=pytest.mark.xfail(reason=INCONCLUSIVE[key], strict=False)) if key in INCONCLUSIVE else key
     for key in OFFICIAL])
 def test_evaluation_class_maps_equal_the_official_test_path(dataset, stem, protocol, converted, tmp_path):
     resize, keep_ratio, mode, crop, stride, scales, flip, probs = OFFICIAL[(dataset, stem, protocol)]
