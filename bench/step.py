@@ -33,13 +33,11 @@ import copy  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from benchlib import machine  # noqa: E402
+from benchlib import interleaved, machine  # noqa: E402
 
 from mcibi.models import build_segmentor  # noqa: E402
 from mcibi.models.folding import fold_batchnorm  # noqa: E402
@@ -74,30 +72,6 @@ def _without_shared_convs(memory: torch.nn.Module) -> torch.nn.Module:
     if getattr(light, "downsample_before_sa", None) is not None:
         light.downsample_before_sa = torch.nn.Identity()
     return light
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _interleaved(fns: dict[str, Timer], repeats: int, warmup: int, device: torch.device) -> dict[str, dict]:
-    """Run each function ``warmup`` times, then ``repeats`` rounds of one call each, in turn."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    wall: dict[str, list[float]] = {k: [] for k in fns}
-    cpu: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            _sync(device)
-            start, start_cpu = time.perf_counter(), time.process_time()
-            fn()
-            _sync(device)
-            wall[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - start_cpu)
-    return {k: {"median": statistics.median(wall[k]), "min": min(wall[k]), "cpu_median": statistics.median(cpu[k])}
-            for k in fns}
 
 
 def _autocast(device: torch.device, bf16: bool):
@@ -305,7 +279,7 @@ def main() -> None:
         group = {k: fn for k, fn in timers.items() if k.endswith(f".{what}")}
         if group:
             if args.repeats > 0:  # --repeats 0: no timing (e.g. only --profile)
-                times |= _interleaved(group, args.repeats, args.warmup, device)
+                times |= interleaved(group, args.repeats, args.warmup, device)
             else:
                 for fn in group.values():
                     for _ in range(args.warmup):
