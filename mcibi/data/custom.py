@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -350,16 +349,14 @@ def prepare_custom(description: str | Path, out_dir: str | Path, show_progress: 
     import cv2
     from tqdm import tqdm
 
-    from mcibi.files import write_json
+    from mcibi.files import atomic_folder, write_json
 
     desc = load_description(description)
     checked = validate(desc, show_progress)
     images, masks, splits = scan(desc)
     ext = _image_ext(images)
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         for image_id in tqdm(sorted(images), desc=f"prepare {desc.name}", unit="img", disable=not show_progress,
                              mininterval=2.0):
             target = tmp / "images" / f"{image_id}{ext}"
@@ -384,11 +381,4 @@ def prepare_custom(description: str | Path, out_dir: str | Path, show_progress: 
             "splits": {s: len(v) for s, v in splits.items()}, "palette": [list(c) for c in desc.palette],
             "label_conversion": f"{desc.mask_format} masks", "median_size": list(checked["median_size"]),
             "description": desc.text})
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out

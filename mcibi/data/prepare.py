@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +27,7 @@ from mcibi.data.archives import PreparedDataError, extract
 from mcibi.data.converters import CONVERTERS
 from mcibi.data.lookup import resolve
 from mcibi.data.specs import IGNORE_INDEX, DatasetSpec
-from mcibi.files import write_json
+from mcibi.files import atomic_folder, write_json
 
 log = logging.getLogger(__name__)
 EXIF_ORIENTATION = 0x0112
@@ -102,10 +101,8 @@ def prepare(dataset: str | DatasetSpec, archive_dir: str | Path, out_dir: str | 
     archives = Path(archive_dir)
     record = _check_archives(spec, archives, archive_record)
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     start = time.perf_counter()
-    try:
+    with atomic_folder(out) as tmp:
         raw = tmp / "_raw"
         source = next(s for s in spec.sources if s.name == record["source"])
         for archive in source.archives:
@@ -139,13 +136,6 @@ def prepare(dataset: str | DatasetSpec, archive_dir: str | Path, out_dir: str | 
             if spec.count_unit == "video":
                 manifest["videos"] = {s: len({i.split("/")[0] for i in v}) for s, v in plan.splits.items()}
         write_json(tmp / "manifest.json", manifest)
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     seconds = time.perf_counter() - start
     log.info("prepared %s in %s: %d images in %.1f s (%.1f images/s)", spec.name, out, len(plan.images), seconds,
              len(plan.images) / max(seconds, 1e-9))
