@@ -14,3 +14,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     for report in skipped:
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         terminalreporter.write_line(f"{report.nodeid}: {reason.removeprefix('Skipped: ')}")
+
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist, each worker gets its share of the cores as torch threads (no oversubscription)."""
+    import os
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
