@@ -496,6 +496,10 @@ def _build(params: ExperimentParams, data_root: str | Path, out: Path, env: Dist
         raise ValueError(f"{params.path}: train.total_batch_size {tp.total_batch_size} exceeds the "
                          f"{len(dataset)} training images.")
     layout = torch.channels_last if tp.channels_last else torch.contiguous_format
+    if tp.channels_last and dev.type == "cpu" and torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2"):
+        log.warning("%s: train.channels_last on a CPU without AVX-512 makes the convolutions' backward pass slower "
+                    "(measured: training step 1.42x slower on AVX2, bench/step.py); set train.channels_last: false "
+                    "for CPU training here (the result is the same up to rounding).", params.path)
     if params.model.init_from:  # fine-tuning: every weight from a checkpoint (a resumed run overrides them)
         from mcibi.released import initialise_from
 

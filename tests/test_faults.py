@@ -126,3 +126,13 @@ def test_resume_whose_mlflow_run_is_gone_logs_to_a_new_run(data_root, tmp_path):
     (out / "model.pt").unlink()  # resumed from the last checkpoint, against another (empty) store
     again = training.train(params, data_root, out, tracking_uri=f"sqlite:///{tmp_path / 'b.db'}", threads=1)
     assert again.resumed_from == first.iterations and again.run_id and again.run_id != first.run_id
+
+
+def test_channels_last_training_on_an_avx2_cpu_warns(data_root, tmp_path, monkeypatch, caplog):
+    """train.channels_last on a CPU without AVX-512 slows the convolutions' backward pass (bench/step.py): the
+    run says so and what to set (it still trains: the result is the same up to rounding)."""
+    params = load_params(tiny_params(tmp_path / "params", memory="none", epochs=1, channels_last=True))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    with caplog.at_level("WARNING", logger="mcibi.training"):
+        training.train(params, data_root, tmp_path / "run", threads=1)
+    assert "set train.channels_last: false" in caplog.text and str(params.path) in caplog.text
