@@ -32,7 +32,7 @@ import torch
 from benchlib import ROOT, interleaved, machine, official_available, official_config
 from torch.utils.data import DataLoader
 
-from mcibi.catalogue import ASSUMED_IMAGES_PER_GPU_S
+from mcibi.catalogue.budget import ASSUMED_IMAGES_PER_GPU_S
 from mcibi.data.dataset import SegmentationDataset
 from mcibi.data.lookup import get_spec
 from mcibi.data.transforms import build_train_transform
@@ -50,8 +50,9 @@ SETTINGS = {
 }
 
 
-def write_images(folder: Path, count: int, size: tuple[int, int], classes: int, seed: int = 0) -> list[str]:
+def write_images(folder: Path, count: int, size: tuple[int, int], class_names: list[str], seed: int = 0) -> list[str]:
     """``count`` JPEG images and PNG label maps in our prepared layout (images/, labels/, splits/, manifest)."""
+    classes = len(class_names)
     rng = np.random.default_rng(seed)
     (folder / "images").mkdir(parents=True)
     (folder / "labels").mkdir()
@@ -68,7 +69,8 @@ def write_images(folder: Path, count: int, size: tuple[int, int], classes: int, 
         cv2.imwrite(str(folder / "images" / f"{ids[-1]}.jpg"), image, [cv2.IMWRITE_JPEG_QUALITY, 90])
         cv2.imwrite(str(folder / "labels" / f"{ids[-1]}.png"), label)
     (folder / "splits" / "train.txt").write_text("\n".join(ids) + "\n")
-    (folder / "manifest.json").write_text(json.dumps({"image_ext": ".jpg", "splits": {"train": count}}))
+    (folder / "manifest.json").write_text(json.dumps({"image_ext": ".jpg", "splits": {"train": count},
+                                                              "classes": list(class_names)}))
     return ids
 
 
@@ -89,7 +91,9 @@ def bench_setting(name: str, args, work: Path) -> dict:
     params_file, config, raw, classes = SETTINGS[name]
     params = load_params(ROOT / params_file)
     folder = work / name
-    ids = write_images(folder, args.images, raw, classes)
+    spec = get_spec(params.data.name)
+    assert spec.num_classes == classes, (name, spec.num_classes, classes)
+    ids = write_images(folder, args.images, raw, spec.classes)
     ours = SegmentationDataset(folder, "train", build_train_transform(params.data, get_spec(params.data.name)
                                                                       .flip_pairs), seed=0)
     loaders = {"ours": DataLoader(ours, batch_size=args.batch, num_workers=0)}
