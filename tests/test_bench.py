@@ -95,3 +95,14 @@ def test_slide_windows_in_batches_give_the_same_scores():
         for batch in (1, 3):
             assert torch.equal(predict_slide(Out(), x, crop=(16, 16), stride=(10, 12), probs=True, max_batch=batch),
                                ref)
+
+
+def test_data_bench_times_both_pipelines_on_the_same_files():
+    """bench/data.py at its smallest: our pipeline and the official one over the same written files."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "data.py"), "--settings", "lip_473", "--images", "2",
+                           "--batch", "1", "--repeats", "1", "--warmup", "0"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    setting = json.loads(proc.stdout)["settings"]["lip_473"]
+    assert setting["ours_images_per_s"] > 0 and setting["official_images_per_s"] > 0 and setting["speedup"] > 0
+    assert setting["workers_per_gpu"] >= 1 and setting["crop"] == [473, 473]
