@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mcibi.models.blocks import resize_bilinear
+
 
 def _forward_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return model(images).logits
@@ -66,7 +68,7 @@ def predict_slide(
         chunk = boxes[start : start + max_batch]
         crops = torch.cat([images[:, :, y1:y2, x1:x2] for (y1, y2, x1, x2) in chunk], dim=0)
         scores = _forward_logits(model, crops)
-        scores = F.interpolate(scores, size=crops.shape[2:], mode="bilinear", align_corners=align_corners)
+        scores = resize_bilinear(scores, crops.shape[2:], align_corners)
         if probs:
             scores = scores.softmax(dim=1)
         if total is None:
@@ -121,7 +123,7 @@ def predict_tta(
             if flip_permutation is not None:
                 flipped = flipped[:, list(flip_permutation)]
             scores = torch.cat([scores[:b], flipped.flip(dims=[3])], dim=0)
-        scores = F.interpolate(scores, size=out_size, mode="bilinear", align_corners=align_corners)
+        scores = resize_bilinear(scores, out_size, align_corners)
         summed = scores[:b] + scores[b:] if flip else scores
         total = summed if total is None else total + summed
         passes += 2 if flip else 1

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mcibi.models.blocks import resize_bilinear
+
 
 def _is_hrnet(name: str) -> bool:
     return name.startswith("hrnet")
@@ -40,7 +42,7 @@ def _official_hrnet_fusion(module: nn.Module, x: list[torch.Tensor]) -> list[tor
         for j, fuse in enumerate(fuse_outer):
             term = fuse(x[j])
             if j > i:
-                term = F.interpolate(term, size=x[i].shape[2:], mode="bilinear", align_corners=False)
+                term = resize_bilinear(term, x[i].shape[2:], False)
             y = term if y is None else y + term
         fused.append(module.fuse_act(y))
     return fused
@@ -167,7 +169,7 @@ class Backbone(nn.Module):
             feats = [f.permute(0, 3, 1, 2).contiguous() for f in feats]
         if self.hrnet:
             size = feats[0].shape[2:]
-            up = [feats[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=self.align_corners)
+            up = [feats[0]] + [resize_bilinear(f, size, self.align_corners)
                                for f in feats[1:]]
             fused = torch.cat(up, dim=1)
             return [fused] * 4

@@ -9,6 +9,20 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def resize_bilinear(x: torch.Tensor, size: Sequence[int], align_corners: bool) -> torch.Tensor:
+    """``F.interpolate(x, size, mode="bilinear")``, on CPU through the channels-last kernel, returned in x's layout.
+
+    Speed (bench/step.py --profile): PyTorch's NCHW bilinear kernel on CPU is ~50x slower than its channels-last
+    one for feature maps of many channels (2x512x32x32 -> 64x64: 36 ms vs 0.6 ms on AVX2; 11% of an NCHW UperNet
+    forward). Values agree to float rounding (4.8e-7 at most), gradients exactly.
+    """
+    if x.device.type != "cpu" or x.dim() != 4 or x.is_contiguous(memory_format=torch.channels_last):
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
+    y = F.interpolate(x.contiguous(memory_format=torch.channels_last), size=size, mode="bilinear",
+                      align_corners=align_corners)
+    return y.contiguous()
+
+
 class ConvBNReLU(nn.Sequential):
     """Conv (no bias) → BatchNorm → ReLU; SyncBatchNorm under DDP via ``convert_sync_batchnorm``."""
 
@@ -35,7 +49,7 @@ class PPM(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[2:]
         levels = [x] + [
-            F.interpolate(b(x), size=size, mode="bilinear", align_corners=self.align_corners) for b in self.branches
+            resize_bilinear(b(x), size, self.align_corners) for b in self.branches
         ]
         return self.bottleneck(torch.cat(levels, dim=1))
 
@@ -55,7 +69,7 @@ class ASPP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outs = [b(x) for b in self.parallel_branches]
         pooled = self.global_branch(x)
-        outs.append(F.interpolate(pooled, size=x.shape[2:], mode="bilinear", align_corners=self.align_corners))
+        outs.append(resize_bilinear(pooled, x.shape[2:], self.align_corners))
         return self.bottleneck(torch.cat(outs, dim=1))
 
 

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from mcibi.models.blocks import ConvBNReLU, SelfAttention
+from mcibi.models.blocks import ConvBNReLU, SelfAttention, resize_bilinear
 
 
 def official_noise(num_classes: int, channels: int) -> torch.Tensor:
@@ -73,7 +73,7 @@ class ClassMemory(nn.Module):
         context = torch.einsum("bkhw,kc->bchw", weights, reps)  # dataset-level context D per pixel
         if self.downsample_before_sa is not None:
             attended = self.self_attention(self.downsample_before_sa(feats), self.downsample_before_sa(context))
-            attended = F.interpolate(attended, size=feats.shape[2:], mode="bilinear", align_corners=self.align_corners)
+            attended = resize_bilinear(attended, feats.shape[2:], self.align_corners)
         else:
             attended = self.self_attention(feats, context)
         return self.bottleneck(torch.cat([feats, attended], dim=1))
@@ -216,7 +216,7 @@ class VectorMemory(ClassMemory):
         k = self.num_classes
         labels = _labels_at(labels, feats.shape[2:], resolution)
         if feats.shape[2:] != labels.shape[-2:]:
-            feats = F.interpolate(feats, size=labels.shape[-2:], mode="bilinear", align_corners=self.align_corners)
+            feats = resize_bilinear(feats, labels.shape[-2:], self.align_corners)
         b, c = feats.shape[:2]
         flat = feats.reshape(b, c, -1)  # (b, C, N)
         index = _class_index(labels, k).reshape(b, -1)  # (b, N), spare bin k for ignored pixels

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mcibi.models.backbone import Backbone
-from mcibi.models.blocks import ASPP, PPM, ConvBNReLU, SelfAttention
+from mcibi.models.blocks import ASPP, PPM, ConvBNReLU, SelfAttention, resize_bilinear
 from mcibi.models.memory import ClassMemory, DistributionMemory, VectorMemory
 from mcibi.params import CONTEXT_MODULES, ModelParams
 
@@ -129,7 +129,7 @@ class MemorySegmentor(nn.Module):
         same values: at output stride 8 the three coarsest FPN levels share one resolution)."""
         if x.shape[2:] == size:
             return x
-        return F.interpolate(x, size=size, mode="bilinear", align_corners=self.align_corners)
+        return resize_bilinear(x, size, self.align_corners)
 
     def forward(self, images: torch.Tensor, gather_labels: torch.Tensor | None = None,
                 classify_memory: bool = False) -> SegmentorOutput:
