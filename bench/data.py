@@ -38,15 +38,15 @@ from mcibi.data.lookup import get_spec
 from mcibi.data.transforms import build_train_transform
 from mcibi.params import load_params
 
-# setting -> (our params file, official config, raw image (h, w), classes in the synthetic labels)
+# setting -> (our params file, official config, raw image (h, w)); the labels use the dataset's classes
 SETTINGS = {
-    "lip_473": ("params/lip/upernet_r50_mcibipp.yaml", "mcibiplusplus_upernet_resnet50os8_lip", (320, 240), 20),
+    "lip_473": ("params/lip/upernet_r50_mcibipp.yaml", "mcibiplusplus_upernet_resnet50os8_lip", (320, 240)),
     "ade20k_512": ("params/ade20k/upernet_r50_mcibipp.yaml", "mcibiplusplus_upernet_resnet50os8_ade20k",
-                   (512, 683), 150),
+                   (512, 683)),
     "cityscapes_512x1024": ("params/cityscapes/upernet_r50_mcibipp.yaml",
-                            "mcibiplusplus_upernet_resnet50os8_cityscapes", (1024, 2048), 19),
+                            "mcibiplusplus_upernet_resnet50os8_cityscapes", (1024, 2048)),
     "ade20k_640": ("params/ade20k/upernet_swinl_mcibipp.yaml", "mcibiplusplus_upernet_swinlarge_ade20k",
-                   (512, 683), 150),
+                   (512, 683)),
 }
 
 
@@ -88,14 +88,12 @@ def official_dataset(folder: Path, ids: list[str], pipelines: list):
 
 
 def bench_setting(name: str, args, work: Path) -> dict:
-    params_file, config, raw, classes = SETTINGS[name]
+    params_file, config, raw = SETTINGS[name]
     params = load_params(ROOT / params_file)
     folder = work / name
     spec = get_spec(params.data.name)
-    assert spec.num_classes == classes, (name, spec.num_classes, classes)
     ids = write_images(folder, args.images, raw, spec.classes)
-    ours = SegmentationDataset(folder, "train", build_train_transform(params.data, get_spec(params.data.name)
-                                                                      .flip_pairs), seed=0)
+    ours = SegmentationDataset(folder, "train", build_train_transform(params.data, spec.flip_pairs), seed=0)
     loaders = {"ours": DataLoader(ours, batch_size=args.batch, num_workers=0)}
     if args.official:
         cfg = official_config(config)

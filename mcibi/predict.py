@@ -110,13 +110,11 @@ class Segmenter:
         return cls.from_checkpoint(artifacts / "model.pt", protocol=protocol, device=device, info=info)
 
     def _tensor(self, image: np.ndarray) -> torch.Tensor:
-        from mcibi.data.transforms import normalize, rescale_size, resize
+        from mcibi.data.transforms import test_image
 
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"expected an RGB uint8 image (H, W, 3), got {image.dtype} {image.shape}.")
-        test = self.protocol.test_resize or self.params.data.test_resize  # as build_test_transform
-        resized, _ = resize(image, None, rescale_size(*image.shape[:2], test.size, test.keep_ratio))
-        return normalize(resized)
+        return test_image(image, self.params.data, self.protocol.test_resize)
 
     def predict_batch(self, images: list[np.ndarray], probs: bool = False) -> list[Prediction]:
         """Predictions for RGB uint8 images of one size (H, W, 3), in one forward per protocol pass."""

@@ -173,15 +173,14 @@ def test_evaluation_class_maps_equal_the_official_test_path(dataset, stem, proto
     # our scores through the same path (the checkpoint loaded as evaluate loads it, the dataset's test transform,
     # protocol_scores), whose argmax must be the exported PNG exactly
     model, layout = load_model(params, ckpt, torch.device("cpu"))
-    dataset_ours = SegmentationDataset(data_root / dataset, "val", build_test_transform(params.data,
-                                                                                        params.evaluate.protocols[protocol].test_resize))
+    proto = params.evaluate.protocols[protocol]
+    dataset_ours = SegmentationDataset(data_root / dataset, "val", build_test_transform(params.data, proto.test_resize))
     for i, size in enumerate(ORIGINAL_SIZES):
         expected_scores, scale = _official_scores(official, cfg_inference, data_root / dataset / "images" /
                                                   f"im{i}.jpg", _shrink(resize), keep_ratio)
         with torch.inference_mode():
             image = dataset_ours[i]["image"][None].contiguous(memory_format=layout)
-            scores = protocol_scores(params, model, image, params.evaluate.protocols[protocol],
-                                     get_spec(dataset).flip_permutation(), size)[0]
+            scores = protocol_scores(params, model, image, proto, get_spec(dataset).flip_permutation(), size)[0]
         got = cv2.imread(str(out_dir / f"im{i}.png"), cv2.IMREAD_UNCHANGED)
         assert got.shape == size == tuple(expected_scores.shape[1:])
         assert np.array_equal(got, scores.argmax(dim=0).numpy())  # the exported map is these scores' argmax

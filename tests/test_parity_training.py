@@ -230,7 +230,7 @@ def _copy_official_state(official, official_optimizer, ours, optimizer, model_pa
         if id(param) not in names or not state:
             continue
         target = mine[official_key_to_ours(names[id(param)])]
-        optimizer.state[target] = {k: v.clone().to(v.dtype) if torch.is_tensor(v) else v for k, v in state.items()}
+        optimizer.state[target] = {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}
         copied += 1
     assert copied == len(mine)  # every trainable parameter has its state after the first step
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import yaml
 
-from mcibi.data.custom import CustomDatasetError, custom_spec, description_path, load_description, validate
-from mcibi.data.specs import DATASETS
+from mcibi.data.custom import CustomDatasetError, description_path, load_description, validate
+from mcibi.data.lookup import get_spec
 from mcibi.files import write_text
 from mcibi.params import load_params, params_from_dict, to_dict
 
@@ -50,9 +50,7 @@ def experiment_params(seed_params: Any, name: str, num_classes: int, train_image
                                                        strict=False)]
             proto["stride"] = _scaled(proto["stride"], factor)
     d["model"]["num_classes"] = num_classes
-    seed_name = seed_params.data.name
-    seed_spec = DATASETS[seed_name] if seed_name in DATASETS else custom_spec(seed_name)
-    seed_images = seed_spec.splits.get(seed_params.data.train_split, train_images)
+    seed_images = get_spec(seed_params.data.name).splits.get(seed_params.data.train_split, train_images)
     t = d["train"]
     t["total_batch_size"] = batch or max(1, min(t["total_batch_size"], train_images // 2))
     t["batch_per_device"] = min(t["batch_per_device"], t["total_batch_size"])

@@ -16,11 +16,18 @@ from mcibi.data.specs import IGNORE_INDEX
 from mcibi.params import DataParams, ResizeParams
 
 MEAN = np.array([123.675, 116.28, 103.53], np.float32)  # ImageNet RGB statistics, as every official config
-STD = np.array([58.395, 57.12, 57.375], np.float32)
-_INV_STD = 1.0 / np.array([58.395, 57.12, 57.375], np.float64)
-# (3, 256): the official Normalize of every uint8 value per channel, as :func:`normalize` computes it
-_NORMALIZED = ((np.arange(256, dtype=np.float32)[:, None] - MEAN).astype(np.float64) * _INV_STD).astype(
-    np.float32).T.copy()
+_STD64 = np.array([58.395, 57.12, 57.375], np.float64)  # the official Normalize divides by these float64 values
+STD = _STD64.astype(np.float32)
+
+
+def _official_normalize(x: np.ndarray) -> np.ndarray:
+    """The official Normalize's arithmetic on (..., 3) float32 values: the difference in float32, times 1/std in
+    float64, rounded to float32."""
+    return ((x - MEAN).astype(np.float64) * (1.0 / _STD64)).astype(np.float32)
+
+
+# (3, 256): every uint8 value per channel, normalised (what :func:`normalize` looks up)
+_NORMALIZED = _official_normalize(np.arange(256, dtype=np.float32)[:, None]).T.copy()
 
 Transform = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[torch.Tensor, torch.Tensor]]
 
@@ -150,8 +157,7 @@ def normalize(image: np.ndarray) -> torch.Tensor:
     """(x - mean) / std on RGB, HWC uint8 → CHW float32, rounded as the official Normalize: the difference in
     float32, times 1/std in float64, rounded to float32 (bit-identical; tests/test_parity_training.py)."""
     if image.dtype != np.uint8:
-        x = ((image.astype(np.float32) - MEAN).astype(np.float64) * _INV_STD).astype(np.float32)
-        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+        return torch.from_numpy(np.ascontiguousarray(_official_normalize(image.astype(np.float32)).transpose(2, 0, 1)))
     # speed: per channel, the 256 possible results in a table; each channel plane looked up into CHW directly
     out = np.empty((3, *image.shape[:2]), np.float32)
     for c in range(3):
@@ -189,15 +195,19 @@ def build_train_transform(params: DataParams, flip_pairs: Sequence[tuple[int, in
     return apply
 
 
-def build_test_transform(params: DataParams, test_resize: ResizeParams | None = None) -> Transform:
-    """Resize the image only (``test_resize``, by default ``params.test_resize``: a protocol may have its own);
-    the label stays at its original size, where predictions are scored."""
+def test_image(image: np.ndarray, params: DataParams, test_resize: ResizeParams | None = None) -> torch.Tensor:
+    """The test-time input of an RGB image: resized as ``test_resize`` says (by default ``params.test_resize``: a
+    protocol may have its own), normalised (CHW float32)."""
     test_resize = test_resize or params.test_resize
+    image, _ = resize(image, None, rescale_size(*image.shape[:2], test_resize.size, test_resize.keep_ratio))
+    return normalize(image)
+
+
+def build_test_transform(params: DataParams, test_resize: ResizeParams | None = None) -> Transform:
+    """:func:`test_image` on the image only; the label stays at its original size, where predictions are scored."""
 
     def apply(image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
         del rng
-        size = rescale_size(*image.shape[:2], test_resize.size, test_resize.keep_ratio)
-        image, _ = resize(image, None, size)
-        return normalize(image), torch.from_numpy(np.ascontiguousarray(label)).long()
+        return test_image(image, params, test_resize), torch.from_numpy(np.ascontiguousarray(label)).long()
 
     return apply
