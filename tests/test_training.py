@@ -98,11 +98,14 @@ def test_same_seed_same_weights():
 
 
 @pytest.mark.parametrize("align", [False, True])
-def test_upsampled_cross_entropy_equals_the_nchw_formulation(align):
-    from mcibi.training import upsampled_cross_entropy
+@pytest.mark.parametrize("classes", [7, 40])  # short rows stay NCHW, long ones run class-innermost
+def test_upsampled_cross_entropy_equals_the_nchw_formulation(align, classes):
+    from mcibi.training import class_rows_are_fast, upsampled_cross_entropy
 
-    logits = torch.randn(2, 7, 5, 6, requires_grad=True)
-    labels = torch.randint(0, 7, (2, 37, 41))
+    assert class_rows_are_fast(40, torch.device("cpu")) or torch.backends.cpu.get_cpu_capability() == "DEFAULT"
+    assert not class_rows_are_fast(7, torch.device("cpu")) and class_rows_are_fast(7, torch.device("meta"))
+    logits = torch.randn(2, classes, 5, 6, requires_grad=True)
+    labels = torch.randint(0, classes, (2, 37, 41))
     labels[0, :3] = 255
     ours = upsampled_cross_entropy(logits, labels, align)
     (grad,) = torch.autograd.grad(ours, logits)
