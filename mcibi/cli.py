@@ -108,7 +108,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> None:
     from mcibi.evaluation import evaluate, write_result
     from mcibi.params import load_params
     from mcibi.runs import with_seed
-    from mcibi.tracking import default_tracking_uri, log_evaluation, run_tags
+    from mcibi.tracking import hardware
 
     params = with_seed(load_params(a.params), a.seed)
     run_dir = Path(a.checkpoint).parent
@@ -121,10 +121,13 @@ def _cmd_evaluate(a: argparse.Namespace) -> None:
     run_file = run_dir / "run.json"
     parent = json.loads(run_file.read_text()).get("mlflow_run_id") if run_file.is_file() else None
     result["mlflow_run_id"] = parent or ""
+    result["hardware"] = hardware()
     write_result(result, out_json, out_csv)
-    if parent and not a.no_mlflow:
-        tags = run_tags(params)
-        log_evaluation(default_tracking_uri(), parent, a.protocol, result, out_csv, tags)
+    if parent and not a.no_mlflow:  # the workflow passes --no-mlflow: its figures job logs every evaluation
+        from mcibi.tracking import default_tracking_uri, log_evaluation, run_tags
+
+        logged = json.loads(Path(out_json).read_text())  # exactly the file, as the figures job reads it
+        log_evaluation(default_tracking_uri(), parent, a.protocol, logged, out_csv, run_tags(params))
 
 
 def _cmd_export(a: argparse.Namespace) -> None:

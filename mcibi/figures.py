@@ -207,7 +207,9 @@ def make_figures(params: ExperimentParams, run_dir: str | Path, data_root: str |
                  tracking_uri: str | None = None, num_images: int = 4, device: str | None = None,
                  section: str = "", baseline: str = "") -> list[Path]:
     """Write the run's figures and tables to ``out_dir``; with a tracking URI and an MLflow run id in
-    ``run.json``, log them as artifacts of that run and set its comparison tags. Returns the files written."""
+    ``run.json``, log its evaluation files (:func:`mcibi.tracking.log_evaluation`: the workflow's evaluate jobs
+    stay clear of MLflow, whose import and store cost seconds per job) and the figures to that run and set its
+    comparison tags. Returns the files written."""
     from mcibi.data.lookup import get_spec
 
     run_dir, out = Path(run_dir), Path(out_dir)
@@ -216,7 +218,10 @@ def make_figures(params: ExperimentParams, run_dir: str | Path, data_root: str |
     for proto in params.evaluate.protocols:
         file = run_dir / "eval" / f"{proto}.json"
         if file.is_file():
-            results[proto] = json.loads(file.read_text())
+            res = json.loads(file.read_text())
+            for key in ("IoU", "Acc"):  # the file's keys are sorted by name: back to class-id order
+                res[key] = {c: res[key][c] for c in spec.classes if c in res[key]}
+            results[proto] = res
     files: list[Path] = []
     if results:
         table = per_class_table(results)
@@ -253,8 +258,11 @@ def make_figures(params: ExperimentParams, run_dir: str | Path, data_root: str |
     write_json(out / "tags.json", tags)
     files.append(out / "tags.json")
     if tracking_uri and run_id:
-        from mcibi.tracking import RunLogger
+        from mcibi.tracking import RunLogger, log_evaluation, run_tags
 
+        for proto, res in results.items():  # idempotent: evaluations logged before are left as they are
+            log_evaluation(tracking_uri, run_id, proto, res, run_dir / "eval" / f"{proto}_per_class.csv",
+                           run_tags(params))
         run = RunLogger(tracking_uri, run_id)
         run.tags(tags)
         for child in run.children():  # the evaluation runs carry the same comparison tags

@@ -341,9 +341,14 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
+# libyaml's safe loader where PyYAML was built with it: the same documents, 5x faster than the pure-Python one
+# (the workflow's parse step reads every params file of the catalogue)
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_YAML_LOADER)  # noqa: S506 (a safe loader)
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML ({exc}).") from exc
     if data is None:

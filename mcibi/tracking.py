@@ -286,6 +286,13 @@ def log_dataset_inputs(client: Any, run_id: str, data_dir: str | Path, splits: d
     _retry(lambda: client.log_inputs(run_id, datasets=inputs))
 
 
+def evaluation_digest(result: dict[str, Any]) -> str:
+    """Short sha256 of an evaluation result as written to its JSON: equal digests, the same evaluation."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(result, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def log_evaluation(
     uri: str,
     parent_run_id: str,
@@ -297,24 +304,32 @@ def log_evaluation(
     """Record one protocol's evaluation: a child run tagged with the protocol, plus ``<metric>.<protocol>``
     metrics on the experiment's run so the UI's compare view lines protocols up across runs.
 
-    Rerunning a protocol replaces its child run (the previous one is deleted, i.e. moved to MLflow's trash) and
-    logs a parent metric only when its value changed, so reruns leave no duplicate runs or rows.
+    Idempotent: an evaluation already logged (same :func:`evaluation_digest`) is left as it is, so the workflow's
+    figures job can publish every evaluation file of a run each time it runs. A re-evaluated protocol replaces
+    its child run (the previous one is deleted, i.e. moved to MLflow's trash), and a parent metric is logged only
+    when its value changed, so reruns leave no duplicate runs or rows. The ``hardware`` the evaluation recorded,
+    if any, overrides the one in ``tags`` (the job that logs may run elsewhere).
     """
     from mlflow.entities import Metric, Param
 
     client = _client(uri)
     parent = client.get_run(parent_run_id)
     run_name = f"{parent.info.run_name}:{protocol}"
+    digest = evaluation_digest(result)
     previous = _retry(lambda: client.search_runs(
         [parent.info.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.protocol = '{protocol}'"))
+    if len(previous) == 1 and previous[0].data.tags.get("evaluation_digest") == digest:
+        return previous[0].info.run_id
     for old in previous:
         _retry(lambda run_id=old.info.run_id: client.delete_run(run_id))
         log.info("replacing the MLflow child run %s of protocol %s", old.info.run_id, protocol)
     inherited = {k: v for k, v in parent.data.tags.items() if k in ("params_hash", "data_version")}
+    recorded = {"hardware": result["hardware"]} if result.get("hardware") else {}
     child = _retry(lambda: client.create_run(
         parent.info.experiment_id, run_name=run_name,
-        tags={**inherited, **tags, "protocol": protocol, "mlflow.parentRunId": parent_run_id},
+        tags={**inherited, **tags, **recorded, "protocol": protocol, "mlflow.parentRunId": parent_run_id,
+              "evaluation_digest": digest},
     ))
     now = int(time.time() * 1000)
     scalars = {k: float(result[k]) for k in ("mIoU", "aAcc", "mAcc")}

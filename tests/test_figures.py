@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mcibi.evaluation import write_result
 from mcibi.figures import data_version, make_figures, palette, params_hash, per_class_table
 from mcibi.params import load_params
 from mcibi.tracking import RunLogger, log_evaluation, memory_history, metric_key
@@ -17,10 +18,10 @@ def _fake_eval(run_dir: Path, proto: str, classes: list[str], seed: int) -> dict
     rng = np.random.default_rng(seed)
     conf = rng.integers(0, 50, size=(len(classes), len(classes))) + np.eye(len(classes), dtype=int) * 400
     iou = {c: float(conf[i, i] / (conf[i].sum() + conf[:, i].sum() - conf[i, i])) for i, c in enumerate(classes)}
-    res = {"mIoU": float(np.mean(list(iou.values()))), "IoU": iou, "Acc": iou, "confusion": conf.tolist()}
-    f = run_dir / "eval" / f"{proto}.json"
-    f.parent.mkdir(parents=True, exist_ok=True)
-    f.write_text(json.dumps(res))
+    res = {"mIoU": float(np.mean(list(iou.values()))), "aAcc": 0.9, "mAcc": 0.8, "IoU": iou, "Acc": iou,
+           "confusion": conf.tolist(), "protocol": {"flip": proto != "ss"}, "checkpoint": "model.pt",
+           "hardware": "test-box"}
+    write_result(res, run_dir / "eval" / f"{proto}.json", run_dir / "eval" / f"{proto}_per_class.csv")
     return res
 
 
@@ -86,16 +87,23 @@ def test_mlflow_artifacts_tags_and_trajectories_with_ade20k_class_names(tmp_path
 
     run_dir = tmp_path / "runs" / "upernet_r101_mcibipp"
     res = _fake_eval(run_dir, "ss", classes, 0)
-    csv = tmp_path / "ss.csv"
-    csv.write_text("class_id,class,IoU,Acc\n")
-    child = log_evaluation(uri, run.run_id, "ss", res | {"aAcc": 0.9, "mAcc": 0.8, "protocol": {"flip": False},
-                                                         "checkpoint": "model.pt"}, csv, {"memory": "mcibi++"})
+    flip = _fake_eval(run_dir, "msflip", classes, 1)
+    child = log_evaluation(uri, run.run_id, "ss", res, run_dir / "eval" / "ss_per_class.csv", {})  # by hand
     (run_dir / "run.json").write_text(json.dumps({"mlflow_run_id": run.run_id}))
     make_figures(params, run_dir, tmp_path / "data", run_dir / "figures", tracking_uri=uri, num_images=0,
                  section="SOTA Results")
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
+    # the figures job logged the evaluation not yet logged and kept the one logged by hand
+    exp = client.get_run(run.run_id).info.experiment_id
+    children = {r.data.tags["protocol"]: r for r in client.search_runs(
+        [exp], filter_string=f"tags.mlflow.parentRunId = '{run.run_id}'")}
+    assert sorted(children) == ["msflip", "ss"] and children["ss"].info.run_id == child
+    assert children["msflip"].data.metrics["mIoU"] == flip["mIoU"]
+    assert client.get_run(run.run_id).data.metrics["mIoU.msflip"] == flip["mIoU"]
+    assert children["msflip"].data.tags["hardware"] == "test-box"  # where it was evaluated, from the file
+    assert children["msflip"].data.tags["memory"] == "mcibi++"
     logged = {a.path for a in client.list_artifacts(run.run_id, "figures")}
     assert {"figures/memory_trajectories.png", "figures/confusion_ss.png", "figures/iou_ss.png",
             "figures/per_class_iou.csv"} <= logged

@@ -1,5 +1,5 @@
 """MLflow reruns leave no duplicates: a resumed run skips logged (metric, step) rows, a re-evaluated protocol
-replaces its child run."""
+replaces its child run, an evaluation logged twice (by hand, then by the figures job) is kept."""
 
 from mlflow import MlflowClient
 
@@ -28,7 +28,8 @@ def test_resumed_run_and_rerun_protocol_log_no_duplicates(tmp_path):
               "protocol": {"flip": False}, "checkpoint": "model.pt"}
     first = log_evaluation(uri, run.run_id, "ss", result, csv, {})
     log_evaluation(uri, run.run_id, "flip", result, csv, {})
-    again = log_evaluation(uri, run.run_id, "ss", result, csv, {})  # the same protocol evaluated again
+    assert log_evaluation(uri, run.run_id, "ss", result, csv, {}) == first  # the same file logged again: kept
+    again = log_evaluation(uri, run.run_id, "ss", result | {"seconds": 2.0}, csv, {})  # evaluated again
     exp = client.get_run(run.run_id).info.experiment_id
     children = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{run.run_id}'")
     assert sorted(r.data.tags["protocol"] for r in children) == ["flip", "ss"]

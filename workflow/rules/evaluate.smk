@@ -1,7 +1,8 @@
 # Each checkpoint under each protocol its params define: ss (single scale), flip, msflip (multi-scale + flip).
 # Resources come from evaluate.resources; several GPUs split the images (torchrun) and sum confusion matrices.
 # A job reruns when its checkpoint or what its protocol reads changes (mcibi.params.protocol_hash), not when another
-# protocol, the description or the resources are edited.
+# protocol, the description or the resources are edited. The figures job, which waits for every protocol of a run,
+# logs the evaluations to MLflow: importing MLflow and opening its store would cost each job seconds.
 
 
 rule evaluate:
@@ -32,7 +33,7 @@ rule evaluate:
     shell:
         "{params.launcher} evaluate {params.file} --checkpoint {input.checkpoint} --protocol {wildcards.protocol}"
         " --data-root {params.data} --out-json {output.metrics} --out-csv {output.per_class}"
-        " --threads {params.torch_threads} --seed {params.seed} > {log} 2>&1"
+        " --threads {params.torch_threads} --seed {params.seed} --no-mlflow > {log} 2>&1"
 
 
 # Test-set predictions for an evaluation server (CityScapes: labelIds PNGs), built only on request, e.g.
