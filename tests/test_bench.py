@@ -106,3 +106,41 @@ def test_data_bench_times_both_pipelines_on_the_same_files():
     setting = json.loads(proc.stdout)["settings"]["lip_473"]
     assert setting["ours_images_per_s"] > 0 and setting["official_images_per_s"] > 0 and setting["speedup"] > 0
     assert setting["workers_per_gpu"] >= 1 and setting["crop"] == [473, 473]
+
+
+def test_demo_bench_reads_job_times_from_the_snakemake_log():
+    import demo  # bench/demo.py
+
+    log = """Using workflow specific profile profiles/default for setting default command line arguments.
+
+[Mon Nov 30 14:06:07 2026]
+localrule train:
+    input: data/demo/verified.json
+    jobid: 6
+    wildcards: dataset=demo, experiment=upernet_baseline
+    threads: 1
+
+[Mon Nov 30 14:06:07 2026]
+localrule train:
+    jobid: 13
+    wildcards: dataset=demo, experiment=upernet_mcibipp
+[Mon Nov 30 14:08:29 2026]
+Finished jobid: 6 (Rule: train)
+[Mon Nov 30 14:08:29 2026]
+rule evaluate:
+    jobid: 9
+    reason: Missing output files
+    wildcards: dataset=demo, experiment=upernet_baseline, protocol=msflip
+    priority: 6
+[Mon Nov 30 14:08:50 2026]
+Finished jobid: 13 (Rule: train)
+[Mon Nov 30 14:09:01 2026]
+Finished jobid: 9 (Rule: evaluate)
+"""
+    jobs = demo.parse_snakemake_log(log)
+    assert [(j["rule"], j["jobid"], j["seconds"]) for j in jobs] == [("train", 6, 142), ("train", 13, 163),
+                                                                     ("evaluate", 9, 32)]
+    assert jobs[2]["wildcards"] == "dataset=demo, experiment=upernet_baseline, protocol=msflip"
+    summary = demo.summarise(jobs)
+    assert summary["pipeline_s"] == 174 and summary["training_s"] == [142, 163]
+    assert summary["before_training_s"] == 0 and summary["after_training_s"] == 11

@@ -140,6 +140,13 @@ def eval_threads(wildcards):
     return job_threads(run_params(wildcards).evaluate.resources)
 
 
+def eval_priority(wildcards):
+    """Longest evaluations first: forward passes per image (scales x flips). A multi-scale evaluation started last
+    would keep the run's figures job, and the table, waiting after everything else is done."""
+    protocol = run_params(wildcards).evaluate.protocols[wildcards.protocol]
+    return len(protocol.scales) * (2 if protocol.flip else 1)
+
+
 def eval_mem_mb(wildcards):
     return run_params(wildcards).evaluate.resources.mem_mb
 

@@ -16,6 +16,7 @@ rule evaluate:
     log:
         "logs/evaluate/{dataset}/{experiment}/{protocol}.log",
     threads: eval_threads
+    priority: eval_priority
     resources:
         mem_mb=eval_mem_mb,
         runtime=eval_runtime,
