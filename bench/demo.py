@@ -1,4 +1,4 @@
-"""The README's demo, timed: ``snakemake --cores N results/demo`` in a fresh copy of the repository, with the
+"""The README's demo, timed: ``snakemake --cores N results/demo`` in a fresh clone of the repository, with the
 wall time of every job (from Snakemake's log), the time after the last training job, and the demo table; prints
 one JSON object and writes it to ``--out``.
 
@@ -103,12 +103,13 @@ def _reference(python: str) -> dict:
     return {"import_torch_timm_s": round(imports, 2), "demo_train_step_s": round(step, 3)}
 
 
-def _copy_tree(dest: Path) -> None:
-    """The repository's tracked files as they are in the working tree (uncommitted edits included)."""
+def _fresh_clone(dest: Path) -> None:
+    """A clone of the repository (DVC needs a git repository) with the working tree's tracked files copied over
+    it, so that uncommitted edits are timed too."""
+    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(dest)], check=True)
     files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, check=True, capture_output=True).stdout
     for name in files.decode().split("\0"):
         if name and (ROOT / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, dest / name)
 
 
@@ -123,8 +124,8 @@ def main() -> None:
     snakemake = shutil.which("snakemake", path=str(bindir)) or shutil.which("snakemake")
     if snakemake is None:
         raise SystemExit("snakemake is not installed next to this Python: pip install -e . first")
-    work = Path(tempfile.mkdtemp(prefix="mcibi-demo-"))
-    _copy_tree(work)
+    work = Path(tempfile.mkdtemp(prefix="mcibi-demo-")) / "mcibi"
+    _fresh_clone(work)
     env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
     before = _reference(sys.executable)
     t = time.perf_counter()
@@ -151,7 +152,7 @@ def main() -> None:
         "workdir": str(work) if a.keep else None,
     }
     if not a.keep:
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work.parent, ignore_errors=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report, indent=1))

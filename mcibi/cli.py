@@ -115,7 +115,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> None:
     out_json = a.out_json or run_dir / "eval" / f"{a.protocol}.json"
     out_csv = a.out_csv or run_dir / "eval" / f"{a.protocol}_per_class.csv"
     result = evaluate(params, a.checkpoint, a.protocol, a.data_root, device=a.device, threads=a.threads,
-                      limit=a.limit)
+                      limit=a.limit, samples=a.samples, samples_out=a.samples_out)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank has the all-reduced result; rank 0 writes
         return
     run_file = run_dir / "run.json"
@@ -168,7 +168,7 @@ def _cmd_figures(a: argparse.Namespace) -> None:
     section = SECTIONS[entry[0].section] if entry else ""
     uri = None if a.no_mlflow else default_tracking_uri()
     make_figures(params, a.run_dir, a.data_root, a.out or Path(a.run_dir) / "figures", tracking_uri=uri,
-                 num_images=a.images, device=a.device, section=section, baseline=baseline_of(stem) or "")
+                 num_images=a.images, section=section, baseline=baseline_of(stem) or "")
 
 
 def _cmd_catalogue(a: argparse.Namespace) -> None:
@@ -358,6 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--out-json", type=Path)
             s.add_argument("--out-csv", type=Path)
             s.add_argument("--limit", type=int, help="evaluate only the first N images (smoke tests)")
+            s.add_argument("--samples-out", type=Path,
+                           help="also write the first --samples (image, label, prediction) triples here (.npz), "
+                           "for the figures' overlays")
+            s.add_argument("--samples", type=int, default=4, help="how many (default 4)")
 
     s = sub.add_parser("export", help="write test-set predictions as PNGs for an evaluation server (CityScapes: "
                        "labelIds); under torchrun each rank writes its share")
@@ -379,8 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, help="default <run-dir>/figures")
     s.add_argument("--data-root", type=Path, default=Path("data"))
     s.add_argument("--seed", type=int, help="the run's seed (see train --seed)")
-    s.add_argument("--images", type=int, default=4, help="evaluation images with prediction overlays")
-    s.add_argument("--device")
+    s.add_argument("--images", type=int, default=4, help="most evaluation images with prediction overlays (from "
+                   "<run-dir>/eval/<first protocol>_samples.npz, written by evaluate --samples-out)")
     s.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     s.set_defaults(func=_cmd_figures)
 

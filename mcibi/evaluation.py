@@ -26,6 +26,7 @@ from mcibi.data.dataset import SegmentationDataset
 from mcibi.data.lookup import get_spec
 from mcibi.data.transforms import build_test_transform
 from mcibi.distributed import DistEnv, setup, teardown
+from mcibi.eval_samples import write_samples
 from mcibi.files import atomic_open, atomic_path, write_json
 from mcibi.inference import predict_tta
 from mcibi.metrics import ConfusionMatrix
@@ -95,25 +96,31 @@ def evaluate(
     device: str | None = None,
     threads: int | None = None,
     limit: int | None = None,
+    samples: int = 0,
+    samples_out: str | Path | None = None,
 ) -> dict[str, Any]:
     """mIoU, aAcc, mAcc and per-class IoU of ``checkpoint`` on the eval split under ``protocol``.
 
     Predictions are resized back to each image's original size before scoring, as the official test script
     does; the checkpoint's model params must equal ``params.model`` (a different file is an error). Every rank
-    returns the same (all-reduced) record; only rank 0 should write it.
+    returns the same (all-reduced) record; only rank 0 should write it. With ``samples_out``, the main process
+    also writes its first ``samples`` (image, label, prediction) triples there (:mod:`mcibi.eval_samples`), which the
+    figures job draws as overlays without loading the model again.
     """
     proto = protocol_params(params, protocol)
     if threads:
         torch.set_num_threads(threads)
     env = setup(device)
     try:
-        return _evaluate(params, checkpoint, protocol, proto, data_root, env, limit)
+        return _evaluate(params, checkpoint, protocol, proto, data_root, env, limit,
+                         samples if samples_out is not None else 0, samples_out)
     finally:
         teardown(env)
 
 
 def _evaluate(params: ExperimentParams, checkpoint: str | Path, protocol: str, proto: ProtocolParams,
-              data_root: str | Path, env: DistEnv, limit: int | None) -> dict[str, Any]:
+              data_root: str | Path, env: DistEnv, limit: int | None, samples: int,
+              samples_out: str | Path | None) -> dict[str, Any]:
     dev = env.device
     model, layout = load_model(params, checkpoint, dev)
     spec = get_spec(params.data.name)
@@ -123,12 +130,25 @@ def _evaluate(params: ExperimentParams, checkpoint: str | Path, protocol: str, p
     indices = list(range(count))[env.rank :: env.world_size]
     loader = DataLoader(dataset, batch_size=1, sampler=indices, num_workers=params.train.num_workers)
     confusion = ConfusionMatrix(spec.num_classes, device=dev)
+    kept: tuple[list, list, list, list] = ([], [], [], [])  # ids, images, labels, predictions
+    keep = samples if env.is_main else 0
     start = time.time()
-    for sample, pred in predictions(params, model, layout, proto, loader, dev, f"eval {params.name} [{protocol}]",
-                                     len(indices), env.is_main):
+    for index, (sample, pred) in zip(indices, predictions(params, model, layout, proto, loader, dev,
+                                                          f"eval {params.name} [{protocol}]", len(indices),
+                                                          env.is_main), strict=True):
         confusion.update(pred, sample["label"].to(dev))
+        if len(kept[0]) < keep:
+            image, _ = dataset.read(index)
+            label = sample["label"][0].cpu().numpy()
+            if image.shape[:2] != label.shape:  # the label is at the image's size; resize the picture to it
+                image = cv2.resize(image, label.shape[::-1], interpolation=cv2.INTER_LINEAR)
+            for store, value in zip(kept, (dataset.sample_id(index), image, label, pred[0].cpu().numpy()),
+                                    strict=True):
+                store.append(value)
     confusion.all_reduce()
     seconds = time.time() - start
+    if samples_out is not None and env.is_main:
+        write_samples(samples_out, *kept)
     metrics = confusion.compute()
     result = {
         "experiment": params.name,

@@ -171,45 +171,16 @@ def _markdown(df: pd.DataFrame) -> str:
                                             for v in row) + " |\n" for row in df.itertuples(index=False))
 
 
-def _predict_samples(params: ExperimentParams, checkpoint: Path, protocol: str, data_root: Path, count: int,
-                     device: str | None) -> tuple[list, list, list]:
-    """(images as uint8 RGB, labels, predictions) of the first ``count`` evaluation images under ``protocol``."""
-    import torch
-    from torch.utils.data import DataLoader
-
-    from mcibi.data.dataset import SegmentationDataset
-    from mcibi.data.transforms import build_test_transform
-    from mcibi.evaluation import load_model, predictions, protocol_params
-
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, layout = load_model(params, checkpoint, dev)
-    proto = protocol_params(params, protocol)
-    dataset = SegmentationDataset(data_root / params.data.name, params.data.eval_split,
-                                  build_test_transform(params.data, proto.test_resize), seed=0)
-    indices = list(range(min(count, len(dataset))))
-    loader = DataLoader(dataset, batch_size=1, sampler=indices)
-    images, labels, preds = [], [], []
-    for (sample, pred), index in zip(predictions(params, model, layout, proto, loader, dev,
-                                                  "overlays", len(indices), False), indices, strict=True):
-        image, _ = dataset.read(index)
-        label = sample["label"][0].cpu().numpy()
-        if image.shape[:2] != label.shape:  # the label is at the image's size; resize the picture to it
-            import cv2
-
-            image = cv2.resize(image, label.shape[::-1], interpolation=cv2.INTER_LINEAR)
-        images.append(image)
-        labels.append(label)
-        preds.append(pred[0].cpu().numpy())
-    return images, labels, preds
-
-
 def make_figures(params: ExperimentParams, run_dir: str | Path, data_root: str | Path, out_dir: str | Path,
-                 tracking_uri: str | None = None, num_images: int = 4, device: str | None = None,
-                 section: str = "", baseline: str = "") -> list[Path]:
+                 tracking_uri: str | None = None, num_images: int = 4, section: str = "",
+                 baseline: str = "") -> list[Path]:
     """Write the run's figures and tables to ``out_dir``; with a tracking URI and an MLflow run id in
     ``run.json``, log its evaluation files (:func:`mcibi.tracking.log_evaluation`: the workflow's evaluate jobs
     stay clear of MLflow, whose import and store cost seconds per job) and the figures to that run and set its
-    comparison tags. Returns the files written."""
+    comparison tags. Returns the files written.
+
+    Everything comes from files: the evaluations' JSON and the samples the first protocol's evaluation kept
+    (``eval/<protocol>_samples.npz``), so this job never loads torch or the model (seconds per job)."""
     from mcibi.data.lookup import get_spec
 
     run_dir, out = Path(run_dir), Path(out_dir)
@@ -234,14 +205,19 @@ def make_figures(params: ExperimentParams, run_dir: str | Path, data_root: str |
                                            out / f"confusion_{proto}.png", title))
             files.append(iou_bar_chart(res["IoU"], out / f"iou_{proto}.png", title))
 
-    checkpoint = run_dir / "model.pt"
-    labelled = params.data.eval_split not in spec.unlabelled_splits
-    if checkpoint.is_file() and num_images > 0 and labelled:
-        proto = next(iter(params.evaluate.protocols))
-        images, labels, preds = _predict_samples(params, checkpoint, proto, Path(data_root), num_images, device)
+    first = next(iter(params.evaluate.protocols))
+    samples = run_dir / "eval" / f"{first}_samples.npz"
+    if num_images > 0 and samples.is_file():
+        from mcibi.eval_samples import read_samples
+
+        _, images, labels, preds = read_samples(samples)
         if images:
-            files.append(prediction_overlays(images, labels, preds, spec.num_classes, out / "predictions.png",
-                                             f"{params.name} — {PROTOCOL_TITLES.get(proto, proto)}"))
+            files.append(prediction_overlays(images[:num_images], labels[:num_images], preds[:num_images],
+                                             spec.num_classes, out / "predictions.png",
+                                             f"{params.name} — {PROTOCOL_TITLES.get(first, first)}"))
+    elif num_images > 0:
+        log.info("%s: no %s, so no prediction overlays (mcibi evaluate --samples-out writes it)", params.name,
+                 samples)
 
     run_info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
     run_id = run_info.get("mlflow_run_id")
@@ -262,7 +238,7 @@ def make_figures(params: ExperimentParams, run_dir: str | Path, data_root: str |
 
         for proto, res in results.items():  # idempotent: evaluations logged before are left as they are
             log_evaluation(tracking_uri, run_id, proto, res, run_dir / "eval" / f"{proto}_per_class.csv",
-                           run_tags(params))
+                           run_tags(params, machine=res.get("hardware", "not recorded")))
         run = RunLogger(tracking_uri, run_id)
         run.tags(tags)
         for child in run.children():  # the evaluation runs carry the same comparison tags

@@ -146,8 +146,9 @@ def hardware() -> str:
     return f"cpu ({os.cpu_count()} cores, {platform.machine()})"
 
 
-def run_tags(params: ExperimentParams) -> dict[str, str]:
-    """Tags that make runs filterable and comparable in the MLflow UI."""
+def run_tags(params: ExperimentParams, machine: str | None = None) -> dict[str, str]:
+    """Tags that make runs filterable and comparable in the MLflow UI; the ``hardware`` tag is ``machine``, by
+    default this machine's (:func:`hardware`, which imports torch)."""
     return {
         "dataset": params.data.name,
         "experiment": params.name,
@@ -159,7 +160,7 @@ def run_tags(params: ExperimentParams) -> dict[str, str]:
         "schedule": f"{params.train.optimizer.lr}/poly/{params.train.total_batch_size}/{params.train.epochs}",
         "precision": params.train.precision,
         "git_commit": git_commit(Path(params.path).parent if params.path else "."),
-        "hardware": hardware(),
+        "hardware": machine or hardware(),
     }
 
 

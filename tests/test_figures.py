@@ -115,3 +115,34 @@ def test_mlflow_artifacts_tags_and_trajectories_with_ade20k_class_names(tmp_path
     # seeds of one experiment share the hash; another experiment does not
     assert params_hash(with_seed(params, 3)) == params_hash(params)
     assert params_hash(load_params(PARAMS / "ade20k" / "upernet_s101_mcibipp.yaml")) != params_hash(params)
+
+
+def test_overlays_come_from_the_evaluation_samples_and_figures_never_import_torch(tmp_path):
+    """The figures job draws the overlays from the samples the first protocol's evaluation kept: it needs neither
+    the model nor torch (whose import costs each job seconds)."""
+    import subprocess
+    import sys
+
+    from mcibi.data.lookup import get_spec
+    from mcibi.eval_samples import read_samples, write_samples
+
+    classes = list(get_spec("demo").classes)
+    run = tmp_path / "run"
+    for proto in ("ss", "flip", "msflip"):
+        _fake_eval(run, proto, classes, 0)
+    rng = np.random.default_rng(0)
+    labels = [rng.integers(0, len(classes), (12, 16)) for _ in range(3)]
+    images = [rng.integers(0, 256, (12, 16, 3), dtype=np.uint8) for _ in range(3)]
+    write_samples(run / "eval" / "ss_samples.npz", ["a", "b", "c"], images, labels, [x[::-1] for x in labels])
+    ids, back_images, back_labels, back_preds = read_samples(run / "eval" / "ss_samples.npz")
+    assert ids == ["a", "b", "c"] and all(np.array_equal(x, y) for x, y in zip(back_images, images, strict=True))
+    assert all(np.array_equal(p, x[::-1]) for p, x in zip(back_preds, labels, strict=True))
+
+    code = ("import sys\nfrom mcibi.cli import main\nsys.argv = ['mcibi', 'figures', sys.argv[1], '--run-dir', "
+            "sys.argv[2], '--images', '2', '--no-mlflow']\nmain()\n"
+            "print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(PARAMS / "demo" / "upernet_mcibipp.yaml"), str(run)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    assert (run / "figures" / "predictions.png").read_bytes()[:4] == b"\x89PNG"

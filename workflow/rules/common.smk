@@ -167,11 +167,6 @@ def eval_torch_threads(wildcards):
     return Untracked(run_params(wildcards).evaluate.resources.cpus_per_gpu)
 
 
-def figures_gpus(wildcards):
-    """The figures job predicts a few images: one GPU at most."""
-    return min(1, eval_gpus(wildcards))
-
-
 def experiment_params(wildcards):
     """The params file of one run plus its dataset's defaults layer (both trigger reruns when edited)."""
     files = [f"{PARAMS}/{wildcards.dataset}/{experiment_stem(wildcards)}.yaml"]

@@ -2,7 +2,8 @@
 # Resources come from evaluate.resources; several GPUs split the images (torchrun) and sum confusion matrices.
 # A job reruns when its checkpoint or what its protocol reads changes (mcibi.params.protocol_hash), not when another
 # protocol, the description or the resources are edited. The figures job, which waits for every protocol of a run,
-# logs the evaluations to MLflow: importing MLflow and opening its store would cost each job seconds.
+# logs the evaluations to MLflow (importing MLflow and opening its store would cost each job seconds) and draws the
+# overlays from the samples the evaluations keep, so it never loads torch or the model.
 
 
 rule evaluate:
@@ -13,6 +14,7 @@ rule evaluate:
     output:
         metrics=f"{RUNS}/{{dataset}}/{{experiment}}/eval/{{protocol}}.json",
         per_class=f"{RUNS}/{{dataset}}/{{experiment}}/eval/{{protocol}}_per_class.csv",
+        samples=f"{RUNS}/{{dataset}}/{{experiment}}/eval/{{protocol}}_samples.npz",  # the figures' overlays
     log:
         "logs/evaluate/{dataset}/{experiment}/{protocol}.log",
     threads: eval_threads
@@ -29,11 +31,13 @@ rule evaluate:
         seed=run_seed,
         file=params_file,
         protocol=protocol_of,
+        images=config["overlay_images"],
     conda:
         "../envs/mcibi.yaml"
     shell:
         "{params.launcher} evaluate {params.file} --checkpoint {input.checkpoint} --protocol {wildcards.protocol}"
         " --data-root {params.data} --out-json {output.metrics} --out-csv {output.per_class}"
+        " --samples-out {output.samples} --samples {params.images}"
         " --threads {params.torch_threads} --seed {params.seed} --no-mlflow > {log} 2>&1"
 
 

@@ -19,12 +19,12 @@ rule figures:
         ),
     log:
         "logs/figures/{dataset}/{experiment}.log",
-    threads: eval_threads
+    threads: 1  # files only: no model, no GPU (the overlays come from the evaluations' samples)
     resources:
         mem_mb=eval_mem_mb,
         runtime=30,
-        gpu=figures_gpus,
-        cpus_per_task=eval_threads,
+        gpu=0,
+        cpus_per_task=1,
     params:
         data=data_root,
         run_dir=checkpoint_run_dir,
