@@ -24,6 +24,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from benchlib import machine
+
 ROOT = Path(__file__).resolve().parents[1]
 
 _STAMP = re.compile(r"^\[(\w{3} \w{3} +\d+ \d\d:\d\d:\d\d \d{4})\]$")
@@ -136,8 +138,6 @@ def main() -> None:
     (work / "demo.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         raise SystemExit(f"the demo failed (rc {proc.returncode}); its log: {work / 'demo.log'}")
-    from benchlib import machine
-
     table = (work / "results" / "demo" / "table.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| UperNet")]
     report = {

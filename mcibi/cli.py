@@ -126,8 +126,8 @@ def _cmd_evaluate(a: argparse.Namespace) -> None:
     if parent and not a.no_mlflow:  # the workflow passes --no-mlflow: its figures job logs every evaluation
         from mcibi.tracking import default_tracking_uri, log_evaluation, run_tags
 
-        logged = json.loads(Path(out_json).read_text())  # exactly the file, as the figures job reads it
-        log_evaluation(default_tracking_uri(), parent, a.protocol, logged, out_csv, run_tags(params))
+        # the digest of this record equals that of the file written from it: the figures job will not log it again
+        log_evaluation(default_tracking_uri(), parent, a.protocol, result, out_csv, run_tags(params))
 
 
 def _cmd_export(a: argparse.Namespace) -> None:

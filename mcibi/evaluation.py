@@ -112,8 +112,7 @@ def evaluate(
         torch.set_num_threads(threads)
     env = setup(device)
     try:
-        return _evaluate(params, checkpoint, protocol, proto, data_root, env, limit,
-                         samples if samples_out is not None else 0, samples_out)
+        return _evaluate(params, checkpoint, protocol, proto, data_root, env, limit, samples, samples_out)
     finally:
         teardown(env)
 
@@ -130,25 +129,23 @@ def _evaluate(params: ExperimentParams, checkpoint: str | Path, protocol: str, p
     indices = list(range(count))[env.rank :: env.world_size]
     loader = DataLoader(dataset, batch_size=1, sampler=indices, num_workers=params.train.num_workers)
     confusion = ConfusionMatrix(spec.num_classes, device=dev)
-    kept: tuple[list, list, list, list] = ([], [], [], [])  # ids, images, labels, predictions
-    keep = samples if env.is_main else 0
+    keep = samples if samples_out is not None and env.is_main else 0
+    ids, images, labels, preds = [], [], [], []  # the kept samples (the label is at the image's size)
     start = time.time()
     for index, (sample, pred) in zip(indices, predictions(params, model, layout, proto, loader, dev,
                                                           f"eval {params.name} [{protocol}]", len(indices),
                                                           env.is_main), strict=True):
         confusion.update(pred, sample["label"].to(dev))
-        if len(kept[0]) < keep:
-            image, _ = dataset.read(index)
-            label = sample["label"][0].cpu().numpy()
-            if image.shape[:2] != label.shape:  # the label is at the image's size; resize the picture to it
-                image = cv2.resize(image, label.shape[::-1], interpolation=cv2.INTER_LINEAR)
-            for store, value in zip(kept, (dataset.sample_id(index), image, label, pred[0].cpu().numpy()),
-                                    strict=True):
-                store.append(value)
+        if len(ids) < keep:
+            image, label = dataset.read(index)
+            ids.append(dataset.sample_id(index))
+            images.append(image)
+            labels.append(label)
+            preds.append(pred[0].cpu().numpy())
     confusion.all_reduce()
     seconds = time.time() - start
     if samples_out is not None and env.is_main:
-        write_samples(samples_out, *kept)
+        write_samples(samples_out, ids, images, labels, preds)
     metrics = confusion.compute()
     result = {
         "experiment": params.name,

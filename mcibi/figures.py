@@ -236,9 +236,9 @@ def make_figures(params: ExperimentParams, run_dir: str | Path, data_root: str |
     if tracking_uri and run_id:
         from mcibi.tracking import RunLogger, log_evaluation, run_tags
 
+        common = run_tags(params, machine="not recorded")  # each evaluation's own `hardware` record wins
         for proto, res in results.items():  # idempotent: evaluations logged before are left as they are
-            log_evaluation(tracking_uri, run_id, proto, res, run_dir / "eval" / f"{proto}_per_class.csv",
-                           run_tags(params, machine=res.get("hardware", "not recorded")))
+            log_evaluation(tracking_uri, run_id, proto, res, run_dir / "eval" / f"{proto}_per_class.csv", common)
         run = RunLogger(tracking_uri, run_id)
         run.tags(tags)
         for child in run.children():  # the evaluation runs carry the same comparison tags
