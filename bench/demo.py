@@ -8,6 +8,7 @@ works) and the median demo training step (MCIBI++, 1 thread: what the training j
 
     python bench/demo.py                      # all cores, bench/results/demo.json
     python bench/demo.py --cores 2 --keep     # keep the working copy (its path is in the JSON)
+    python bench/demo.py --isa avx2           # every job capped at AVX2, as on a CPU without AVX-512
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from benchlib import machine
+from benchlib import ISA_ENV, cap_isa, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,7 +121,10 @@ def main() -> None:
     ap.add_argument("--cores", default="all", help="snakemake --cores (default all)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "demo.json")
     ap.add_argument("--keep", action="store_true", help="keep the working copy")
+    ap.add_argument("--isa", choices=sorted(ISA_ENV), default="native",
+                    help="cap the CPU kernels of every job (ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA)")
     a = ap.parse_args()
+    cap_isa(a.isa)  # the jobs and the reference measurements inherit the cap
 
     bindir = Path(sys.executable).parent
     snakemake = shutil.which("snakemake", path=str(bindir)) or shutil.which("snakemake")

@@ -199,7 +199,9 @@ class TrainParams:
     loss_weights: LossWeights
     num_workers: int
     log_every: int  # iterations between loss records
-    channels_last: bool  # NHWC activations (same arithmetic; faster convolutions on CPU and tensor cores)
+    # NHWC activations (same arithmetic up to rounding): faster convolutions on tensor cores and AVX-512 CPUs,
+    # slower backward on AVX2 CPUs; auto = NHWC on CUDA and AVX-512 CPUs, NCHW elsewhere
+    channels_last: Literal[False, True, "auto"]
     precision: Literal["fp32", "bf16", "fp16"]  # autocast dtype (fp16 adds a gradient scaler); memory stays fp32
     compile: bool  # torch.compile the model for training
     sync_batchnorm: bool  # SyncBatchNorm under multi-GPU DDP (batch statistics over every GPU's images)
@@ -474,6 +476,8 @@ def _check_train(t: TrainParams, file: Path) -> None:
         "train.schedule.min_lr": t.schedule.min_lr,
     } | {f"train.loss_weights.{k}": v for k, v in dataclasses.asdict(t.loss_weights).items()}
     _check_signs(positive, non_negative, file)
+    if type(t.channels_last) is int:  # Literal[False, True, "auto"] also admits 0 and 1
+        _fail(file, "train.channels_last", f"must be false, true or auto, got {t.channels_last}.")
     if not 0.0 <= t.schedule.warmup_ratio <= 1.0:
         _fail(file, "train.schedule.warmup_ratio", f"must be in [0, 1], got {t.schedule.warmup_ratio}.")
     if t.schedule.min_lr > t.optimizer.lr:

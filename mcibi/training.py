@@ -89,6 +89,19 @@ def class_rows_are_fast(num_classes: int, device: torch.device) -> bool:
     return num_classes >= CPU_VECTOR_FLOATS.get(torch.backends.cpu.get_cpu_capability(), 10**9)
 
 
+def nhwc_trains_fast(device: torch.device) -> bool:
+    """Whether channels-last convolutions train faster than NCHW here: on CUDA (tensor cores) and on AVX-512 CPUs
+    (demo step 0.54 vs 0.60 s), not on AVX2 CPUs, whose NHWC backward is slower (1.09x demo, 1.42x R-50-D8)."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def train_channels_last(setting: bool | str, device: torch.device) -> bool:
+    """``train.channels_last`` resolved for ``device``: true and false as they are, ``auto`` where NHWC is faster."""
+    return nhwc_trains_fast(device) if setting == "auto" else bool(setting)
+
+
 def upsampled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, align_corners: bool) -> torch.Tensor:
     """Mean cross-entropy of ``logits`` bilinearly upsampled to the label size, ignoring 255.
 
@@ -512,11 +525,14 @@ def _build(params: ExperimentParams, data_root: str | Path, out: Path, env: Dist
     if iters_per_epoch == 0:
         raise ValueError(f"{params.path}: train.total_batch_size {tp.total_batch_size} exceeds the "
                          f"{len(dataset)} training images.")
-    layout = torch.channels_last if tp.channels_last else torch.contiguous_format
-    if tp.channels_last and dev.type == "cpu" and torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2"):
+    nhwc = train_channels_last(tp.channels_last, dev)
+    layout = torch.channels_last if nhwc else torch.contiguous_format
+    log.info("%s: training %s (train.channels_last: %s)", params.path, "NHWC" if nhwc else "NCHW",
+             str(tp.channels_last).lower())
+    if tp.channels_last is True and dev.type == "cpu" and not nhwc_trains_fast(dev):
         log.warning("%s: train.channels_last on a CPU without AVX-512 makes the convolutions' backward pass slower "
-                    "(measured: training step 1.42x slower on AVX2, bench/step.py); set train.channels_last: false "
-                    "for CPU training here (the result is the same up to rounding).", params.path)
+                    "(measured: training step 1.42x slower on AVX2, bench/step.py); set train.channels_last: auto "
+                    "(or false) for CPU training here (the result is the same up to rounding).", params.path)
     if params.model.init_from:  # fine-tuning: every weight from a checkpoint (a resumed run overrides them)
         from mcibi.released import initialise_from
 

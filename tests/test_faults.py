@@ -135,4 +135,15 @@ def test_channels_last_training_on_an_avx2_cpu_warns(data_root, tmp_path, monkey
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     with caplog.at_level("WARNING", logger="mcibi.training"):
         training.train(params, data_root, tmp_path / "run", threads=1)
-    assert "set train.channels_last: false" in caplog.text and str(params.path) in caplog.text
+    assert "set train.channels_last: auto" in caplog.text and str(params.path) in caplog.text
+
+
+@pytest.mark.parametrize(("capability", "device", "expected"), [
+    ("AVX2", "cpu", False), ("DEFAULT", "cpu", False), ("AVX512", "cpu", True), ("AVX2", "cuda", True),
+])
+def test_channels_last_auto_trains_nhwc_only_where_it_is_faster(monkeypatch, capability, device, expected):
+    """``auto`` is NHWC on CUDA and AVX-512 CPUs and NCHW on AVX2 CPUs (bench/step.py); true and false are kept."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    dev = torch.device(device)
+    assert training.train_channels_last("auto", dev) is expected
+    assert training.train_channels_last(True, dev) is True and training.train_channels_last(False, dev) is False
