@@ -138,12 +138,13 @@ def git_commit(root: str | Path = ".") -> str:
 
 
 def hardware() -> str:
-    """Short description of the device the job runs on."""
+    """Short description of the device the job runs on; on CPU with the kernels' instruction set (AVX2 and AVX-512
+    kernels sum in different orders, and ``train.channels_last: auto`` picks the layout by it)."""
     import torch
 
     if torch.cuda.is_available():
         return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
-    return f"cpu ({os.cpu_count()} cores, {platform.machine()})"
+    return f"cpu ({os.cpu_count()} cores, {platform.machine()}, {torch.backends.cpu.get_cpu_capability()})"
 
 
 def run_tags(params: ExperimentParams, machine: str | None = None) -> dict[str, str]:

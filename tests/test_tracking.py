@@ -1,9 +1,10 @@
 """MLflow reruns leave no duplicates: a resumed run skips logged (metric, step) rows, a re-evaluated protocol
 replaces its child run, an evaluation logged twice (by hand, then by the figures job) is kept."""
 
+import torch
 from mlflow import MlflowClient
 
-from mcibi.tracking import RunLogger, log_evaluation
+from mcibi.tracking import RunLogger, hardware, log_evaluation
 
 
 def _rows(client, run_id, key):
@@ -71,3 +72,11 @@ def test_two_jobs_logging_the_same_dataset_both_get_it_as_input(tmp_path):
     for run in (first, second):
         inputs = client.get_run(run.run_id).inputs.dataset_inputs
         assert sorted(i.dataset.name for i in inputs) == ["demo/train", "demo/val"]
+
+
+def test_cpu_hardware_names_the_kernels_instruction_set(monkeypatch):
+    """CPU runs record which kernels ran: AVX2 and AVX-512 ones sum in different orders (and ``auto`` layouts
+    differ), so two CPU runs with different digits are told apart in the MLflow UI."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert hardware().startswith("cpu (") and hardware().endswith(", AVX2)")
