@@ -21,7 +21,7 @@ _PIPELINE = {("ade20k", (640, 640)): "640x640"}
 
 # shared by every dataset: execution settings, not part of the seed tables
 EXECUTION = {
-    "num_workers": 4, "log_every": 50, "channels_last": True, "precision": "fp32", "compile": False,
+    "num_workers": 4, "log_every": 50, "channels_last": "auto", "precision": "fp32", "compile": False,
     "sync_batchnorm": True, "checkpoint_every": 2000, "keep_checkpoints": 2,
 }
 GPUS = 8  # the official runs: 8 GPUs share the total batch
