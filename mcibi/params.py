@@ -629,9 +629,11 @@ def params_from_dict(data: dict, source: str | Path) -> ExperimentParams:
 
 
 # Params that say how a run executes, not what it computes: a checkpoint resumes across changes of these (more
-# wall time, another GPU count, a different checkpoint interval), and the workflow does not retrain for them.
+# wall time, another GPU count, a different checkpoint interval, the memory layout), and the workflow does not
+# retrain for them. Some change float rounding (compile, layout, accumulation), as the CPU's instruction set does.
 EXECUTION_KEYS = ("train.checkpoint_every", "train.keep_checkpoints", "train.resources", "train.num_workers",
-                  "train.log_every", "train.batch_per_device", "train.compile", "evaluate", "description")
+                  "train.log_every", "train.batch_per_device", "train.compile", "train.channels_last", "evaluate",
+                  "description")
 
 
 class Untracked:

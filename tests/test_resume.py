@@ -102,9 +102,10 @@ def test_resume_ignores_execution_settings_and_refuses_other_params(data_root, t
     params = load_params(tiny_params(tmp_path / "params", memory="none", epochs=1))
     out = tmp_path / "run"
     assert train(params, data_root, out, threads=1).resumed_from == 0
-    # more wall time, another checkpoint interval: the finished run's last checkpoint is picked up (no iterations)
-    execution = dataclasses.replace(params.train, checkpoint_every=3, resources=dataclasses.replace(
-        params.train.resources, runtime=600))
+    # more wall time, another checkpoint interval, another memory layout: the finished run's last checkpoint is
+    # picked up (no iterations)
+    execution = dataclasses.replace(params.train, checkpoint_every=3, channels_last=not params.train.channels_last,
+                                    resources=dataclasses.replace(params.train.resources, runtime=600))
     again = train(dataclasses.replace(params, train=execution), data_root, out, threads=1)
     assert again.resumed_from == 4 and again.iterations == 4
     # another learning rate is another run: refused, naming the key, and nothing is deleted

@@ -185,10 +185,11 @@ def test_reduced_demo_chain_runs_end_to_end(tmp_path):
     categories = re.search(r"categories = (\{.*?\});", (repo / "report.html").read_text()).group(1)
     assert all(n in categories for n in ('"demo"', '"results table"', '"upernet_mcibipp"', "confusion_msflip.png"))
 
-    # edits that change no trajectory and no protocol rerun nothing: description, resources, window batch
+    # edits that change no trajectory and no protocol rerun nothing: description, resources, layout, window batch
     exp = repo / "params" / "demo" / "upernet_mcibipp.yaml"
     text = exp.read_text()
     data["train"]["resources"]["cpus_per_gpu"] += 1
+    data["train"]["channels_last"] = {"auto": False, False: True, True: False}[data["train"]["channels_last"]]
     data["evaluate"]["window_batch"] += 1
     defaults.write_text(yaml.safe_dump(data))
     exp.write_text(text.replace("description:", "description: Edited.", 1))
