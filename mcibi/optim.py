@@ -74,6 +74,20 @@ def build_optimizer(model: nn.Module, opt: OptimizerParams) -> torch.optim.Optim
     raise ValueError(f"unknown optimizer {opt.name!r} (valid: sgd, adamw)")
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a saved optimiser state, each per-parameter tensor in its parameter's memory layout.
+
+    The fused kernels walk a state tensor with its parameter's strides: a momentum buffer saved NCHW and loaded for
+    a channels-last parameter (a run resumed under another ``train.channels_last``, or ``auto`` on another kind of
+    machine) would be updated element-misaligned, silently (2.5 off after one step of a 3x3 convolution).
+    """
+    optimizer.load_state_dict(state)
+    for param, slots in optimizer.state.items():
+        for key, value in slots.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                slots[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Give every group ``lr`` times its ``lr_mult``."""
     for group in optimizer.param_groups:

@@ -35,7 +35,7 @@ from mcibi.distributed import BatchPlan, DistEnv, any_rank, barrier, batch_plan,
 from mcibi.files import WriteError, atomic_open, write_json
 from mcibi.models import build_for_weights, build_segmentor
 from mcibi.optim import build_optimizer as _build_optimizer
-from mcibi.optim import poly_lr, scheduled_lr, set_lr
+from mcibi.optim import load_optimizer_state, poly_lr, scheduled_lr, set_lr
 from mcibi.params import ExperimentParams, flatten, params_from_dict, to_dict, trajectory
 
 log = logging.getLogger(__name__)
@@ -571,7 +571,7 @@ def _resume(t: _Trainer, resume: bool) -> LoopState:
         return LoopState()
     ckpt, path = found
     load_weights(t.core, ckpt, path)
-    t.optimizer.load_state_dict(ckpt["optimizer"])
+    load_optimizer_state(t.optimizer, ckpt["optimizer"])
     if t.scaler is not None and ckpt.get("scaler"):
         t.scaler.load_state_dict(ckpt["scaler"])
     state = LoopState.from_checkpoint(ckpt, path)

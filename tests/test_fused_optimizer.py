@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mcibi.models import build_segmentor
-from mcibi.optim import build_optimizer
+from mcibi.optim import build_optimizer, load_optimizer_state
 from mcibi.params import load_params
 
 PARAMS = load_params("params/demo/upernet_mcibipp.yaml")
@@ -43,3 +43,38 @@ def test_fused_optimizer_equals_the_loop(name):
 def _group_names(model, optimizer):
     names = {id(p): n for n, p in model.named_parameters()}
     return [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_state_saved_nchw_resumes_a_channels_last_model(name, tmp_path):
+    """A checkpoint's optimiser state written under NCHW resumes a channels-last twin (another
+    ``train.channels_last``, or ``auto`` on another machine) to the same next step: the fused kernels read the
+    state with the parameter's strides, so the state is laid out like its parameter on load."""
+    opt_params = dataclasses.replace(PARAMS.train.optimizer, name=name)
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 12, 12)
+
+    def net():
+        torch.manual_seed(1)
+        return torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 4, 3))
+
+    def step(model, optimizer, layout):
+        optimizer.zero_grad()
+        model(x.contiguous(memory_format=layout)).square().mean().backward()
+        optimizer.step()
+
+    nchw = net()
+    optimizer = build_optimizer(nchw, opt_params)
+    step(nchw, optimizer, torch.contiguous_format)
+    torch.save({"model": nchw.state_dict(), "optimizer": optimizer.state_dict()}, tmp_path / "ckpt.pt")
+    step(nchw, optimizer, torch.contiguous_format)  # the uninterrupted run
+
+    saved = torch.load(tmp_path / "ckpt.pt")
+    resumed = net()
+    resumed.load_state_dict(saved["model"])
+    resumed = resumed.to(memory_format=torch.channels_last)
+    again = build_optimizer(resumed, opt_params)
+    load_optimizer_state(again, saved["optimizer"])
+    step(resumed, again, torch.channels_last)
+    for p, q in zip(resumed.parameters(), nchw.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6), float((p - q).abs().max())
