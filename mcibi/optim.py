@@ -58,16 +58,19 @@ def parameter_groups(model: nn.Module, opt: OptimizerParams) -> list[dict]:
             for (no_decay, mult), ps in groups.items() if ps]
 
 
-def build_optimizer(model: nn.Module, opt: OptimizerParams) -> torch.optim.Optimizer:
-    """SGD (momentum, weight decay) or AdamW (betas, decoupled weight decay) over :func:`parameter_groups`."""
+def build_optimizer(model: nn.Module, opt: OptimizerParams, grad_scaling: bool = False) -> torch.optim.Optimizer:
+    """SGD (momentum, weight decay) or AdamW (betas, decoupled weight decay) over :func:`parameter_groups`;
+    ``grad_scaling``: a GradScaler will drive the steps (fp16)."""
     groups = parameter_groups(model, opt)
     # one fused kernel per step instead of a Python loop over tensors (about 4x less optimiser time on CPU):
     # SGD gives the same values bit for bit, AdamW up to the last bit (tests/test_fused_optimizer.py)
     params = [p for g in groups for p in g["params"]]
     fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     if opt.name == "sgd":
+        # not under a GradScaler: when the first step overflows, fused SGD skips its kernel but keeps the momentum
+        # buffers it allocated uninitialised, and the next step adds that garbage (PyTorch 2.14, tested)
         return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay,
-                               fused=fused or None)
+                               fused=(fused and not grad_scaling) or None)
     if opt.name == "adamw":
         return torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay,
                                  fused=fused or None)

@@ -242,7 +242,7 @@ def memory_metrics(model: nn.Module, spec) -> dict[str, float]:
 
 def build_optimizer(model: nn.Module, params: ExperimentParams) -> torch.optim.Optimizer:
     """The optimiser ``train.optimizer`` describes, with its parameter rules (see :mod:`mcibi.optim`)."""
-    return _build_optimizer(model, params.train.optimizer)
+    return _build_optimizer(model, params.train.optimizer, grad_scaling=params.train.precision == "fp16")
 
 
 @dataclass

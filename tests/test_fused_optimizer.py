@@ -78,3 +78,29 @@ def test_state_saved_nchw_resumes_a_channels_last_model(name, tmp_path):
     step(resumed, again, torch.channels_last)
     for p, q in zip(resumed.parameters(), nchw.parameters(), strict=True):
         assert torch.allclose(p, q, atol=1e-6), float((p - q).abs().max())
+
+
+def test_sgd_under_a_grad_scaler_survives_an_overflowing_first_step():
+    """fp16 runs start with a large loss scale, so their first steps often overflow and are skipped. Fused SGD would
+    keep the momentum buffers it allocated for such a step uninitialised and add them in the next step; the SGD
+    built for fp16 is not fused and ends where the per-tensor loop does."""
+    from mcibi.training import build_optimizer as build_for_run
+
+    fp16 = dataclasses.replace(PARAMS, train=dataclasses.replace(PARAMS.train, precision="fp16"))
+    assert build_for_run(build_segmentor(PARAMS.model), PARAMS).defaults["fused"]
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(0))
+    finals = []
+    for make in (lambda m: build_for_run(m, fp16),
+                 lambda m: torch.optim.SGD(m.parameters(), lr=PARAMS.train.optimizer.lr, momentum=0.9,
+                                           weight_decay=PARAMS.train.optimizer.weight_decay, foreach=False)):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(64, 64)
+        optimizer = make(model)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+        for factor in (float("inf"), 1.0):  # an overflowing step (skipped), then a normal one
+            optimizer.zero_grad()
+            scaler.scale(model(x).sum() * factor).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        finals.append(model.weight.detach())
+    assert torch.isfinite(finals[0]).all() and torch.equal(finals[0], finals[1])
