@@ -104,3 +104,27 @@ def test_sgd_under_a_grad_scaler_survives_an_overflowing_first_step():
             scaler.update()
         finals.append(model.weight.detach())
     assert torch.isfinite(finals[0]).all() and torch.equal(finals[0], finals[1])
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_every_gradient_is_laid_out_like_its_parameter(layout):
+    """The fused kernels walk a parameter and its gradient with the same strides (on CPU a mismatch is not an
+    error, just a misaligned update): the training step leaves every gradient laid out like its parameter."""
+    from mcibi.training import train_step
+
+    torch.manual_seed(0)
+    model = build_segmentor(PARAMS.model).to(memory_format=layout)
+    optimizer = build_optimizer(model, PARAMS.train.optimizer)
+    mismatched, checked = {}, []
+
+    def check(*_):
+        checked.append(sum(p.grad is not None for p in model.parameters()))
+        for name, p in model.named_parameters():
+            dims = [d for d in range(p.dim()) if p.shape[d] > 1]  # strides of size-1 dims do not matter
+            if p.grad is not None and any(p.stride(d) != p.grad.stride(d) for d in dims):
+                mismatched[name] = (p.stride(), p.grad.stride())
+
+    optimizer.register_step_pre_hook(check)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=layout)
+    train_step(model, x, torch.randint(0, 8, (2, 64, 64)), optimizer, 0.01, PARAMS, epoch=0)
+    assert checked and checked[0] > 100 and not mismatched
