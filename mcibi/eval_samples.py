@@ -25,5 +25,6 @@ def read_samples(path: str | Path) -> tuple[list[str], list[np.ndarray], list[np
     """(ids, images, labels, predictions) of a :func:`write_samples` file."""
     with np.load(path) as data:
         ids = [str(i) for i in data["ids"]]
-        return (ids, [data[f"image_{i}"] for i in range(len(ids))], [data[f"label_{i}"] for i in range(len(ids))],
-                [data[f"prediction_{i}"] for i in range(len(ids))])
+        images, labels, predictions = ([data[f"{kind}_{i}"] for i in range(len(ids))]
+                                       for kind in ("image", "label", "prediction"))
+        return ids, images, labels, predictions

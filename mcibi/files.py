@@ -115,6 +115,13 @@ def write_json(path: str | Path, data: Any) -> None:
         fh.write("\n")
 
 
+def json_digest(data: Any) -> str:
+    """Short sha256 of ``data`` as sorted-key JSON: equal digests, equal content (params, evaluation records)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def write_text(path: str | Path, text: str) -> None:
     """Write text atomically."""
     with atomic_open(path) as fh:

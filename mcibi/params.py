@@ -12,9 +12,7 @@ import copy
 import dataclasses
 import difflib
 import functools
-import hashlib
 import importlib.util
-import json
 import re
 import types
 import typing
@@ -23,6 +21,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from mcibi.files import json_digest
 
 DEFAULTS_FILE = "defaults.yaml"
 
@@ -280,8 +280,8 @@ def _convert(tp: Any, value: Any, key: str, file: Path) -> Any:
         if value is None:
             fail("must not be null")
         return _convert(inner[0], value, key, file)
-    if origin is Literal:
-        if value not in args:
+    if origin is Literal:  # by type too: YAML's true is not the 1 of Literal[1, 3], nor 1 the true of a switch
+        if not any(value == a and type(value) is type(a) for a in args):
             fail(f"must be one of {list(args)}, got {value!r}")
         return value
     if origin is tuple:
@@ -446,8 +446,6 @@ def _check_model(m: ModelParams, file: Path) -> None:
     if m.context_module not in allowed:
         _fail(file, "model.context_module", f"is '{m.context_module}', but framework '{m.framework}' takes "
               f"{' or '.join(repr(c) for c in allowed)}.")
-    if type(m.backbone.pretrained) is int:  # Literal[False, True, "official"] also admits 0 and 1
-        _fail(file, "model.backbone.pretrained", f"must be false, true or official, got {m.backbone.pretrained}.")
     if not 0.0 <= m.backbone.drop_path_rate < 1.0:
         _fail(file, "model.backbone.drop_path_rate", f"must be in [0, 1), got {m.backbone.drop_path_rate}.")
     if not 0.0 <= m.dropout < 1.0:
@@ -476,8 +474,6 @@ def _check_train(t: TrainParams, file: Path) -> None:
         "train.schedule.min_lr": t.schedule.min_lr,
     } | {f"train.loss_weights.{k}": v for k, v in dataclasses.asdict(t.loss_weights).items()}
     _check_signs(positive, non_negative, file)
-    if type(t.channels_last) is int:  # Literal[False, True, "auto"] also admits 0 and 1
-        _fail(file, "train.channels_last", f"must be false, true or auto, got {t.channels_last}.")
     if not 0.0 <= t.schedule.warmup_ratio <= 1.0:
         _fail(file, "train.schedule.warmup_ratio", f"must be in [0, 1], got {t.schedule.warmup_ratio}.")
     if t.schedule.min_lr > t.optimizer.lr:
@@ -657,13 +653,9 @@ def trajectory(params: ExperimentParams) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if not _matches(k, EXECUTION_KEYS)}
 
 
-def _digest(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def trajectory_hash(params: ExperimentParams) -> str:
     """Short hash of :func:`trajectory`: the workflow retrains when, and only when, it changes."""
-    return _digest(trajectory(params))
+    return json_digest(trajectory(params))
 
 
 # what an evaluation's numbers depend on besides the checkpoint (which carries the model) and its protocol
@@ -677,4 +669,4 @@ def protocol_hash(params: ExperimentParams, protocol: str) -> str:
     flat = flatten({k: v for k, v in to_dict(params).items() if k not in ("name", "path")})
     data = {k: v for k, v in flat.items() if _matches(k, EVALUATION_KEYS)}
     data |= {k: v for k, v in flat.items() if _matches(k, (f"evaluate.protocols.{protocol}",))}
-    return _digest(data)
+    return json_digest(data)

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mcibi.files import json_digest
 from mcibi.params import ExperimentParams
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -288,13 +289,6 @@ def log_dataset_inputs(client: Any, run_id: str, data_dir: str | Path, splits: d
     _retry(lambda: client.log_inputs(run_id, datasets=inputs))
 
 
-def evaluation_digest(result: dict[str, Any]) -> str:
-    """Short sha256 of an evaluation result as written to its JSON: equal digests, the same evaluation."""
-    import hashlib
-
-    return hashlib.sha256(json.dumps(result, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def log_evaluation(
     uri: str,
     parent_run_id: str,
@@ -306,18 +300,19 @@ def log_evaluation(
     """Record one protocol's evaluation: a child run tagged with the protocol, plus ``<metric>.<protocol>``
     metrics on the experiment's run so the UI's compare view lines protocols up across runs.
 
-    Idempotent: an evaluation already logged (same :func:`evaluation_digest`) is left as it is, so the workflow's
-    figures job can publish every evaluation file of a run each time it runs. A re-evaluated protocol replaces
-    its child run (the previous one is deleted, i.e. moved to MLflow's trash), and a parent metric is logged only
-    when its value changed, so reruns leave no duplicate runs or rows. The ``hardware`` the evaluation recorded,
-    if any, overrides the one in ``tags`` (the job that logs may run elsewhere).
+    Idempotent: an evaluation already logged (the same :func:`mcibi.files.json_digest` of its record) is left as
+    it is, so the workflow's figures job can publish every evaluation file of a run each time it runs. A
+    re-evaluated protocol replaces its child run (the previous one is deleted, i.e. moved to MLflow's trash), and
+    a parent metric is logged only when its value changed, so reruns leave no duplicate runs or rows. The
+    ``hardware`` the evaluation recorded, if any, overrides the one in ``tags`` (the job that logs may run
+    elsewhere).
     """
     from mlflow.entities import Metric, Param
 
     client = _client(uri)
     parent = client.get_run(parent_run_id)
     run_name = f"{parent.info.run_name}:{protocol}"
-    digest = evaluation_digest(result)
+    digest = json_digest(result)
     previous = _retry(lambda: client.search_runs(
         [parent.info.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.protocol = '{protocol}'"))

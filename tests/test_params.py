@@ -116,6 +116,7 @@ BAD_VALUES = [  # (override of the experiment file, dotted key the error must na
     ({"evaluate": {"protocols": {"ss": {"scales": [0.0]}}}}, "evaluate.protocols.ss.scales"),
     ({"train": {"loss_weights": {"aux": -0.4}}}, "train.loss_weights.aux"),
     ({"train": {"channels_last": 1}}, "train.channels_last"),  # false, true or auto; not 0 or 1
+    ({"model": {"backbone": {"pretrained": 1}}}, "model.backbone.pretrained"),  # false, true or official
 ]
 
 
