@@ -1,6 +1,8 @@
 """Paired transforms: flips swap left/right classes, sizes follow the official rules, padding and fills."""
 
+import cv2
 import numpy as np
+import pytest
 import torch
 
 from mcibi.data.transforms import (
@@ -81,3 +83,18 @@ def test_rotation_fills_ignore():
     rotated = [random_rotation(image, label, 1.0, 30, np.random.default_rng(s)) for s in range(10)]
     assert any((lab == 255).any() for _, lab in rotated)
     assert set(np.unique(np.concatenate([lab.ravel() for _, lab in rotated]))) <= {1, 255}
+
+
+@pytest.mark.parametrize("shape", [(2, 5), (7, 5), (61, 45), (97, 130)])
+def test_normalize_lookup_equals_the_opencv_operations(shape):
+    """The uint8 lookup table gives what the official Normalize's OpenCV calls give on the whole image, under the
+    installed OpenCV (whose float32 x float64-scalar rounding changed between 5.0 and 5.1). Not for images 1 or 3
+    pixels wide: there OpenCV 5.1 broadcasts the official (1, 3) mean over columns instead of channels."""
+    image = np.random.default_rng(shape[1]).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    direct = normalize(image.astype(np.float32))
+    assert torch.equal(normalize(image), direct)
+    mean, stdinv = np.array([[123.675, 116.28, 103.53]]), 1 / np.array([[58.395, 57.12, 57.375]])
+    official = image.astype(np.float32)
+    cv2.subtract(official, mean, official)
+    cv2.multiply(official, stdinv, official)
+    assert torch.equal(direct, torch.from_numpy(official.transpose(2, 0, 1)))

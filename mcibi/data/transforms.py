@@ -16,18 +16,35 @@ from mcibi.data.specs import IGNORE_INDEX
 from mcibi.params import DataParams, ResizeParams
 
 MEAN = np.array([123.675, 116.28, 103.53], np.float32)  # ImageNet RGB statistics, as every official config
-_STD64 = np.array([58.395, 57.12, 57.375], np.float64)  # the official Normalize divides by these float64 values
-STD = _STD64.astype(np.float32)
+STD = np.array([58.395, 57.12, 57.375], np.float32)
+# the official Normalize hands OpenCV these float64 values (mean, 1/std); OpenCV decides the arithmetic
+_MEAN64 = np.array([[123.675, 116.28, 103.53]], np.float64)
+_STDINV64 = 1 / np.array([[58.395, 57.12, 57.375]], np.float64)
 
 
 def _official_normalize(x: np.ndarray) -> np.ndarray:
-    """The official Normalize's arithmetic on (..., 3) float32 values: the difference in float32, times 1/std in
-    float64, rounded to float32."""
-    return ((x - MEAN).astype(np.float64) * (1.0 / _STD64)).astype(np.float32)
+    """The official Normalize's operations on an (h, w, 3) RGB float32 image, in place: ``cv2.subtract`` of the
+    float64 mean, then ``cv2.multiply`` by the float64 1/std.
+
+    Run through OpenCV rather than written out in numpy because OpenCV chooses the rounding: 5.0 multiplies a
+    float32 image by a float64 scalar in float64, 5.1 in float32 (1 ulp apart on about 40% of values), and the
+    official tensors follow the installed OpenCV.
+    """
+    cv2.subtract(x, _MEAN64, x)
+    cv2.multiply(x, _STDINV64, x)
+    return x
 
 
-# (3, 256): every uint8 value per channel, normalised (what :func:`normalize` looks up)
-_NORMALIZED = _official_normalize(np.arange(256, dtype=np.float32)[:, None]).T.copy()
+def _normalize_table() -> np.ndarray:
+    """(3, 256): every uint8 value per channel, normalised by :func:`_official_normalize` (what :func:`normalize`
+    looks up). The values are laid out as a 16x16 image: OpenCV treats the (1, 3) mean as a per-channel scalar for
+    such an image as for a photo (5.1 does not for an image one pixel wide), and its result does not depend on a
+    value's position (tests/test_transforms.py checks the lookup against the direct call)."""
+    levels = np.repeat(np.arange(256, dtype=np.float32).reshape(16, 16, 1), 3, axis=2)
+    return _official_normalize(levels).reshape(256, 3).T.copy()
+
+
+_NORMALIZED = _normalize_table()
 
 Transform = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[torch.Tensor, torch.Tensor]]
 
@@ -154,8 +171,8 @@ def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.nd
 
 
 def normalize(image: np.ndarray) -> torch.Tensor:
-    """(x - mean) / std on RGB, HWC uint8 → CHW float32, rounded as the official Normalize: the difference in
-    float32, times 1/std in float64, rounded to float32 (bit-identical; tests/test_parity_training.py)."""
+    """(x - mean) / std on RGB, HWC uint8 → CHW float32, with the official Normalize's OpenCV operations
+    (bit-identical under the installed OpenCV; tests/test_parity_training.py)."""
     if image.dtype != np.uint8:
         return torch.from_numpy(np.ascontiguousarray(_official_normalize(image.astype(np.float32)).transpose(2, 0, 1)))
     # speed: per channel, the 256 possible results in a table; each channel plane looked up into CHW directly

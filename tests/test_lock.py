@@ -1,0 +1,83 @@
+"""The locked environment: the lock satisfies pyproject.toml's ranges, the conda file is generated from it, and the
+environment the tests run in is the lock (so CI tests what a fresh clone installs)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import tomllib
+from pathlib import Path
+
+import pytest
+from packaging.markers import Marker
+from packaging.requirements import Requirement
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _lock_module():
+    spec = importlib.util.spec_from_file_location("lock", ROOT / ".ci" / "lock.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+LOCK = _lock_module()
+PINS = LOCK.read_pins((ROOT / "requirements.lock").read_text())
+
+
+def _requirements() -> list[Requirement]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    listed = list(project["dependencies"])
+    for extra in LOCK.EXTRAS:
+        listed += project["optional-dependencies"][extra]
+    return [Requirement(r) for r in listed]
+
+
+def test_read_pins_takes_versions_and_markers():
+    text = ("# header\nnumpy==2.4.6 \\\n    --hash=sha256:ab \\\n    --hash=sha256:cd\n    # via pandas\n"
+            "pywin32==312 ; sys_platform == 'win32' \\\n    --hash=sha256:ef\nruamel.yaml==0.19.1\n")
+    assert LOCK.read_pins(text) == {"numpy": ("2.4.6", None), "pywin32": ("312", "sys_platform == 'win32'"),
+                                    "ruamel-yaml": ("0.19.1", None)}
+    assert LOCK.diff({"a": ("1", None), "b": ("2", None)}, {"b": ("3", None), "c": ("1", None)}) == [
+        "  a: 1 -> (removed)", "  b: 2 -> 3", "  c: (new) -> 1"]
+
+
+@pytest.mark.parametrize("requirement", _requirements(), ids=str)
+def test_lock_pins_each_dependency_inside_the_pyproject_range(requirement):
+    name = LOCK.normalise(requirement.name)
+    assert name in PINS, f"requirements.lock has no {name}: run `.venv/bin/python .ci/lock.py compile`"
+    version, _ = PINS[name]
+    assert requirement.specifier.contains(version, prereleases=True), (
+        f"requirements.lock pins {name}=={version} outside pyproject.toml's {requirement}: run "
+        f"`.venv/bin/python .ci/lock.py compile`")
+
+
+def test_every_locked_package_has_hashes():
+    text = (ROOT / "requirements.lock").read_text()
+    blocks = [b for b in text.split("\n") if b and not b.startswith((" ", "#"))]
+    assert blocks and len(blocks) == len(PINS)
+    assert all(b.rstrip().endswith("\\") for b in blocks), "a pin without --hash lines"
+
+
+def test_conda_env_is_generated_from_the_lock():
+    expected = LOCK.conda_env((ROOT / "requirements.lock").read_text())
+    assert (ROOT / "workflow" / "envs" / "mcibi.yaml").read_text() == expected, (
+        "workflow/envs/mcibi.yaml drifted from requirements.lock: run `.venv/bin/python .ci/lock.py env`")
+
+
+def test_the_installed_environment_is_the_lock():
+    """What the tests run with is what the lock says (every package whose marker applies here), so a pass in CI
+    is a pass for a fresh clone installed as the README says."""
+    wrong = []
+    for name, (version, marker) in PINS.items():
+        if marker and not Marker(marker).evaluate():
+            continue
+        try:
+            installed = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            installed = None
+        if installed is None or installed.split("+")[0] != version:
+            wrong.append(f"{name} {installed or '(missing)'} (lock: {version})")
+    assert not wrong, ("this environment is not requirements.lock; reinstall it as the README says "
+                       f"({LOCK.INSTALL}): " + ", ".join(wrong))
