@@ -187,6 +187,20 @@ class LossWeights:
 
 
 @dataclass(frozen=True)
+class SamplerParams:
+    """How an epoch becomes iterations: their number and which images each takes (see :mod:`mcibi.sampler`)."""
+
+    # loader: the shuffled order in global batches, the last partial one dropped (N // total iterations);
+    # distributed: torch's DistributedSampler over `replicas` processes with a DataLoader of total / replicas
+    # images and drop_last on each, as the official training: the order padded to a multiple of `replicas` with
+    # its first images, ceil(N / replicas) // (total / replicas) iterations
+    kind: Literal["loader", "distributed"]
+    # distributed: the process count the epoch is laid out for (the official runs: 8 GPUs), whatever our run
+    # uses; it must divide train.total_batch_size. loader: 1
+    replicas: int
+
+
+@dataclass(frozen=True)
 class TrainParams:
     """The optimisation schedule; the batch size is the total over all processes and accumulation steps."""
 
@@ -194,6 +208,7 @@ class TrainParams:
     total_batch_size: int  # images per optimiser step, whatever the number of GPUs
     batch_per_device: int  # most images one device holds in one forward; more means gradient accumulation
     epochs: int
+    sampler: SamplerParams
     optimizer: OptimizerParams
     schedule: ScheduleParams
     loss_weights: LossWeights
@@ -483,11 +498,26 @@ def _check_train(t: TrainParams, file: Path) -> None:
         _fail(file, "train.optimizer.momentum", f"must be below 1, got {t.optimizer.momentum}.")
     if not all(0.0 <= b < 1.0 for b in t.optimizer.betas):
         _fail(file, "train.optimizer.betas", f"must be in [0, 1), got {list(t.optimizer.betas)}.")
+    _check_sampler(t, file)
     per_device = min(t.batch_per_device, t.total_batch_size)
     if t.total_batch_size % per_device:
         _fail(file, "train.total_batch_size", f"({t.total_batch_size}) is not a multiple of "
               f"'train.batch_per_device' ({t.batch_per_device}); make it one so that gradient accumulation covers "
               "the batch exactly.")
+
+
+def _check_sampler(t: TrainParams, file: Path) -> None:
+    """``train.sampler``: one stream for ``loader``; for ``distributed`` replicas that share the batch evenly."""
+    s = t.sampler
+    if s.replicas <= 0:
+        _fail(file, "train.sampler.replicas", f"must be positive, got {s.replicas}.")
+    if s.kind == "loader" and s.replicas != 1:
+        _fail(file, "train.sampler.replicas", f"is {s.replicas}, but kind 'loader' lays the epoch out as one stream: "
+              "set 1, or kind 'distributed' for DistributedSampler's layout over that many replicas.")
+    if s.kind == "distributed" and t.total_batch_size % s.replicas:
+        _fail(file, "train.sampler.replicas", f"({s.replicas}) does not divide train.total_batch_size "
+              f"({t.total_batch_size}): each replica's DataLoader takes total / replicas images per iteration. Use "
+              "a divisor of the batch (the official runs: 8).")
 
 
 def _check_evaluate(e: EvalParams, file: Path) -> None:
@@ -603,6 +633,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 LEGACY_DEFAULTS: dict[str, Any] = {
     "data.train_sampling": "image",
     "model.context_module": lambda d: CONTEXT_MODULES[d["model"]["framework"]][0],  # UperNet was always PPM
+    "train.sampler": lambda d: {"kind": "loader", "replicas": 1},  # N // total iterations, no padding
 }
 
 

@@ -36,7 +36,8 @@ from mcibi.files import WriteError, atomic_open, write_json
 from mcibi.models import build_for_weights, build_segmentor
 from mcibi.optim import build_optimizer as _build_optimizer
 from mcibi.optim import load_optimizer_state, poly_lr, scheduled_lr, set_lr
-from mcibi.params import ExperimentParams, flatten, params_from_dict, to_dict, trajectory
+from mcibi.params import ExperimentParams, SamplerParams, TrainParams, flatten, params_from_dict, to_dict, trajectory
+from mcibi.sampler import epoch_steps, iterations_per_epoch
 
 log = logging.getLogger(__name__)
 
@@ -257,22 +258,35 @@ class TrainResult:
     resumed_from: int = 0  # iteration of the checkpoint the run continued from (0 = from scratch)
 
 
-def _epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
-    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+SEED_STRIDE = 100_003  # apart per train.seed: the orders of seeds k and k + 1 never meet within 100k epochs
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int, sampler: SamplerParams) -> list[int]:
+    """The shuffled sample order of ``epoch`` (0-based), before :func:`mcibi.sampler.epoch_steps` lays it out.
+
+    ``torch.randperm`` seeded with ``SEED_STRIDE x seed + epoch``; for ``distributed`` with ``epoch + 1``, which is
+    what ``DistributedSampler(seed=SEED_STRIDE x seed)`` draws after ``set_epoch(epoch + 1)``: the official trainer
+    counts epochs from 1 and leaves the sampler's seed at 0, so seed 0 gives its orders (and its images where our
+    split list is in the official dataset's order).
+    """
+    offset = 1 if sampler.kind == "distributed" else 0
+    gen = torch.Generator().manual_seed(seed * SEED_STRIDE + epoch + offset)
     return torch.randperm(num_samples, generator=gen).tolist()
 
 
-def epoch_batches(num_samples: int, seed: int, epoch: int, plan: BatchPlan, rank: int, first: int,
-                  iters_per_epoch: int) -> list[list[int]]:
+def epoch_batches(num_samples: int, train_params: TrainParams, epoch: int, plan: BatchPlan, rank: int,
+                  first: int) -> list[list[int]]:
     """This rank's image indices for iterations ``first`` .. end of ``epoch`` (DistributedSampler's role).
 
-    Iteration i of an epoch uses images [i * total, (i + 1) * total) of the epoch's seeded permutation on every
-    GPU count; rank r takes the r-th contiguous slice, which it splits into its accumulation micro-batches, so
-    rank r of N GPUs sees what micro-batch r of one GPU accumulating N steps sees.
+    Iteration i takes the images of step i of :func:`mcibi.sampler.epoch_steps` on every GPU count; rank r takes
+    the r-th contiguous slice, which it splits into its accumulation micro-batches, so rank r of N GPUs sees what
+    micro-batch r of one GPU accumulating N steps sees, and a run on ``train.sampler.replicas`` GPUs gives each
+    rank what the official DistributedSampler + DataLoader give it.
     """
-    order = _epoch_order(num_samples, seed, epoch)
+    order = epoch_order(num_samples, train_params.seed, epoch, train_params.sampler)
     n = plan.per_process
-    return [order[i * plan.total + rank * n : i * plan.total + (rank + 1) * n] for i in range(first, iters_per_epoch)]
+    steps = epoch_steps(order, train_params.total_batch_size, train_params.sampler)
+    return [step[rank * n : (rank + 1) * n] for step in steps[first:]]
 
 
 # ----------------------------------------------------------------------------------------- resumable checkpoints
@@ -490,9 +504,10 @@ def train(
             archive_checkpoints(t.ckpt_dir)
         state = _resume(t, resume)
         t.run = _open_run(t, tracking_uri, state, data_root)
-        log.info("training %s: %d images, %d iterations (%d epochs x %d), effective batch %d = %d process(es) x "
-                 "%d accumulation step(s) x %d images, %s on %s", params.name, len(t.dataset), t.max_iters,
-                 params.train.epochs, t.iters_per_epoch, t.plan.total, t.plan.world_size, t.plan.accumulation,
+        log.info("training %s: %d images, %d iterations (%d epochs x %d, %s layout over %d replica(s)), effective "
+                 "batch %d = %d process(es) x %d accumulation step(s) x %d images, %s on %s", params.name,
+                 len(t.dataset), t.max_iters, params.train.epochs, t.iters_per_epoch, params.train.sampler.kind,
+                 params.train.sampler.replicas, t.plan.total, t.plan.world_size, t.plan.accumulation,
                  t.plan.micro_batch, params.train.precision, env.device)
         try:
             bar = tqdm(total=t.max_iters, initial=state.iteration, desc=f"train {params.name}", unit="it",
@@ -521,10 +536,11 @@ def _build(params: ExperimentParams, data_root: str | Path, out: Path, env: Dist
                                   build_train_transform(params.data, spec.flip_pairs), seed=tp.seed,
                                   frame_per_video=params.data.train_sampling == "frame_per_video")
     plan = batch_plan(tp.total_batch_size, tp.batch_per_device, env.world_size, params.path or "params")
-    iters_per_epoch = len(dataset) // tp.total_batch_size
+    iters_per_epoch = iterations_per_epoch(len(dataset), tp.total_batch_size, tp.sampler)
     if iters_per_epoch == 0:
         raise ValueError(f"{params.path}: train.total_batch_size {tp.total_batch_size} exceeds the "
-                         f"{len(dataset)} training images.")
+                         f"{len(dataset)} training samples (train.sampler: {tp.sampler.kind}, "
+                         f"{tp.sampler.replicas} replica(s)): an epoch would have no iteration. Lower the batch.")
     nhwc = train_channels_last(tp.channels_last, dev)
     layout = torch.channels_last if nhwc else torch.contiguous_format
     log.info("%s: training %s (train.channels_last: %s)", params.path, "NHWC" if nhwc else "NCHW",
@@ -619,7 +635,7 @@ def _train_epoch(t: _Trainer, state: LoopState, epoch: int, bar: tqdm) -> None:
     dev = env.device
     t.dataset.set_epoch(epoch)
     first = state.iteration - epoch * t.iters_per_epoch
-    batches = epoch_batches(len(t.dataset), tp.seed, epoch, t.plan, env.rank, first, t.iters_per_epoch)
+    batches = epoch_batches(len(t.dataset), tp, epoch, t.plan, env.rank, first)
     loader = DataLoader(t.dataset, batch_sampler=batches, num_workers=tp.num_workers, persistent_workers=False,
                         pin_memory=dev.type == "cuda")
     # Creating the iterator draws the workers' base seed from the global generator. A checkpoint taken mid-epoch

@@ -190,7 +190,9 @@ def test_budget_follows_the_schedule():
     assert b.iterations == 60 * (10582 // 16) and b.images == b.iterations * 16
     assert abs(b.gpu_hours - b.images / 10.0 / 3600) < 1e-9
     city = next(r for r in ROWS if r.dataset == "cityscapes" and r.backbone == "r50")  # 512x1024: half the rate
-    assert abs(budget(city, rate={"r50": 10.0}).gpu_hours - 220 * (2975 // 16) * 16 / 5.0 / 3600) < 1e-9
+    # the official 8-GPU epoch: ceil(2975 / 8) = 372 images per GPU, 186 batches of 2 (2975 // 16 = 185)
+    assert budget(city).iterations == 220 * 186
+    assert abs(budget(city, rate={"r50": 10.0}).gpu_hours - 220 * 186 * 16 / 5.0 / 3600) < 1e-9
     assert "| **all** |" in budget_markdown("lip")
 
 

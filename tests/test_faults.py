@@ -60,9 +60,11 @@ def test_resume_sets_aside_a_non_finite_checkpoint_and_loads_an_old_version(data
     torch.save(state, newest)
     state = load_checkpoint(older)
     del state["params"]["data"]["train_sampling"], state["params"]["model"]["context_module"]
+    del state["params"]["train"]["sampler"]
     torch.save(state, older)
     old = params_from_dict(state["params"], older)
     assert old.data.train_sampling == "image" and old.model.context_module == "ppm"
+    assert (old.train.sampler.kind, old.train.sampler.replicas) == ("loader", 1)  # its N // batch iterations
 
     again = training.train(params, data_root, out, threads=1)
     assert again.resumed_from == 2 and again.iterations == 4

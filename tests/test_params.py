@@ -117,6 +117,10 @@ BAD_VALUES = [  # (override of the experiment file, dotted key the error must na
     ({"train": {"loss_weights": {"aux": -0.4}}}, "train.loss_weights.aux"),
     ({"train": {"channels_last": 1}}, "train.channels_last"),  # false, true or auto; not 0 or 1
     ({"model": {"backbone": {"pretrained": 1}}}, "model.backbone.pretrained"),  # false, true or official
+    ({"train": {"sampler": {"kind": "shuffled"}}}, "train.sampler.kind"),
+    ({"train": {"sampler": {"kind": "loader", "replicas": 8}}}, "train.sampler.replicas"),  # one stream
+    ({"train": {"sampler": {"kind": "distributed", "replicas": 3}}}, "train.sampler.replicas"),  # batch 8
+    ({"train": {"sampler": {"kind": "distributed", "replicas": 0}}}, "train.sampler.replicas"),
 ]
 
 

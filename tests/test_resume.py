@@ -18,6 +18,12 @@ def data_root(tmp_path_factory):
     return tiny_dataset(tmp_path_factory.mktemp("tiny"))
 
 
+@pytest.fixture(scope="module")
+def data_root_15(tmp_path_factory):
+    """15 training images: not a multiple of the replicas or the batch, so the distributed layout pads."""
+    return tiny_dataset(tmp_path_factory.mktemp("tiny15"), train_images=15)
+
+
 def _train_cmd(params, data_root, out):
     return mcibi_cmd("train", str(params), "--data-root", str(data_root), "--out", str(out), "--threads", "1",
                      "--no-mlflow")
@@ -42,9 +48,16 @@ def _weights(path):
     return load_checkpoint(path)["state_dict"]
 
 
-def test_killed_run_resumes_to_the_uninterrupted_weights(data_root, tmp_path):
+@pytest.mark.parametrize("layout", ["loader", "distributed"])
+def test_killed_run_resumes_to_the_uninterrupted_weights(data_root, data_root_15, tmp_path, layout):
     # MCIBI++ with dropout 0.1: the memory buffers, optimiser momentum and RNG states must all be restored.
-    params = tiny_params(tmp_path / "params")
+    # loader: 16 images in batches of 4. distributed: 15 images as DistributedSampler over 2 replicas lays them
+    # out (padded to 16, 8 per replica, 2 per replica per iteration): also 4 iterations per epoch (loader: 3).
+    if layout == "distributed":
+        data_root = data_root_15
+        params = tiny_params(tmp_path / "params", sampler={"kind": "distributed", "replicas": 2})
+    else:
+        params = tiny_params(tmp_path / "params")
     straight, cut = tmp_path / "straight", tmp_path / "cut"
     done = run(_train_cmd(params, data_root, straight))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -58,6 +71,7 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(data_root, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming demo/tiny from" in again.stderr
     assert json.loads((cut / "run.json").read_text())["resumed_from"] >= 4
+    assert json.loads((straight / "run.json").read_text())["iterations"] == 8  # 2 epochs x 4
 
     a, b = _weights(straight / "model.pt"), _weights(cut / "model.pt")
     assert set(a) == set(b)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mcibi.catalogue.generate import EXECUTION
+from mcibi.catalogue.generate import EXECUTION, SAMPLER
 from mcibi.catalogue.rows import Row, rows_of
 from mcibi.data.lookup import get_spec
+from mcibi.params import SamplerParams
+from mcibi.sampler import iterations_per_epoch
 
 # ASSUMED training throughput (images per second per GPU) at a 512x512 crop on an A100/H100-class GPU in fp32/TF32
 # with the MCIBI++ head. Not measured here (no GPU was available to this work): replace them with
@@ -27,12 +29,13 @@ class Budget:
 
 
 def budget(row: Row, rate: dict[str, float] | None = None) -> Budget:
-    """Iterations = epochs x floor(train images / total batch) (the training loop's count; VSPW: one frame per
-    video per epoch, as the official sampler), images = iterations x batch, GPU-hours = images / (assumed
-    images/s/GPU at 512x512 x 512^2 / crop pixels) / 3600, checkpoint disk = parameters x 4 bytes x (the final
-    weights + ``keep_checkpoints`` resumable ones holding SGD momentum (x2) or AdamW moments (x3))."""
+    """Iterations = epochs x the training loop's iterations per epoch (the official 8-GPU DistributedSampler
+    layout, ceil(N / 8) // (batch / 8); VSPW: N = videos, one frame per video per epoch, as the official sampler),
+    images = iterations x batch, GPU-hours = images / (assumed images/s/GPU at 512x512 x 512^2 / crop pixels) /
+    3600, checkpoint disk = parameters x 4 bytes x (the final weights + ``keep_checkpoints`` resumable ones holding
+    SGD momentum (x2) or AdamW moments (x3))."""
     spec = get_spec(row.dataset)
-    iterations = row.epochs * (spec.splits[row.train_split] // row.batch)
+    iterations = row.epochs * iterations_per_epoch(spec.splits[row.train_split], row.batch, SamplerParams(**SAMPLER))
     images = iterations * row.batch
     per_s = (rate or ASSUMED_IMAGES_PER_GPU_S)[row.backbone] * (512 * 512) / (row.crop[0] * row.crop[1])
     states = 3 if row.backbone == "swinl" else 2

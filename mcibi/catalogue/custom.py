@@ -16,7 +16,8 @@ import yaml
 from mcibi.data.custom import CustomDatasetError, description_path, load_description, validate
 from mcibi.data.lookup import get_spec
 from mcibi.files import write_text
-from mcibi.params import load_params, params_from_dict, to_dict
+from mcibi.params import SamplerParams, load_params, params_from_dict, to_dict
+from mcibi.sampler import iterations_per_epoch
 
 
 def _scaled(value: list[int], factor: float, multiple: int = 8) -> list[int]:
@@ -31,7 +32,8 @@ def experiment_params(seed_params: Any, name: str, num_classes: int, train_image
     Crop: the seed's, capped by the median image's short side (or ``crop``); resizes, slide windows and strides
     scale by the same factor. Schedule: the seed's learning rate and policy; the batch capped by half the
     training images; epochs x clamp(sqrt(seed images / images), 1, 10) (smaller datasets get more epochs,
-    fewer iterations); or ``epochs``/``batch`` as given.
+    fewer iterations); or ``epochs``/``batch`` as given. The epoch is the ``loader`` layout (no official run to
+    follow).
     """
     d = to_dict(seed_params)
     for key in ("name", "path"):
@@ -60,7 +62,9 @@ def experiment_params(seed_params: Any, name: str, num_classes: int, train_image
     while t["resources"]["gpus"] > 1 and t["total_batch_size"] % t["resources"]["gpus"]:
         t["resources"]["gpus"] -= 1  # the launcher needs a GPU count that divides the batch
     t["epochs"] = epochs or int(math.ceil(t["epochs"] * min(10.0, max(1.0, math.sqrt(seed_images / train_images)))))
-    iters = t["epochs"] * (train_images // t["total_batch_size"])
+    # no official run to follow: each image once per epoch (the seed's 8-replica layout may not divide the batch)
+    t["sampler"] = {"kind": "loader", "replicas": 1}
+    iters = t["epochs"] * iterations_per_epoch(train_images, t["total_batch_size"], SamplerParams(**t["sampler"]))
     t["checkpoint_every"] = max(1, min(t["checkpoint_every"], iters))
     t["log_every"] = max(1, min(t["log_every"], max(1, iters // 20)))
     note = (f"crop {d['data']['crop_size'][0]}x{d['data']['crop_size'][1]} (seed {seed_crop[0]}x{seed_crop[1]}, "

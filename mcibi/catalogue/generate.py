@@ -25,6 +25,9 @@ EXECUTION = {
     "sync_batchnorm": True, "checkpoint_every": 2000, "keep_checkpoints": 2,
 }
 GPUS = 8  # the official runs: 8 GPUs share the total batch
+# the official epoch: DistributedSampler over its 8 GPUs, a DataLoader of total / 8 images with drop_last on each
+# (every official config's batch_size_per_gpu x 8 is its total batch), whatever GPU count our run uses
+SAMPLER = {"kind": "distributed", "replicas": GPUS}
 
 
 def _backbone(model: dict) -> str:
@@ -80,7 +83,7 @@ def experiment_dict(row: Row, cfg: dict, baseline: bool = False) -> dict:
         "model": model,
         "train": {
             "seed": 0, "total_batch_size": row.batch, "batch_per_device": per_device, "epochs": row.epochs,
-            "optimizer": optimizer, "schedule": schedule,
+            "sampler": dict(SAMPLER), "optimizer": optimizer, "schedule": schedule,
             "loss_weights": {"cls": 1.0, "cwi": 1.0, "pr": 0.4, "aux": 0.4, "memory": 1.0},
             **EXECUTION,
             "resources": {"gpus": GPUS, "cpus_per_gpu": 4, "mem_mb": 128000, "runtime": 1440},
