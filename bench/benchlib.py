@@ -74,6 +74,13 @@ def machine(threads: int | None = None) -> dict:
     return info
 
 
+def versions() -> dict[str, str]:
+    """The versions that decide the figures' rounding (the lock pins them all; these are the ones that compute)."""
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("torch", "opencv-python-headless", "numpy", "timm")}
+
+
 def sync(device) -> None:
     import torch
 

@@ -9,6 +9,10 @@ works) and the median demo training step (MCIBI++, 1 thread: what the training j
     python bench/demo.py                      # all cores, bench/results/demo.json
     python bench/demo.py --cores 2 --keep     # keep the working copy (its path is in the JSON)
     python bench/demo.py --isa avx2           # every job capped at AVX2, as on a CPU without AVX-512
+    python bench/demo.py --epochs 1 --out bench/results/demo_reduced.json   # the reduced demo of the tests
+
+The JSON records the table's mIoU figures and the versions that make them (torch, OpenCV, NumPy, timm): the demo
+is seeded end to end, so the same environment on the same kind of CPU gives the same figures.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from benchlib import ISA_ENV, cap_isa, machine
+from benchlib import ISA_ENV, cap_isa, machine, versions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,6 +110,23 @@ def _reference(python: str) -> dict:
     return {"import_torch_timm_s": round(imports, 2), "demo_train_step_s": round(step, 3)}
 
 
+def table_miou(table: str) -> dict[str, list[float]]:
+    """{experiment: [mIoU, mIoU (flip), mIoU (ms+flip)]} of a demo ``table.md`` (its rows in the params' order:
+    baseline, then MCIBI++)."""
+    rows = [line.split("|") for line in table.splitlines() if line.startswith("| UperNet")]
+    names = {"-": "upernet_baseline", "MCIBI++": "upernet_mcibipp"}
+    return {names[r[2].strip()]: [float(c.strip().rstrip("%")) for c in r[7:10]] for r in rows}
+
+
+def _set_epochs(defaults: Path, epochs: int) -> None:
+    """Train the demo for ``epochs`` epochs (the line ``epochs: N`` of its defaults; comments kept)."""
+    text = defaults.read_text()
+    new = re.sub(r"^(  epochs: )\d+", rf"\g<1>{epochs}", text, count=1, flags=re.M)
+    if new == text:
+        raise SystemExit(f"{defaults}: no 'epochs:' line under train to set")
+    defaults.write_text(new)
+
+
 def _fresh_clone(dest: Path) -> None:
     """A clone of the repository (DVC needs a git repository) with the working tree's tracked files copied over
     it, so that uncommitted edits are timed too."""
@@ -123,6 +144,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the working copy")
     ap.add_argument("--isa", choices=sorted(ISA_ENV), default="native",
                     help="cap the CPU kernels of every job (ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA)")
+    ap.add_argument("--epochs", type=int, help="train this many epochs instead of the demo's (the tests run 1)")
     a = ap.parse_args()
     cap_isa(a.isa)  # the jobs and the reference measurements inherit the cap
 
@@ -132,6 +154,8 @@ def main() -> None:
         raise SystemExit("snakemake is not installed next to this Python: pip install -e . first")
     work = Path(tempfile.mkdtemp(prefix="mcibi-demo-")) / "mcibi"
     _fresh_clone(work)
+    if a.epochs is not None:
+        _set_epochs(work / "params" / "demo" / "defaults.yaml", a.epochs)
     env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
     before = _reference(sys.executable)
     t = time.perf_counter()
@@ -146,13 +170,17 @@ def main() -> None:
     rows = [line for line in table.splitlines() if line.startswith("| UperNet")]
     report = {
         "bench": "demo",
+        "command": " ".join(["python", "bench/demo.py", *sys.argv[1:]]),
         "machine": machine(),
+        "versions": versions(),
         "cores": a.cores,
+        "epochs": a.epochs,
         "snakemake_wall_s": round(wall, 1),
         **summarise(parse_snakemake_log(proc.stdout + proc.stderr)),
         "reference_before": before,
         "reference_after": after,
         "table_rows": [" | ".join(row.split("|")[1:10]).strip() for row in rows],
+        "miou": table_miou(table),
         "workdir": str(work) if a.keep else None,
     }
     if not a.keep:
