@@ -76,11 +76,14 @@ def predictions(params: ExperimentParams, model: nn.Module, layout, proto: Proto
 def protocol_scores(params: ExperimentParams, model: nn.Module, images: torch.Tensor, proto: ProtocolParams,
                     flip_permutation: list[int], out_size: tuple[int, int]) -> torch.Tensor:
     """Class scores (B, K, *out_size) of normalised ``images`` under ``proto``: the one place that turns a
-    protocol's settings into a :func:`mcibi.inference.predict_tta` call (evaluation, export, figures, predict)."""
+    protocol's settings into a :func:`mcibi.inference.predict_tta` call (evaluation, export, figures, predict).
+    Windows reach inference as (h, w) whichever order the protocol's slide mode states them in."""
+    windows = proto.windows_hw()
+    crop, stride = windows if windows is not None else (None, None)
     return predict_tta(model, images, out_size=out_size, scales=proto.scales, flip=proto.flip,
-                       flip_permutation=flip_permutation, mode=proto.mode, crop=proto.crop, stride=proto.stride,
-                       probs_before_resize=proto.probs_before_resize, align_corners=params.model.align_corners,
-                       max_batch=params.evaluate.window_batch)
+                       flip_permutation=flip_permutation, mode="whole" if windows is None else "slide", crop=crop,
+                       stride=stride, probs_before_resize=proto.probs_before_resize,
+                       align_corners=params.model.align_corners, max_batch=params.evaluate.window_batch)
 
 
 def protocol_record(name: str, proto: ProtocolParams) -> dict[str, Any]:

@@ -235,13 +235,30 @@ class ProtocolParams:
     test_resize: ResizeParams | None
     scales: tuple[float, ...]
     flip: bool
-    mode: Literal["whole", "slide"]
-    crop: tuple[int, int] | None  # (h, w) window for slide mode
-    stride: tuple[int, int] | None  # (h, w) stride for slide mode
+    # whole image, or sliding windows: 'slide' reads crop and stride as (h, w), as the official slideinference reads
+    # its cropsize and stride (CityScapes' [1024, 512]: windows 1024 high, 512 wide); 'slide_wh' reads them as
+    # (w, h), the order of the official configs' Resize sizes ([1024, 512]: windows 512 high, 1024 wide)
+    mode: Literal["whole", "slide", "slide_wh"]
+    crop: tuple[int, int] | None  # window in slide modes, in the mode's order
+    stride: tuple[int, int] | None  # stride in slide modes, in the mode's order
     probs_before_resize: bool  # softmax before resizing/averaging (official use_probs_before_resize)
+
+    def windows_hw(self) -> tuple[tuple[int, int], tuple[int, int]] | None:
+        """(window, stride) as (h, w) whatever order the mode reads them in; None in whole mode.
+
+        The one place the two readings meet, so that inference only knows (h, w)."""
+        if self.mode == "whole":
+            return None
+        if self.crop is None or self.stride is None:
+            raise ValueError(f"protocol mode '{self.mode}' needs both crop and stride, got {self.crop} and "
+                             f"{self.stride}.")
+        if self.mode == "slide_wh":
+            return (self.crop[1], self.crop[0]), (self.stride[1], self.stride[0])
+        return self.crop, self.stride
 
 
 PROTOCOL_NAMES = ("ss", "flip", "msflip")
+SLIDE_MODES = ("slide", "slide_wh")  # ProtocolParams.mode values that run sliding windows
 CONTEXT_MODULES = {"fcn": ("none",), "psnet": ("ppm",), "upernet": ("ppm", "aspp"), "deeplabv3": ("aspp",)}
 PROTOCOL_TITLES = {"ss": "mIoU", "flip": "mIoU (flip)", "msflip": "mIoU (ms+flip)"}
 
@@ -532,9 +549,10 @@ def _check_evaluate(e: EvalParams, file: Path) -> None:
                 _fail(file, f"{key}.test_resize.size", f"must be positive, got {list(proto.test_resize.size)}.")
             if proto.test_resize.ratio_range is not None:
                 _fail(file, f"{key}.test_resize.ratio_range", "must be null (test-time resizing is not random).")
-        if proto.mode == "slide":
+        if proto.mode in SLIDE_MODES:
             if proto.crop is None or proto.stride is None:
-                raise ParamsError(f"{file}: protocol '{name}' uses slide mode: set both 'crop' and 'stride'.", key)
+                raise ParamsError(f"{file}: protocol '{name}' uses {proto.mode} mode: set both 'crop' and 'stride'.",
+                                  key)
             if min(proto.crop) <= 0 or min(proto.stride) <= 0:
                 _fail(file, key, f"slide crop and stride must be positive, got {list(proto.crop)} and "
                       f"{list(proto.stride)}.")

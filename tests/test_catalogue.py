@@ -82,6 +82,39 @@ def test_model_switches_are_the_official_ones():
         assert load_params(file).model == want, file
 
 
+def test_slide_windows_are_the_official_slideinference_windows():
+    """Where an official config's active inference slides, every sliding protocol of its rows runs the windows its
+    ``slideinference`` runs: cropsize and stride read as (h, w), our ``slide`` mode. CityScapes' cropsize
+    [1024, 512] is the one non-square window: 1024 high, 512 wide."""
+    configs = load_official_configs()
+    checked = set()
+    for file in _all_files():
+        row, _ = catalogue_entry(file.parent.name, file.stem)
+        forward = configs[row.official_name]["inference"]["forward"]
+        if forward["mode"] != "slide":
+            continue
+        for name, proto in load_params(file).evaluate.protocols.items():
+            if proto.mode != "whole":
+                assert (proto.mode, proto.crop, proto.stride) == (
+                    "slide", tuple(forward["cropsize"]), tuple(forward["stride"])), (file, name)
+                checked.add((file.parent.name, file.stem, proto.crop))
+    city = {(stem, crop) for ds, stem, crop in checked if ds == "cityscapes"}
+    assert city == {(f"deeplabv3_{bb}_mcibipp", (1024, 512)) for bb in ("r101", "s101", "hr48")}
+    assert {ds for ds, _, _ in checked} == {"cityscapes", "vspw", "pascalcontext", "ade20k", "cocostuff10k"}
+
+
+def test_the_generator_refuses_windows_other_than_the_official_ones():
+    from mcibi.catalogue.generate import experiment_dict
+
+    row = next(r for r in ROWS if r.dataset == "cityscapes" and r.backbone == "r101")
+    cfg = load_official_configs()[row.official_name]
+    assert experiment_dict(row, cfg)["evaluate"]["protocols"]["msflip"]["crop"] == [1024, 512]
+    for crop, mode in (((512, 1024), "slide"), ((1024, 512), "slide_wh")):
+        proto = dataclasses.replace(row.protocols["msflip"], crop=crop, mode=mode)
+        with pytest.raises(ValueError, match=r"rows\.py: cityscapes/deeplabv3_r101_mcibipp protocol 'msflip'"):
+            experiment_dict(dataclasses.replace(row, protocols={"msflip": proto}), cfg)
+
+
 def test_selection_all_sections_and_one_row():
     stems = [f.stem for f in experiment_files(PARAMS, "lip")]
     assert select("lip", stems, "all") == stems

@@ -76,6 +76,21 @@ def test_new_dataset_writes_params_and_registers(workdir):
     assert verify_prepared("shapes", out)["splits"]["val"]["images"] == 6
 
 
+@pytest.mark.parametrize("median", [(1024, 2048), (300, 600)], ids=["seed-size", "smaller"])
+def test_scaled_slide_windows_keep_their_orientation(median):
+    """From a CityScapes seed row, windows scale with the crop and stay as the official runs them: taller than wide
+    (1024x512 on the 512x1024 crop), no side beyond the crop's longer side."""
+    from mcibi.catalogue.custom import experiment_params
+    from mcibi.params import load_params, params_from_dict
+
+    seed = load_params(ROOT / "params" / "cityscapes" / "deeplabv3_r101_mcibipp.yaml")
+    d, _ = experiment_params(seed, "cityscapes", 19, 1000, median)
+    proto = params_from_dict(d, "custom").evaluate.protocols["msflip"]
+    crop = d["data"]["crop_size"]
+    assert proto.mode == "slide" and proto.crop == (crop[1], crop[0]) and proto.crop[0] > proto.crop[1]
+    assert max(proto.crop) <= max(crop) and proto.stride[0] == proto.stride[1] <= min(proto.crop)
+
+
 @pytest.mark.parametrize("damage, message", [
     ("size", "differs from its mask"),
     ("colour", "colours [(9, 9, 9)] are not in the palette"),

@@ -44,6 +44,27 @@ def test_windows_cover_and_clamp():
     assert slide_windows(4, 4, crop=(6, 6), stride=(4, 4)) == [(0, 4, 0, 4)]  # crop >= image: one window
 
 
+@pytest.mark.parametrize("crop", [(32, 16), (16, 32)], ids=["tall", "wide"])
+@pytest.mark.parametrize("size", [(32, 64), (20, 64), (32, 12), (10, 12), (50, 19)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_non_square_windows_cover_and_clamp(size, crop):
+    """Tall and wide windows (CityScapes' two readings, /32) on images they exceed on one side, on both or on none:
+    every window is min(window, image) on each side, inside the image, and together they cover it."""
+    h, w = size
+    boxes = slide_windows(h, w, crop=crop, stride=(11, 11))
+    cover = torch.zeros(h, w)
+    for y1, y2, x1, x2 in boxes:
+        assert 0 <= y1 and y2 <= h and 0 <= x1 and x2 <= w
+        assert (y2 - y1, x2 - x1) == (min(crop[0], h), min(crop[1], w))
+        cover[y1:y2, x1:x2] += 1
+    assert (cover > 0).all()
+    rows, cols = {b[:2] for b in boxes}, {b[2:] for b in boxes}
+    assert len(boxes) == len(rows) * len(cols)  # a grid, each window once
+    if crop[0] >= h:  # a window taller than the image: one row, the image's full height
+        assert rows == {(0, h)}
+    if crop[1] >= w:
+        assert cols == {(0, w)}
+
+
 def test_slide_equals_whole_for_pointwise_model():
     model = Pointwise().eval()
     x = torch.randn(2, 3, 11, 17)

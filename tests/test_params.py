@@ -1,5 +1,6 @@
 """Strict params loading: complete files load, every kind of mistake names the file and the key."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,34 @@ def test_slide_protocol_needs_crop(tmp_path):
     file = _copy_demo(tmp_path, {"description": "x", "model": {"framework": "fcn"},
                                  "evaluate": {"protocols": {"ss": proto}}})
     with pytest.raises(ParamsError, match="slide mode"):
+        load_params(file)
+
+
+def test_slide_wh_reads_crop_and_stride_as_width_height(tmp_path):
+    """``slide`` states windows as (h, w) (the official slideinference's reading), ``slide_wh`` as (w, h); both
+    reach inference as (h, w), and the same checks apply to both."""
+    window = {"crop": [96, 48], "stride": [64, 40]}
+    file = _copy_demo(tmp_path, {"description": "x", "model": {"framework": "upernet"},
+                                 "evaluate": {"protocols": {"msflip": {"mode": "slide_wh", **window}}}})
+    wh = load_params(file).evaluate.protocols["msflip"]
+    assert (wh.mode, wh.crop, wh.stride) == ("slide_wh", (96, 48), (64, 40))
+    assert wh.windows_hw() == ((48, 96), (40, 64))
+    assert dataclasses.replace(wh, mode="slide").windows_hw() == ((96, 48), (64, 40))
+    assert load_params(DEMO / "upernet_mcibipp.yaml").evaluate.protocols["ss"].windows_hw() is None  # whole
+    with pytest.raises(ValueError, match="'slide_wh' needs both crop and stride"):  # never silently whole
+        dataclasses.replace(wh, crop=None).windows_hw()
+
+
+@pytest.mark.parametrize(("protocol", "message"), [
+    ({"mode": "slide_hw"}, r"key 'evaluate\.protocols\.msflip\.mode': must be one of \['whole', 'slide', 'slide_wh'\]"),
+    ({"mode": "slide_wh", "crop": None}, r"protocol 'msflip' uses slide_wh mode: set both 'crop' and 'stride'"),
+    ({"mode": "slide_wh", "crop": [96, 48], "stride": [64, 64]},
+     r"key 'evaluate\.protocols\.msflip\.stride' \[64, 64\] exceeds the window \[96, 48\]"),
+], ids=["unknown-mode", "no-crop", "stride-beyond-window"])
+def test_slide_wh_is_validated_like_slide(tmp_path, protocol, message):
+    file = _copy_demo(tmp_path, {"description": "x", "model": {"framework": "upernet"},
+                                 "evaluate": {"protocols": {"msflip": protocol}}})
+    with pytest.raises(ParamsError, match=rf"^{file}: .*{message}"):
         load_params(file)
 
 

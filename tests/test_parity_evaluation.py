@@ -18,13 +18,15 @@ proves folding equal on its own).
 
 The protocols are the committed params files' (``params/<dataset>/*.yaml``), compared with the official values
 (the config's active block, or its commented TTA block) in :data:`OFFICIAL`; all pixel sizes are divided by
-:data:`SHRINK` on both sides so that a CPU runs it in seconds (the arithmetic does not depend on the sizes).
+the dataset's :data:`SHRINK` on both sides so that a CPU runs it in seconds (the arithmetic does not depend on the
+sizes).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -32,19 +34,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 from parity_support import calibrate, official_config, randomise_state
+from torch import nn
 
 from mcibi.checkpoint import convert_official_checkpoint, save_checkpoint
 from mcibi.data.dataset import SegmentationDataset
 from mcibi.data.lookup import get_spec
 from mcibi.data.transforms import build_test_transform
-from mcibi.evaluation import export_predictions, load_model, protocol_scores
+from mcibi.evaluation import cityscapes_train_to_label_ids, export_predictions, load_model, protocol_scores
+from mcibi.inference import slide_windows
 from mcibi.models import build_segmentor
 from mcibi.official import model_params_from_official
 from mcibi.params import load_params
 
-SHRINK = 12
+# CityScapes by more: its committed protocol slides tall windows over wide images at six scales, with flips
+SHRINK = {"lip": 12, "ade20k": 12, "cityscapes": 32}
 # the model each dataset's checks run (any official model will do: the protocol is what is compared)
-MODEL = {"lip": "mcibiplusplus_resnet50os8_lip", "ade20k": "mcibiplusplus_aspp_resnet50os8_ade20k"}
+MODEL = {"lip": "mcibiplusplus_resnet50os8_lip", "ade20k": "mcibiplusplus_aspp_resnet50os8_ade20k",
+         "cityscapes": "mcibiplusplus_aspp_resnet50os8_cityscapes"}
+SIX_SCALES = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
 # official protocols: test Resize (output_size, keep_ratio), forward mode, cropsize, stride, scales, flip, probs.
 # ss values are the configs' active blocks; flip and ms+flip the commented TTA blocks of the same files
 OFFICIAL = {
@@ -56,18 +63,25 @@ OFFICIAL = {
     ("ade20k", "upernet_r101_mcibipp", "msflip"): ((2048, 512), True, "whole", None, None,
                                                   [0.5, 0.75, 1.0, 1.25, 1.5, 1.75], True, True),
     ("ade20k", "upernet_swinl_mcibipp", "msflip"): ((2560, 640), True, "slide", (640, 640), (426, 426),
-                                                   [0.5, 0.75, 1.0, 1.25, 1.5, 1.75], True, True),
+                                                   SIX_SCALES, True, True),
+    # the active block; cropsize [1024, 512] as its slideinference reads it, (h, w): windows 1024 high, 512 wide
+    ("cityscapes", "deeplabv3_r101_mcibipp", "msflip"): ((2048, 1024), True, "slide", (1024, 512), (341, 341),
+                                                        SIX_SCALES, True, True),
 }
 EXACT = {"fold_batchnorm": False, "channels_last": False, "window_batch": 1}
 # largest |our score - official score| over the largest |score|, from float rounding alone (flips batched with
 # their image, windows and images one by one as the official): logits, and probabilities averaged over passes
 TOLERANCE = {False: 3e-4, True: 1e-2}
-CALIBRATE = {"lip": "upernet_r101_mcibipp", "ade20k": "upernet_r101_mcibipp"}  # the test images' ss sizes
+CALIBRATE = {"lip": "upernet_r101_mcibipp", "ade20k": "upernet_r101_mcibipp",  # the test images' ss sizes
+             "cityscapes": "deeplabv3_r50_mcibipp"}
 ORIGINAL_SIZES = [(45, 61), (57, 41)]  # (h, w): a landscape and a portrait image
+# images compared per dataset: CityScapes' six scales of tall windows take ~100 window passes per image on each
+# side, so only the landscape image, as its images are (portrait images under its windows: the toy tests below)
+COMPARED = {"lip": 2, "ade20k": 2, "cityscapes": 1}
 
 
-def _shrink(x):
-    return None if x is None else tuple(max(int(round(v / SHRINK)), 1) for v in x)
+def _shrink(x, dataset: str):
+    return None if x is None else tuple(max(int(round(v / SHRINK[dataset])), 1) for v in x)
 
 
 @pytest.fixture(scope="module")
@@ -121,10 +135,10 @@ def _shrunk_params(dataset: str, stem: str, protocol: str, model_params):
     proto = params.evaluate.protocols[protocol]
 
     def shrink_resize(r):
-        return None if r is None else dataclasses.replace(r, size=_shrink(r.size))
+        return None if r is None else dataclasses.replace(r, size=_shrink(r.size, dataset))
 
-    proto = dataclasses.replace(proto, test_resize=shrink_resize(proto.test_resize), crop=_shrink(proto.crop),
-                                stride=_shrink(proto.stride))
+    proto = dataclasses.replace(proto, test_resize=shrink_resize(proto.test_resize),
+                                crop=_shrink(proto.crop, dataset), stride=_shrink(proto.stride, dataset))
     data = dataclasses.replace(params.data, test_resize=shrink_resize(params.data.test_resize))
     return dataclasses.replace(
         params, data=data, model=model_params,
@@ -151,7 +165,8 @@ def _official_scores(official, cfg_inference: dict, image_file, resize: tuple, k
     return seg_logit[0], seg_logit.abs().max().item()
 
 
-@pytest.mark.parametrize("dataset,stem,protocol", list(OFFICIAL))
+@pytest.mark.parametrize("dataset,stem,protocol", [
+    pytest.param(*key, marks=[pytest.mark.slow] if key[0] == "cityscapes" else []) for key in OFFICIAL])
 def test_evaluation_class_maps_equal_the_official_test_path(dataset, stem, protocol, converted, tmp_path):
     resize, keep_ratio, mode, crop, stride, scales, flip, probs = OFFICIAL[(dataset, stem, protocol)]
     official, model_params, ours, data_root, root = converted[dataset]
@@ -167,23 +182,28 @@ def test_evaluation_class_maps_equal_the_official_test_path(dataset, stem, proto
     if not ckpt.exists():
         save_checkpoint(ckpt, ours, params)
     out_dir = tmp_path / "pred"
-    assert export_predictions(params, ckpt, protocol, data_root, out_dir, split="val", device="cpu") == 2
-    cfg_inference = {"forward": {"mode": mode, "cropsize": _shrink(crop), "stride": _shrink(stride)},
+    count = COMPARED[dataset]
+    assert export_predictions(params, ckpt, protocol, data_root, out_dir, split="val", device="cpu",
+                              limit=count) == count
+    cfg_inference = {"forward": {"mode": mode, "cropsize": _shrink(crop, dataset),
+                                 "stride": _shrink(stride, dataset)},
                      "tta": {"multiscale": scales, "flip": flip, "use_probs_before_resize": probs}}
     # our scores through the same path (the checkpoint loaded as evaluate loads it, the dataset's test transform,
     # protocol_scores), whose argmax must be the exported PNG exactly
     model, layout = load_model(params, ckpt, torch.device("cpu"))
     proto = params.evaluate.protocols[protocol]
     dataset_ours = SegmentationDataset(data_root / dataset, "val", build_test_transform(params.data, proto.test_resize))
-    for i, size in enumerate(ORIGINAL_SIZES):
+    # the PNG's values: class indices, CityScapes' labelIds (what its server reads)
+    png_values = cityscapes_train_to_label_ids() if dataset == "cityscapes" else np.arange(256, dtype=np.uint8)
+    for i, size in enumerate(ORIGINAL_SIZES[:count]):
         expected_scores, scale = _official_scores(official, cfg_inference, data_root / dataset / "images" /
-                                                  f"im{i}.jpg", _shrink(resize), keep_ratio)
+                                                  f"im{i}.jpg", _shrink(resize, dataset), keep_ratio)
         with torch.inference_mode():
             image = dataset_ours[i]["image"][None].contiguous(memory_format=layout)
             scores = protocol_scores(params, model, image, proto, get_spec(dataset).flip_permutation(), size)[0]
         got = cv2.imread(str(out_dir / f"im{i}.png"), cv2.IMREAD_UNCHANGED)
         assert got.shape == size == tuple(expected_scores.shape[1:])
-        assert np.array_equal(got, scores.argmax(dim=0).numpy())  # the exported map is these scores' argmax
+        assert np.array_equal(got, png_values[scores.argmax(dim=0).numpy()])  # the exported map: their argmax
         # every class score of every pixel equal up to float rounding of an equivalent computation (BatchNorm
         # folded into the convolutions, channels-last, flips and windows batched: ~1e-6 of the largest logit)
         error = float((scores - expected_scores).abs().max())
@@ -193,7 +213,7 @@ def test_evaluation_class_maps_equal_the_official_test_path(dataset, stem, proto
         top2 = expected_scores.topk(2, dim=0).values
         pixel_error = (scores - expected_scores).abs().amax(dim=0)
         ties = ((top2[0] - top2[1]) <= 2 * pixel_error).numpy()
-        expected = expected_scores.argmax(dim=0).numpy()
+        expected = png_values[expected_scores.argmax(dim=0).numpy()]
         differ = (got != expected) & ~ties
         assert differ.sum() == 0, f"{differ.sum()} of {got.size} pixels differ ({ties.sum()} ties excluded)"
         assert ties.mean() < 0.05  # the tie exclusion stays marginal
@@ -202,3 +222,124 @@ def test_evaluation_class_maps_equal_the_official_test_path(dataset, stem, proto
         # leave one class on top everywhere, depending on the RNG state the models were drawn in)
         spread = float((expected_scores.amax(dim=(1, 2)) - expected_scores.amin(dim=(1, 2))).max())
         assert spread > 50 * error
+
+
+# --------------------------------------------------------------------------- sliding windows: (h, w) or (w, h)
+# The committed CityScapes protocol on a 1024x2048 image, every size divided by 16 (windows 64x32, stride 21), on
+# toy networks: the window layout is what is compared, and these run in milliseconds. Image sizes (h, w): the
+# CityScapes shape, windows taller than the image, wider than it, larger on both sides in one reading and on one
+# side in the other, a portrait image, and an image within both windows (single pass: the two readings agree).
+WINDOW_SHRINK = 16
+TOY_SIZES = [(64, 128), (40, 128), (64, 24), (20, 50), (100, 37), (16, 20)]
+
+
+class _ToyNet(nn.Module):
+    """Output stride 4 with zero padding: a pixel's scores depend on where its window starts and ends."""
+
+    def __init__(self, k: int = 5) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv = nn.Conv2d(3, k, 5, stride=4, padding=2)
+
+    def forward(self, x: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.conv(x))
+
+
+def _official_toy(net: nn.Module, cropsize: tuple, stride: tuple, scales: list, flip: bool, probs: bool):
+    """The official segmentor's own ``inference`` / ``auginference`` (ssseg base.py) running ``net``."""
+    from ssseg.modules.models.segmentors.base.base import BaseSegmentor
+
+    class Official(nn.Module):
+        inference = BaseSegmentor.inference
+        auginference = BaseSegmentor.auginference
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.net, self.mode, self.align_corners = net, "TEST", False
+            self.cfg = {"num_classes": 5, "dataset": {"train": {"data_pipelines": []}},
+                        "inference": {"forward": {"mode": "slide", "cropsize": list(cropsize), "stride": list(stride)},
+                                      "tta": {"multiscale": scales, "flip": flip, "use_probs_before_resize": probs}}}
+
+        def forward(self, inputs) -> SimpleNamespace:
+            return SimpleNamespace(seg_logits=self.net(inputs.images).logits)
+
+    return Official().eval()
+
+
+def _city_protocol(mode: str, stride: tuple[int, int] | None, tta: bool):
+    """(params, protocol): the committed CityScapes ms+flip protocol shrunk, in ``mode``, stride replaced if given,
+    single scale without flip unless ``tta``."""
+    params = load_params("params/cityscapes/deeplabv3_r101_mcibipp.yaml")
+    proto = params.evaluate.protocols["msflip"]
+    crop = tuple(round(c / WINDOW_SHRINK) for c in proto.crop)
+    stride = stride or tuple(round(c / WINDOW_SHRINK) for c in proto.stride)
+    proto = dataclasses.replace(proto, mode=mode, crop=crop, stride=stride,
+                                **({} if tta else {"scales": (1.0,), "flip": False}))
+    return params, proto
+
+
+def _toy_scores(proto, params, net, official, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ours, official) scores of ``image`` at its own size: ours through ``protocol_scores``, the official
+    through ``auginference`` and the averaging of ssseg/test.py."""
+    size = tuple(image.shape[-2:])
+    with torch.no_grad():
+        ours = protocol_scores(params, net, image, proto, list(range(5)), size)[0]
+        passes = [F.interpolate(s, size=size, mode="bilinear", align_corners=False)
+                  for s in official.auginference(image)]
+    return ours, (sum(passes) / len(passes))[0]
+
+
+def _assert_same(ours: torch.Tensor, expected: torch.Tensor, probs: bool) -> None:
+    """Scores equal up to float rounding (one convolution: far inside :data:`TOLERANCE`), class maps equal beyond
+    ties (as the real-model test above)."""
+    scale = float(expected.abs().max())
+    error = float((ours - expected).abs().max())
+    assert error <= 1e-5 * scale <= TOLERANCE[probs] * scale, f"scores differ by {error:.3g} (largest {scale:.3g})"
+    top2 = expected.topk(2, dim=0).values
+    ties = (top2[0] - top2[1]) <= 2 * (ours - expected).abs().amax(dim=0)
+    assert torch.equal(ours.argmax(dim=0)[~ties], expected.argmax(dim=0)[~ties])
+    assert ties.float().mean() < 0.01
+
+
+@pytest.mark.parametrize("tta", [False, True], ids=["single-pass", "msflip"])
+@pytest.mark.parametrize("stride", [None, (24, 10)], ids=["committed-stride", "non-square-stride"])
+@pytest.mark.parametrize("size", TOY_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_slide_modes_against_the_official_slideinference(size, stride, tta):
+    """``slide`` gives the official scores for the same numbers (cropsize and stride read as (h, w), as the
+    official ``slideinference`` reads them); ``slide_wh`` gives the official scores for the numbers transposed,
+    and differs from ``slide`` wherever the two readings place different windows."""
+    net = _ToyNet().eval()
+    image = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(size[0] * 1000 + size[1]))
+    params, slide = _city_protocol("slide", stride, tta)
+    _, slide_wh = _city_protocol("slide_wh", stride, tta)
+    crop, step = slide.crop, slide.stride
+    assert crop[0] > crop[1]  # the committed CityScapes windows are tall: 1024 high, 512 wide before shrinking
+    scales, flip, probs = list(slide.scales), slide.flip, slide.probs_before_resize
+    official = _toy_scores(slide, params, net, _official_toy(net, crop, step, scales, flip, probs), image)
+    _assert_same(*official, probs)
+    transposed = _official_toy(net, crop[::-1], step[::-1], scales, flip, probs)  # the numbers read as (w, h)
+    ours_wh, official_wh = _toy_scores(slide_wh, params, net, transposed, image)
+    _assert_same(ours_wh, official_wh, probs)
+    # slide_wh is not the official layout wherever the readings place other windows (at some scale)
+    layouts_differ = any(
+        slide_windows(h, w, crop, step) != slide_windows(h, w, crop[::-1], step[::-1])
+        for h, w in (F.interpolate(image, scale_factor=s, mode="bilinear").shape[-2:] for s in scales))
+    gap = float((ours_wh - official[1]).abs().max())
+    if layouts_differ:
+        assert gap > 100 * 1e-5 * float(official[1].abs().max())
+        assert (ours_wh.argmax(dim=0) != official[1].argmax(dim=0)).any()
+    else:  # e.g. an image within both windows: one window, the whole image, either way
+        assert gap <= 1e-5 * float(official[1].abs().max())
+
+
+def test_slide_wh_of_the_committed_cityscapes_protocol_runs_512_high_1024_wide_windows():
+    """The two readings of [1024, 512] on a 1024x2048 CityScapes image: ``slide`` places the official 6 windows
+    (1024 high, 512 wide, one row), ``slide_wh`` 3 rows of 5 windows 512 high and 1024 wide."""
+    proto = load_params("params/cityscapes/deeplabv3_r101_mcibipp.yaml").evaluate.protocols["msflip"]
+    assert (proto.mode, proto.crop, proto.stride) == ("slide", (1024, 512), (341, 341))
+    boxes = slide_windows(1024, 2048, *proto.windows_hw())
+    assert len(boxes) == 6 and {(y2 - y1, x2 - x1) for y1, y2, x1, x2 in boxes} == {(1024, 512)}
+    wh = dataclasses.replace(proto, mode="slide_wh")
+    assert wh.windows_hw() == ((512, 1024), (341, 341))
+    boxes = slide_windows(1024, 2048, *wh.windows_hw())
+    assert len(boxes) == 15 and {(y2 - y1, x2 - x1) for y1, y2, x1, x2 in boxes} == {(512, 1024)}

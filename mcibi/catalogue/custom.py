@@ -16,7 +16,7 @@ import yaml
 from mcibi.data.custom import CustomDatasetError, description_path, load_description, validate
 from mcibi.data.lookup import get_spec
 from mcibi.files import write_text
-from mcibi.params import SamplerParams, load_params, params_from_dict, to_dict
+from mcibi.params import SLIDE_MODES, SamplerParams, load_params, params_from_dict, to_dict
 from mcibi.sampler import iterations_per_epoch
 
 
@@ -47,9 +47,10 @@ def experiment_params(seed_params: Any, name: str, num_classes: int, train_image
     for key in ("train_resize", "test_resize"):
         d["data"][key]["size"] = _scaled(d["data"][key]["size"], factor)
     for proto in d["evaluate"]["protocols"].values():
-        if proto["mode"] == "slide":
-            proto["crop"] = [min(c, s) for c, s in zip(_scaled(proto["crop"], factor), d["data"]["crop_size"] * 2,
-                                                       strict=False)]
+        if proto["mode"] in SLIDE_MODES:
+            # no window side beyond the crop's longer side; the window's orientation stays (CityScapes' official
+            # windows, 1024 high and 512 wide, are the training crop 512x1024 turned on its side)
+            proto["crop"] = [min(c, max(d["data"]["crop_size"])) for c in _scaled(proto["crop"], factor)]
             proto["stride"] = _scaled(proto["stride"], factor)
     d["model"]["num_classes"] = num_classes
     seed_images = get_spec(seed_params.data.name).splits.get(seed_params.data.train_split, train_images)

@@ -59,6 +59,22 @@ def _optimizer(cfg: dict, row: Row) -> tuple[dict, dict]:
     return optimizer, schedule
 
 
+def _protocols(row: Row, cfg: dict) -> dict:
+    """The row's protocols as params; where the official config's active inference slides, every sliding protocol
+    of the row must run its windows as its ``slideinference`` runs them: cropsize and stride read as (h, w), our
+    ``slide`` mode (CityScapes' cropsize [1024, 512]: windows 1024 high, 512 wide)."""
+    forward = cfg["inference"]["forward"]
+    for name, proto in row.protocols.items():
+        if forward["mode"] == "slide" and proto.mode != "whole":
+            official = (tuple(forward["cropsize"]), tuple(forward["stride"]))
+            if (proto.mode, proto.crop, proto.stride) != ("slide", *official):
+                raise ValueError(f"mcibi/catalogue/rows.py: {row.dataset}/{row.stem} protocol '{name}' slides "
+                                 f"{proto.mode} {proto.crop}/{proto.stride}, but the official {row.official_name} "
+                                 f"runs windows {official[0]} and stride {official[1]} as (h, w): state them as "
+                                 "mode 'slide' with those values.")
+    return {name: proto.params() for name, proto in row.protocols.items()}
+
+
 def experiment_dict(row: Row, cfg: dict, baseline: bool = False) -> dict:
     """The complete (merged) params of one row, or of its baseline."""
     from mcibi.official import model_params_from_official
@@ -89,7 +105,7 @@ def experiment_dict(row: Row, cfg: dict, baseline: bool = False) -> dict:
             "resources": {"gpus": GPUS, "cpus_per_gpu": 4, "mem_mb": 128000, "runtime": 1440},
         },
         "evaluate": {
-            "protocols": {name: proto.params() for name, proto in row.protocols.items()},
+            "protocols": _protocols(row, cfg),
             "channels_last": True, "fold_batchnorm": True, "window_batch": 8,
             "resources": {"gpus": 1, "cpus_per_gpu": 8, "mem_mb": 64000, "runtime": 720},
         },

@@ -59,8 +59,8 @@ class Protocol:
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
     mode: str = "whole"
-    crop: tuple[int, int] | None = None  # (h, w)
-    stride: tuple[int, int] | None = None
+    crop: tuple[int, int] | None = None  # (h, w), as the official slideinference reads its cropsize
+    stride: tuple[int, int] | None = None  # (h, w)
     probs: bool = False  # use_probs_before_resize
     resize: tuple[int, int] | None = None  # (h, w) its own test Resize (keep_ratio false); None = the dataset's
 
@@ -153,8 +153,9 @@ ROWS: tuple[Row, ...] = (
         {"ss": WHOLE, "msflip": Protocol((0.75, 1.0, 1.5), True, probs=True)}),
     Row("ade20k", "sota", "upernet", "swinl", (640, 640), 6e-5, 16, 130, "train", "val",
         {"ss": _slide(640, 426), "msflip": _slide(640, 426, SIX_SCALES, True)}),
+    # the official slideinference reads cropsize [1024, 512] as (h, w): windows 1024 high and 512 wide
     *(Row("cityscapes", "sota", "deeplabv3", bb, (512, 1024), 0.01, 16, 440, "trainval", "test",
-          {"msflip": _slide((512, 1024), 341, SIX_SCALES, True)},
+          {"msflip": _slide((1024, 512), 341, SIX_SCALES, True)},
           "seed lr 0.01; the official config (and official page) use 0.004" if bb == "s101" else "")
       for bb in ("r101", "s101", "hr48")),
     Row("cocostuff10k", "sota", "upernet", "r101", (512, 512), 0.001, 16, 110, "train", "test",
