@@ -70,8 +70,10 @@ OFFICIAL = {
 }
 EXACT = {"fold_batchnorm": False, "channels_last": False, "window_batch": 1}
 # largest |our score - official score| over the largest |score|, from float rounding alone (flips batched with
-# their image, windows and images one by one as the official): logits, and probabilities averaged over passes
-TOLERANCE = {False: 3e-4, True: 1e-2}
+# their image, windows and images one by one as the official): logits, and probabilities averaged over passes.
+# Logits measured up to 3.9e-4 (LIP flip at one thread; the same case stays under 3e-4 at two threads: the error
+# moves with the summation order alone)
+TOLERANCE = {False: 5e-4, True: 1e-2}
 CALIBRATE = {"lip": "upernet_r101_mcibipp", "ade20k": "upernet_r101_mcibipp",  # the test images' ss sizes
              "cityscapes": "deeplabv3_r50_mcibipp"}
 ORIGINAL_SIZES = [(45, 61), (57, 41)]  # (h, w): a landscape and a portrait image
