@@ -144,17 +144,27 @@ def main(argv: list[str] | None = None) -> int:
         print("requirements.lock is up to date: nothing to upgrade in the ranges of pyproject.toml.")
         return 0
     print("Changes against requirements.lock:", *(changes or ["  (hashes or markers only)"]), sep="\n")
+    old_env = CONDA_ENV.read_text() if CONDA_ENV.exists() else None
+    _write(LOCK, new)  # in place while the suite runs: the suite checks its environment against the lock
+    _write(CONDA_ENV, conda_env(new))
     if args.command == "upgrade" and not args.no_test:
         print("\nRunning the test suite in a fresh venv installed from the new lock ...", flush=True)
-        if not run_suite(new):
+        passed = False
+        try:
+            passed = run_suite(new)
+        finally:
+            if not passed:
+                _write(LOCK, old)
+                if old_env is not None:
+                    _write(CONDA_ENV, old_env)
+        if not passed:
             print("\nThe suite failed with the new versions: requirements.lock is unchanged. Pin the offending "
-                  "package in pyproject.toml (or fix the code), then run this again.", file=sys.stderr)
+                  "package in pyproject.toml (or fix the code), then run this again. A release that only moves the "
+                  "recorded demo figures: write the lock with --no-test, reinstall, rerun the bench/demo.py commands "
+                  "the failing test names, then the suite.", file=sys.stderr)
             return 1
-    _write(LOCK, new)
-    _write(CONDA_ENV, conda_env(new))
     print(f"\nwrote requirements.lock and {CONDA_ENV.relative_to(ROOT)}; reinstall with: {INSTALL}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
