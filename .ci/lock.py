@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     old = LOCK.read_text() if LOCK.exists() else ""
     if args.command == "env":
         _write(CONDA_ENV, conda_env(old))
-        print(f"wrote {CONDA_ENV.relative_to(ROOT)}")
+        print(f"wrote {os.path.relpath(CONDA_ENV, ROOT)}")
         return 0
     new = resolve(args.packages if args.command == "upgrade" else None)
     changes = diff(read_pins(old), read_pins(new))
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                   "recorded demo figures: write the lock with --no-test, reinstall, rerun the bench/demo.py commands "
                   "the failing test names, then the suite.", file=sys.stderr)
             return 1
-    print(f"\nwrote requirements.lock and {CONDA_ENV.relative_to(ROOT)}; reinstall with: {INSTALL}")
+    print(f"\nwrote requirements.lock and {os.path.relpath(CONDA_ENV, ROOT)}; reinstall with: {INSTALL}")
     return 0
 
 if __name__ == "__main__":

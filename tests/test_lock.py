@@ -81,3 +81,25 @@ def test_the_installed_environment_is_the_lock():
             wrong.append(f"{name} {installed or '(missing)'} (lock: {version})")
     assert not wrong, ("this environment is not requirements.lock; reinstall it as the README says "
                        f"({LOCK.INSTALL}): " + ", ".join(wrong))
+
+
+def test_upgrade_keeps_the_lock_unless_the_suite_passes(tmp_path, monkeypatch, capsys):
+    """The new lock is in place while the suite runs (the suite checks its environment against it); a failing
+    suite restores the old lock and conda file, a passing one keeps the new ones."""
+    old = (ROOT / "requirements.lock").read_text()
+    version = PINS["opencv-python-headless"][0]
+    new = old.replace(f"opencv-python-headless=={version}", "opencv-python-headless==99.0")
+    lock, env = tmp_path / "requirements.lock", tmp_path / "mcibi.yaml"
+    lock.write_text(old)
+    env.write_text("the old conda file\n")
+    monkeypatch.setattr(LOCK, "LOCK", lock)
+    monkeypatch.setattr(LOCK, "CONDA_ENV", env)
+    monkeypatch.setattr(LOCK, "resolve", lambda upgrade: new)
+    in_place = []
+    monkeypatch.setattr(LOCK, "run_suite", lambda text: in_place.append(lock.read_text() == text == new) or False)
+    assert LOCK.main(["upgrade"]) == 1
+    assert lock.read_text() == old and env.read_text() == "the old conda file\n" and in_place == [True]
+    assert f"opencv-python-headless: {version} -> 99.0" in capsys.readouterr().out
+    monkeypatch.setattr(LOCK, "run_suite", lambda text: True)
+    assert LOCK.main(["upgrade"]) == 0
+    assert lock.read_text() == new and env.read_text() == LOCK.conda_env(new)
