@@ -413,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--experiment-id-file", type=Path, help="file holding the dataset's MLflow experiment id")
     s.set_defaults(func=_cmd_table)
 
-    s = sub.add_parser("catalogue", help="the seed rows' params files: write them, check the committed ones, or "
+    s = sub.add_parser("catalogue", help="the model-zoo rows' params files: write them, check the committed ones, or "
                                          "print each run's budget (iterations, images, GPU-hours, disk)")
     s.add_argument("action", choices=("write", "check", "budget"))
     s.add_argument("--params-root", type=Path, default=Path("params"))
@@ -436,9 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_predict)
 
     s = sub.add_parser("new-dataset", help="check a custom dataset's description file and every image/mask, register "
-                       "it as datasets/<name>.yaml and write params/<name>/ from a seed row (MCIBI++ + baseline)")
+                       "it as datasets/<name>.yaml and write params/<name>/ from a model-zoo row (MCIBI++ + baseline)")
     s.add_argument("description", type=Path, help="the dataset description (YAML; see README, Custom datasets)")
-    s.add_argument("--from", dest="seed_row", required=True, help="seed row: <dataset>/<experiment> (e.g. "
+    s.add_argument("--from", dest="seed_row", required=True, help="model-zoo row: <dataset>/<experiment> (e.g. "
                    "lip/upernet_r50_mcibipp) or an MCIBI++ params file")
     s.add_argument("--params-root", type=Path, default=Path("params"))
     s.add_argument("--crop", type=int, help="square crop size (default: the seed's, capped by the median image)")

@@ -1,5 +1,6 @@
 """The Snakemake chain on the demo dataset: lint, dry run, and a reduced real run through every rule."""
 
+import importlib
 import importlib.util
 import json
 import os
@@ -144,13 +145,15 @@ def test_invalid_params_fail_at_dag_build(tmp_path):
 # (AVX-512 against AVX2 and the scalar kernels, bench/results/demo_reduced*.json); an OpenCV release that rounds the
 # Normalize differently moved it by 0.28 (5.0 against 5.1), a broken transform or schedule moves it by points.
 REDUCED_DEMO_TOLERANCE = 0.2
-EXPERIMENT_OF_MEMORY = {"-": "upernet_baseline", "MCIBI++": "upernet_mcibipp"}
 
 
-def demo_table_miou(table_md: str) -> dict[str, list[float]]:
-    """{experiment: [mIoU, flip, ms+flip]} as the demo's table.md prints them (2 decimals)."""
-    rows = [line.split("|") for line in table_md.splitlines() if line.startswith("| UperNet")]
-    return {EXPERIMENT_OF_MEMORY[r[2].strip()]: [float(c.strip().rstrip("%")) for c in r[7:10]] for r in rows}
+def _bench(module: str):
+    """A module of bench/ (the scripts import their siblings by name, so bench/ goes on the path while it loads)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        return importlib.import_module(module)
+    finally:
+        sys.path.pop(0)
 
 
 def recorded_reduced_demos() -> list[dict]:
@@ -165,7 +168,7 @@ def check_reduced_demo_table(miou: dict[str, list[float]], recorded: list[dict])
 
     import torch
 
-    here = {"cpu": _cpu_model(), "capability": torch.backends.cpu.get_cpu_capability(),
+    here = {"cpu": _bench("benchlib").cpu_model(), "capability": torch.backends.cpu.get_cpu_capability(),
             "isa_cap": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ}}
     for run in recorded:
         m = run["machine"]
@@ -178,15 +181,6 @@ def check_reduced_demo_table(miou: dict[str, list[float]], recorded: list[dict])
     assert moved <= REDUCED_DEMO_TOLERANCE, (f"reduced demo {miou} moved {moved:.2f} points from every recorded run "
                                              f"(tolerance {REDUCED_DEMO_TOLERANCE}): {[r['miou'] for r in recorded]}")
     return f"within {REDUCED_DEMO_TOLERANCE} ({moved:.2f})"
-
-
-def _cpu_model() -> str:
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        from benchlib import cpu_model
-    finally:
-        sys.path.pop(0)
-    return cpu_model()
 
 
 def test_recorded_demo_figures_are_for_the_locked_versions():
@@ -229,7 +223,7 @@ def test_reduced_demo_chain_runs_end_to_end(tmp_path):
     assert "| UperNet | MCIBI++ |" in table and "| UperNet | - |" in table
     assert "not run" not in table
     # the figures: those of the recorded run on this kind of CPU, or within rounding of them
-    print("reduced demo table:", check_reduced_demo_table(demo_table_miou(table), recorded_reduced_demos()))
+    print("reduced demo table:", check_reduced_demo_table(_bench("demo").table_miou(table), recorded_reduced_demos()))
     mem_line = next(line for line in table.splitlines() if "| UperNet | MCIBI++ |" in line)
     assert "/#/experiments/" in mem_line and mem_line.count("%") >= 6  # ours x3, the baseline's x3, a run link
     csv = (repo / "results" / "demo" / "table.csv").read_text().splitlines()

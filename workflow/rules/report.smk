@@ -1,4 +1,4 @@
-# results/<dataset>/: table.md and table.csv in the seed model zoo's layout (our mIoU per protocol, published,
+# results/<dataset>/: table.md and table.csv in the MCIBI++ model zoo's layout (our mIoU per protocol, published,
 # delta, paired baseline, gain, MLflow links), after every selected run is evaluated and has its figures.
 
 
