@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,6 +17,7 @@ import gpu  # noqa: E402  (bench/gpu.py)
 from mcibi.inference import predict_slide  # noqa: E402
 
 
+@pytest.mark.slow
 def test_train_bench_cpu_json():
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "train.py"), str(ROOT / "params" / "demo" / "upernet_mcibipp.yaml"),
@@ -33,6 +35,7 @@ def test_train_bench_cpu_json():
     assert all(p["s_per_image_median"] > 0 for p in protocols.values())
 
 
+@pytest.mark.slow
 def test_train_bench_rejects_unknown_override():
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train.py"),
                            str(ROOT / "params" / "demo" / "upernet_mcibipp.yaml"), "--set", "train.nope=1"],
@@ -40,6 +43,7 @@ def test_train_bench_rejects_unknown_override():
     assert proc.returncode != 0 and "no key 'train.nope'" in proc.stderr
 
 
+@pytest.mark.slow
 def test_gpu_bench_cpu_fallback_writes_one_json(tmp_path):
     """bench/gpu.sh without CUDA: every step runs at toy sizes, one JSON file with the summary."""
     out = tmp_path / "gpu.json"
@@ -97,6 +101,7 @@ def test_slide_windows_in_batches_give_the_same_scores():
                                ref)
 
 
+@pytest.mark.slow
 def test_data_bench_times_both_pipelines_on_the_same_files():
     """bench/data.py at its smallest: our pipeline and the official one over the same written files."""
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "data.py"), "--settings", "lip_473", "--images", "2",

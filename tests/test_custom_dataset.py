@@ -134,6 +134,7 @@ def test_description_errors_name_the_file(workdir):
         assert str(desc) in str(err.value)
 
 
+@pytest.mark.slow
 def test_custom_dataset_in_the_workflow(tmp_path):
     """After new-dataset, `snakemake results/<name>` plans prepare_custom (no download) -> verify -> train ->
     evaluate -> figures -> table, and the data steps run for real. (Training onwards are the rules the demo chain

@@ -4,6 +4,7 @@ torchrun training equals one process accumulating, and torchrun evaluation equal
 import json
 import sys
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -15,6 +16,8 @@ from mcibi.metrics import ConfusionMatrix
 from mcibi.models import build_segmentor
 from mcibi.models.memory import DistributionMemory
 from mcibi.params import load_params
+
+pytestmark = pytest.mark.slow  # two processes per test (spawn, torchrun)
 
 
 def _worker(rank: int, world: int, init_file: str, out: dict) -> None:

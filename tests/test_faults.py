@@ -121,6 +121,7 @@ def test_cli_reports_os_errors_of_non_atomic_writes(tmp_path, monkeypatch, caplo
     assert "cannot write" in caplog.text and "x.png" in caplog.text and "no space left" in caplog.text
 
 
+@pytest.mark.slow
 def test_resume_whose_mlflow_run_is_gone_logs_to_a_new_run(data_root, tmp_path):
     params = load_params(tiny_params(tmp_path / "params", memory="none", epochs=1))
     out = tmp_path / "run"

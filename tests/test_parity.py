@@ -14,7 +14,9 @@ from mcibi.official import model_params_from_official
 
 
 @pytest.mark.parametrize("name", [
-    "mcibiplusplus_resnet50os8_lip", "mcibiplusplus_ppm_resnet50os8_lip", "mcibiplusplus_upernet_resnet50os8_lip",
+    "mcibiplusplus_resnet50os8_lip",  # the fast tier's case (-m "not slow"); the others are marked slow
+] + [pytest.param(name, marks=pytest.mark.slow) for name in [
+    "mcibiplusplus_ppm_resnet50os8_lip", "mcibiplusplus_upernet_resnet50os8_lip",
     "mcibiplusplus_aspp_resnet50os8_ade20k",
     "mcibiplusplus_upernet_resnet50os8_voc",  # UperNet with the ASPP context
     "mcibiplusplus_upernet_resnet101os8_ade20k",  # R-101-D8
@@ -22,7 +24,7 @@ from mcibi.official import model_params_from_official
     "mcibiplusplus_upernet_swinlarge_ade20k",  # Swin-L: renamed, patch merging reordered, output norms
     "mcibiplusplus_aspp_hrnetv2w48_lip",  # HRNetV2p-W48 (the cityscapes config's mcibi_version stem is newer
     # than sssegmentation 1.7.0, which rejects the key)
-])
+]])
 def test_converted_official_model_gives_the_same_logits(name, monkeypatch):
     from ssseg.modules.models.segmentors.mcibiplusplus.mcibiplusplus import MCIBIPlusPlus
     from ssseg.modules.utils import SSSegInputStructure

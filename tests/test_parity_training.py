@@ -239,6 +239,7 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimiser", list(OPTIMISERS))
 def test_training_step_equals_the_official(optimiser, monkeypatch):
     """Same weights, same batch (dropout off, BN in train mode), at iteration 0 and at a mid-schedule iteration
@@ -357,6 +358,7 @@ def test_training_step_equals_the_official(optimiser, monkeypatch):
                     assert _max_rel(value, official_state[key]) < 1e-5, f"iteration {it}: {key} of {name}"
 
 
+@pytest.mark.slow
 def test_swin_l_parameter_rules_equal_the_official():
     """Every parameter of the Swin-L MCIBI++ model gets the official weight decay and learning rate from our
     AdamW rules (no decay on norms, position embeddings and relative position tables), parameter by parameter."""

@@ -141,6 +141,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_served_model_answers_one_request(trained):
     """`mlflow models serve` on 127.0.0.1 (local environment) answers /invocations; bounded by `timeout`."""
     from mcibi.predict import Segmenter

@@ -57,6 +57,7 @@ def _features_diff(official: torch.nn.Module, ours: Backbone) -> float:
     return diff
 
 
+@pytest.mark.slow
 def test_resnet50_v1c_official_file_served_cached_and_converted(tmp_path, monkeypatch):
     """The whole path: download from a loopback server (first transfer broken off, resumed), sha256-prefix check,
     cache, strict conversion; our features equal the official backbone's loaded by the official loader."""

@@ -167,6 +167,7 @@ def test_released_row_through_the_rules(tmp_path):
         released_file(base / "release", "checkpoint")
 
 
+@pytest.mark.slow
 def test_init_from_loads_a_converted_release(tmp_path):
     """model.init_from: every weight of the model comes from the checkpoint (here an official .pth, converted)."""
     import dataclasses

@@ -48,6 +48,7 @@ def _weights(path):
     return load_checkpoint(path)["state_dict"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["loader", "distributed"])
 def test_killed_run_resumes_to_the_uninterrupted_weights(data_root, data_root_15, tmp_path, layout):
     # MCIBI++ with dropout 0.1: the memory buffers, optimiser momentum and RNG states must all be restored.

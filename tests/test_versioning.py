@@ -49,6 +49,7 @@ def _dvc(*args, cwd):
     return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, check=True)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path(sys.executable).with_name("dvc").is_file(), reason="dvc not installed")
 def test_commit_data_leaves_dvc_clean_with_linked_cache(tmp_path):
     repo = tmp_path / "repo"

@@ -208,6 +208,7 @@ def test_reduced_demo_table_check_tells_exact_from_tolerance():
     assert check_reduced_demo_table(shifted, [elsewhere]).startswith("within")
 
 
+@pytest.mark.slow
 @pytest.mark.workflow
 def test_reduced_demo_chain_runs_end_to_end(tmp_path):
     repo = _copy_repo(tmp_path / "repo")
