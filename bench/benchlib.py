@@ -119,7 +119,7 @@ def official_available() -> str | None:
 
 def official_config(name: str, num_classes: int | None = None, path: Path | None = None) -> dict:
     """An official config (plain data), single-process BatchNorm, no ImageNet download."""
-    from mcibi.official import load_official_config
+    from mcibi.catalogue.official import load_official_config
 
     cfg = copy.deepcopy(load_official_config(path, name))
     cfg["backbone"]["pretrained"] = False
@@ -135,9 +135,9 @@ def official_and_ours(name: str, cfg: dict, seed: int = 0):
     import torch
     from ssseg.modules.models.segmentors.mcibiplusplus.mcibiplusplus import MCIBIPlusPlus
 
-    from mcibi.checkpoint import convert_official_checkpoint
+    from mcibi.catalogue.official import model_params_from_official
     from mcibi.models import build_segmentor
-    from mcibi.official import model_params_from_official
+    from mcibi.official.checkpoints import convert_official_checkpoint
 
     model_params = model_params_from_official(name, cfg)
     ours = build_segmentor(model_params).eval()
@@ -156,7 +156,7 @@ def official_and_ours(name: str, cfg: dict, seed: int = 0):
 
 def override(params, assignments: list[str]):
     """Params with dotted ``key=value`` overrides (values parsed as YAML), validated again."""
-    from mcibi.params import params_from_dict, to_dict
+    from mcibi.spec.params import params_from_dict, to_dict
 
     data = to_dict(params)
     for item in assignments:

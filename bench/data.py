@@ -36,7 +36,7 @@ from mcibi.catalogue.budget import ASSUMED_IMAGES_PER_GPU_S
 from mcibi.data.dataset import SegmentationDataset
 from mcibi.data.lookup import get_spec
 from mcibi.data.transforms import build_train_transform
-from mcibi.params import load_params
+from mcibi.spec.params import load_params
 
 # setting -> (our params file, official config, raw image (h, w)); the labels use the dataset's classes
 SETTINGS = {

@@ -24,10 +24,10 @@ import torch.distributed as dist
 from benchlib import override
 from torch import nn
 
-from mcibi.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from mcibi.engine.step import build_optimizer, train_step
 from mcibi.models import build_segmentor
-from mcibi.params import load_params
-from mcibi.training import build_optimizer, train_step
+from mcibi.models.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from mcibi.spec.params import load_params
 
 
 def build(params, device: torch.device) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer, bool]:

@@ -91,9 +91,9 @@ def _reference(python: str) -> dict:
     code = (
         "import statistics, time, torch\n"
         "torch.set_num_threads(1)\n"
-        "from mcibi.params import load_params\n"
+        "from mcibi.spec.params import load_params\n"
         "from mcibi.models import build_segmentor\n"
-        "from mcibi.training import build_optimizer, train_step\n"
+        "from mcibi.engine.step import build_optimizer, train_step\n"
         f"p = load_params({str(ROOT / 'params' / 'demo' / 'upernet_mcibipp.yaml')!r})\n"
         "torch.manual_seed(0)\n"
         "m = build_segmentor(p.model)\n"

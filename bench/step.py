@@ -39,11 +39,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from benchlib import interleaved, machine  # noqa: E402
 
+from mcibi.catalogue.official import load_official_config, model_params_from_official  # noqa: E402
+from mcibi.engine.step import build_optimizer, train_step  # noqa: E402
 from mcibi.models import build_segmentor  # noqa: E402
 from mcibi.models.folding import fold_batchnorm  # noqa: E402
-from mcibi.official import load_official_config, model_params_from_official  # noqa: E402
-from mcibi.params import ChannelParams, load_params  # noqa: E402
-from mcibi.training import build_optimizer, train_step  # noqa: E402
+from mcibi.spec.params import ChannelParams, load_params  # noqa: E402
 
 Timer = Callable[[], None]
 

@@ -32,11 +32,11 @@ from pathlib import Path
 import torch
 from benchlib import override
 
-from mcibi.inference import predict_tta
+from mcibi.engine.step import build_optimizer, train_step
+from mcibi.evaluation.inference import predict_tta
 from mcibi.models import build_segmentor
 from mcibi.models.folding import fold_batchnorm
-from mcibi.params import ExperimentParams, load_params
-from mcibi.training import build_optimizer, train_step
+from mcibi.spec.params import ExperimentParams, load_params
 
 # Dense (no sparsity) peak TFLOP/s by GPU name fragment: (bf16/fp16 tensor core, tf32 tensor core, fp32 CUDA core)
 PEAK_TFLOPS = {

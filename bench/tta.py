@@ -35,10 +35,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from benchlib import interleaved, machine, official_and_ours, official_available, official_config, sync  # noqa: E402
 
-from mcibi.inference import predict_tta  # noqa: E402
+from mcibi.catalogue.official import model_params_from_official  # noqa: E402
+from mcibi.evaluation.inference import predict_tta  # noqa: E402
 from mcibi.models import build_segmentor  # noqa: E402
 from mcibi.models.folding import fold_batchnorm  # noqa: E402
-from mcibi.official import model_params_from_official  # noqa: E402
 
 MS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 PROTOCOLS = {

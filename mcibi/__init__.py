@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mcibi.params import ExperimentParams, ModelParams, ParamsError, load_params
+from mcibi.spec.params import ExperimentParams, ModelParams, ParamsError, load_params
 
 if TYPE_CHECKING:
     import torch
@@ -34,15 +34,15 @@ def convert_official_checkpoint(
     state_dict: dict[str, torch.Tensor], model_params: ModelParams
 ) -> dict[str, torch.Tensor]:
     """Our state dict for ``model_params`` from an official MCIBI++ one; strict (errors name the tensors)."""
-    from mcibi.checkpoint import convert_official_checkpoint as _convert
+    from mcibi.official.checkpoints import convert_official_checkpoint as _convert
 
     return _convert(state_dict, model_params)
 
 
 def __getattr__(name: str):
-    """``mcibi.Segmenter`` (:mod:`mcibi.predict`) loads torch on first use only."""
+    """``mcibi.Segmenter`` (:mod:`mcibi.evaluation.predict`) loads torch on first use only."""
     if name == "Segmenter":
-        from mcibi.predict import Segmenter
+        from mcibi.evaluation.predict import Segmenter
 
         return Segmenter
     raise AttributeError(f"module 'mcibi' has no attribute {name!r}")

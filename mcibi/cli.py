@@ -68,7 +68,7 @@ def _cmd_dvc_commit(a: argparse.Namespace) -> None:
 
 
 def _cmd_validate(a: argparse.Namespace) -> None:
-    from mcibi.params import experiment_files, load_params
+    from mcibi.spec.params import experiment_files, load_params
 
     files = [f for path in a.params for f in (experiment_files(path.parent, path.name) if path.is_dir() else [path])]
     if not files:
@@ -80,7 +80,7 @@ def _cmd_validate(a: argparse.Namespace) -> None:
 
 def _cmd_mlflow_init(a: argparse.Namespace) -> None:
     from mcibi.files import write_text
-    from mcibi.tracking import default_tracking_uri, ensure_experiment
+    from mcibi.tracking.runs import default_tracking_uri, ensure_experiment
 
     uri = default_tracking_uri()
     exp_id = ensure_experiment(a.dataset, uri)
@@ -90,10 +90,10 @@ def _cmd_mlflow_init(a: argparse.Namespace) -> None:
 
 
 def _cmd_train(a: argparse.Namespace) -> None:
-    from mcibi.params import load_params
-    from mcibi.runs import with_seed
-    from mcibi.tracking import default_tracking_uri
-    from mcibi.training import train
+    from mcibi.engine.train import train
+    from mcibi.spec.params import load_params
+    from mcibi.spec.runs import with_seed
+    from mcibi.tracking.runs import default_tracking_uri
 
     params = with_seed(load_params(a.params), a.seed)
     out = a.out or Path("runs") / params.name
@@ -105,10 +105,10 @@ def _cmd_train(a: argparse.Namespace) -> None:
 def _cmd_evaluate(a: argparse.Namespace) -> None:
     import json
 
-    from mcibi.evaluation import evaluate, write_result
-    from mcibi.params import load_params
-    from mcibi.runs import with_seed
-    from mcibi.tracking import hardware
+    from mcibi.evaluation.protocols import evaluate, write_result
+    from mcibi.spec.params import load_params
+    from mcibi.spec.runs import with_seed
+    from mcibi.tracking.runs import hardware
 
     params = with_seed(load_params(a.params), a.seed)
     run_dir = Path(a.checkpoint).parent
@@ -124,15 +124,15 @@ def _cmd_evaluate(a: argparse.Namespace) -> None:
     result["hardware"] = hardware()
     write_result(result, out_json, out_csv)
     if parent and not a.no_mlflow:  # the workflow passes --no-mlflow: its figures job logs every evaluation
-        from mcibi.tracking import default_tracking_uri, log_evaluation, run_tags
+        from mcibi.tracking.runs import default_tracking_uri, log_evaluation, run_tags
 
         # the digest of this record equals that of the file written from it: the figures job will not log it again
         log_evaluation(default_tracking_uri(), parent, a.protocol, result, out_csv, run_tags(params))
 
 
 def _cmd_export(a: argparse.Namespace) -> None:
-    from mcibi.evaluation import export_predictions
-    from mcibi.params import load_params
+    from mcibi.evaluation.protocols import export_predictions
+    from mcibi.spec.params import load_params
 
     params = load_params(a.params)
     n = export_predictions(params, a.checkpoint, a.protocol, a.data_root, a.out, split=a.split, device=a.device,
@@ -141,8 +141,8 @@ def _cmd_export(a: argparse.Namespace) -> None:
 
 
 def _cmd_table(a: argparse.Namespace) -> None:
-    from mcibi.params import experiment_files, load_params
-    from mcibi.report import build_table, write_tables
+    from mcibi.reports.table import build_table, write_tables
+    from mcibi.spec.params import experiment_files, load_params
 
     exps = [load_params(f) for f in experiment_files(a.params_root, a.dataset)]
     if a.experiments:
@@ -157,10 +157,10 @@ def _cmd_table(a: argparse.Namespace) -> None:
 
 def _cmd_figures(a: argparse.Namespace) -> None:
     from mcibi.catalogue.rows import SECTIONS, baseline_of, catalogue_entry
-    from mcibi.figures import make_figures
-    from mcibi.params import load_params
-    from mcibi.runs import with_seed
-    from mcibi.tracking import default_tracking_uri
+    from mcibi.reports.figures import make_figures
+    from mcibi.spec.params import load_params
+    from mcibi.spec.runs import with_seed
+    from mcibi.tracking.runs import default_tracking_uri
 
     params = with_seed(load_params(a.params), a.seed)
     stem = Path(a.params).stem
@@ -181,7 +181,7 @@ def _cmd_catalogue(a: argparse.Namespace) -> None:
             sys.stdout.write(f"\n{ds}\n\n{budget_markdown(ds)}")
         return
     from mcibi.catalogue.generate import check_catalogue, write_catalogue
-    from mcibi.official import load_official_configs
+    from mcibi.catalogue.official import load_official_configs
 
     configs = load_official_configs(a.official)
     if a.action == "write":
@@ -198,9 +198,10 @@ def _cmd_catalogue(a: argparse.Namespace) -> None:
 def _cmd_convert(a: argparse.Namespace) -> None:
     import torch
 
-    from mcibi.checkpoint import convert_official_checkpoint, load_official_file, save_checkpoint
     from mcibi.models import build_for_weights
-    from mcibi.params import load_params
+    from mcibi.models.checkpoint import save_checkpoint
+    from mcibi.official.checkpoints import convert_official_checkpoint, load_official_file
+    from mcibi.spec.params import load_params
 
     params = load_params(a.params)
     converted = convert_official_checkpoint(load_official_file(a.official), params.model)
@@ -212,7 +213,7 @@ def _cmd_convert(a: argparse.Namespace) -> None:
 
 
 def _cmd_predict(a: argparse.Namespace) -> None:
-    from mcibi.predict import Segmenter, predict_inputs
+    from mcibi.evaluation.predict import Segmenter, predict_inputs
 
     if a.checkpoint:
         seg = Segmenter.from_checkpoint(a.checkpoint, params=a.params, protocol=a.protocol, device=a.device)
@@ -233,7 +234,7 @@ def _cmd_predict(a: argparse.Namespace) -> None:
 
 
 def _cmd_register(a: argparse.Namespace) -> None:
-    from mcibi.mlflow_model import register
+    from mcibi.evaluation.serving import register
 
     name, version = register(a.run, a.name)
     log.info("registered %s as model '%s' version %s (models:/%s/%s)", a.run, name, version, name, version)
@@ -258,7 +259,7 @@ def _cmd_prepare_custom(a: argparse.Namespace) -> None:
 
 def _cmd_released(a: argparse.Namespace) -> None:
     """The authors' released files of a SOTA row: download (+ sha256 record), convert, or log to MLflow."""
-    from mcibi import released
+    from mcibi.official import released
 
     if a.action == "download":
         dataset, experiment = a.target.split("/", 1)
@@ -266,7 +267,7 @@ def _cmd_released(a: argparse.Namespace) -> None:
         url_map = None if not mirror else (lambda url: released.mirrored(url, mirror))
         released.download_release(released.release_of(dataset, experiment), a.release_dir, url_map)
         return
-    from mcibi.params import load_params
+    from mcibi.spec.params import load_params
 
     params = load_params(a.target)
     checkpoint = released.released_file(a.release_dir, "checkpoint")
@@ -275,7 +276,7 @@ def _cmd_released(a: argparse.Namespace) -> None:
         log.info("converted %s -> %s", checkpoint, a.out)
     else:
         from mcibi.files import write_json
-        from mcibi.tracking import default_tracking_uri
+        from mcibi.tracking.runs import default_tracking_uri
 
         record = json.loads((a.release_dir / released.RECORD).read_text())
         run_id = released.log_release_run(default_tracking_uri(), params, released.released_file(a.release_dir, "log"),

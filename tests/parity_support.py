@@ -10,7 +10,7 @@ import copy
 
 import torch
 
-from mcibi.official import load_official_config
+from mcibi.catalogue.official import load_official_config
 
 
 def official_config(name: str) -> dict:

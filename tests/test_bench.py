@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import gpu  # noqa: E402  (bench/gpu.py)
 
-from mcibi.inference import predict_slide  # noqa: E402
+from mcibi.evaluation.inference import predict_slide  # noqa: E402
 
 
 @pytest.mark.slow

@@ -9,10 +9,10 @@ import pytest
 
 from mcibi.catalogue.budget import budget, budget_markdown
 from mcibi.catalogue.generate import check_catalogue
+from mcibi.catalogue.official import load_official_configs
 from mcibi.catalogue.published import published, published_miou
 from mcibi.catalogue.rows import DATASET_TITLES, DATASETS, ROWS, catalogue_entry, rows_of, select
-from mcibi.official import load_official_configs
-from mcibi.params import experiment_files, load_params
+from mcibi.spec.params import experiment_files, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params"
@@ -56,7 +56,7 @@ def test_params_carry_the_seed_row(file):
 
 def test_seed_schedule_and_crop_match_the_published_records():
     """The params' crop and 'LR/POLICY/BS/EPOCH' are the seed page's, cell for cell."""
-    from mcibi.report import schedule_title
+    from mcibi.reports.table import schedule_title
 
     for rec in published():
         if rec["source"] != "seed":
@@ -71,7 +71,7 @@ def test_committed_files_are_what_the_catalogue_generates():
 
 
 def test_model_switches_are_the_official_ones():
-    from mcibi.official import model_params_from_official
+    from mcibi.catalogue.official import model_params_from_official
 
     configs = load_official_configs()
     for file in _all_files():

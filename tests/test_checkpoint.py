@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from mcibi.checkpoint import CheckpointError, checkpoint_params, load_checkpoint, load_weights, save_checkpoint
 from mcibi.files import atomic_path
-from mcibi.params import load_params
+from mcibi.models.checkpoint import CheckpointError, checkpoint_params, load_checkpoint, load_weights, save_checkpoint
+from mcibi.spec.params import load_params
 
 PARAMS = Path(__file__).resolve().parents[1] / "params" / "demo" / "upernet_mcibipp.yaml"
 

@@ -14,8 +14,8 @@ SKIP = {".git", ".venv", ".snakemake", "runs", "results", "data", "downloads", "
 
 
 def test_launcher_and_threads_follow_the_resources():
-    from mcibi.params import ResourceParams
-    from mcibi.runs import job_threads, launcher
+    from mcibi.spec.params import ResourceParams
+    from mcibi.spec.runs import job_threads, launcher
 
     cpu = ResourceParams(gpus=0, cpus_per_gpu=2, mem_mb=1000, runtime=10)
     one, four = ResourceParams(1, 8, 1000, 10), ResourceParams(4, 8, 1000, 10)

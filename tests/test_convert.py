@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import mcibi
-from mcibi.checkpoint import CheckpointError, official_key_to_ours
 from mcibi.models import build_segmentor
-from mcibi.params import ChannelParams, load_params
+from mcibi.models.checkpoint import CheckpointError
+from mcibi.official.checkpoints import official_key_to_ours
+from mcibi.spec.params import ChannelParams, load_params
 
 KEYS = Path(__file__).resolve().parent / "data" / "official_keys"  # the official checkpoints' tensor names
 BASE = load_params(Path(__file__).resolve().parents[1] / "params" / "demo" / "upernet_mcibipp.yaml").model
@@ -85,7 +86,7 @@ def test_missing_and_unexpected_tensors_are_named():
 
 
 def test_swin_patch_merging_order_maps_the_official_unfold_to_timm():
-    from mcibi.official import _unfold_to_timm_order
+    from mcibi.official.keys import _unfold_to_timm_order
 
     b, h, w, c = 2, 6, 8, 5
     x = torch.randn(b, h, w, c)
@@ -95,7 +96,7 @@ def test_swin_patch_merging_order_maps_the_official_unfold_to_timm():
 
 
 def test_official_swin_tensors_rename_and_reorder():
-    from mcibi.official import _unfold_to_timm_order, official_swin_to_ours
+    from mcibi.official.keys import _unfold_to_timm_order, official_swin_to_ours
 
     reduction, norm = torch.randn(8, 16), torch.randn(16)
     state = {

@@ -51,7 +51,7 @@ def workdir(tmp_path, monkeypatch):
 def test_new_dataset_writes_params_and_registers(workdir):
     from mcibi.catalogue.custom import new_dataset
     from mcibi.data.lookup import get_spec
-    from mcibi.params import load_params
+    from mcibi.spec.params import load_params
 
     tmp, desc = workdir
     files = new_dataset(desc, "demo/upernet_mcibipp", epochs=3, dvc_file=None, show_progress=False)
@@ -81,7 +81,7 @@ def test_scaled_slide_windows_keep_their_orientation(median):
     """From a CityScapes seed row, windows scale with the crop and stay as the official runs them: taller than wide
     (1024x512 on the 512x1024 crop), no side beyond the crop's longer side."""
     from mcibi.catalogue.custom import experiment_params
-    from mcibi.params import load_params, params_from_dict
+    from mcibi.spec.params import load_params, params_from_dict
 
     seed = load_params(ROOT / "params" / "cityscapes" / "deeplabv3_r101_mcibipp.yaml")
     d, _ = experiment_params(seed, "cityscapes", 19, 1000, median)

@@ -123,7 +123,7 @@ def test_dataset_reads_rgb_and_augments_reproducibly(prepared):
     from pathlib import Path
 
     from mcibi.data.transforms import build_train_transform
-    from mcibi.params import load_params
+    from mcibi.spec.params import load_params
 
     params = load_params(Path(__file__).resolve().parents[1] / "params" / "demo" / "upernet_mcibipp.yaml")
     ds = SegmentationDataset(prepared, "train", build_train_transform(params.data, DEMO.flip_pairs), seed=3)
@@ -176,7 +176,7 @@ def test_frame_per_video_sampling_draws_one_frame_of_each_video_per_epoch(tmp_pa
 
 def _loader(folder):
     from mcibi.data.transforms import build_test_transform
-    from mcibi.params import load_params
+    from mcibi.spec.params import load_params
 
     params = load_params(DEMO_PARAMS / "upernet_baseline.yaml")
     return SegmentationDataset(folder, "val", build_test_transform(params.data))

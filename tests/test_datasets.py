@@ -270,7 +270,7 @@ def test_cocostuff10k_keeps_the_seed_182_way_ids():
 
 
 def test_specs_are_complete_and_their_pipelines_are_valid_params():
-    from mcibi.params import DataParams, _convert
+    from mcibi.spec.params import DataParams, _convert
 
     sizes = {"lip": 20, "ade20k": 150, "cityscapes": 19, "cocostuff10k": 182, "vspw": 124, "pascalvoc": 21,
              "pascalcontext": 59, "demo": 8}

@@ -10,12 +10,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from tiny_training import mcibi_cmd, run, tiny_dataset, tiny_params
 
-from mcibi.checkpoint import load_checkpoint
-from mcibi.evaluation import evaluate
-from mcibi.metrics import ConfusionMatrix
+from mcibi.evaluation.metrics import ConfusionMatrix
+from mcibi.evaluation.protocols import evaluate
 from mcibi.models import build_segmentor
+from mcibi.models.checkpoint import load_checkpoint
 from mcibi.models.memory import DistributionMemory
-from mcibi.params import load_params
+from mcibi.spec.params import load_params
 
 pytestmark = pytest.mark.slow  # two processes per test (spawn, torchrun)
 

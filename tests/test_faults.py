@@ -6,10 +6,11 @@ import pytest
 import torch
 from tiny_training import tiny_dataset, tiny_params
 
-import mcibi.training as training
-from mcibi.checkpoint import load_checkpoint
+from mcibi.engine import layout, step
+from mcibi.engine import train as loop
 from mcibi.files import WriteError, write_json
-from mcibi.params import load_params, params_from_dict
+from mcibi.models.checkpoint import load_checkpoint
+from mcibi.spec.params import load_params, params_from_dict
 
 
 @pytest.fixture(scope="module")
@@ -28,28 +29,28 @@ def _names(folder):
 
 def test_exploding_weights_with_a_finite_loss_write_no_checkpoint(data_root, params, tmp_path, monkeypatch):
     # the 4th optimiser step leaves NaN weights while its loss was finite: the checkpoint of iteration 4 is refused
-    real, calls = training.train_step, {"n": 0}
+    real, calls = loop.train_step, {"n": 0}
 
     def exploding(model, *args, **kw):
         losses = real(model, *args, **kw)
         calls["n"] += 1
         if calls["n"] == 4:
             with torch.no_grad():
-                next(training._unwrap(model).parameters()).mul_(float("inf")).mul_(0)
+                next(step.unwrap(model).parameters()).mul_(float("inf")).mul_(0)
         return losses
 
-    monkeypatch.setattr(training, "train_step", exploding)
+    monkeypatch.setattr(loop, "train_step", exploding)
     out = tmp_path / "run"
-    with pytest.raises(training.DivergedError, match=r"diverged.*after iteration 4.*last good checkpoint is "
+    with pytest.raises(step.DivergedError, match=r"diverged.*after iteration 4.*last good checkpoint is "
                        r".*iter_00000002\.pt \(iteration 2\).*--restart"):
-        training.train(params, data_root, out, threads=1)
+        loop.train(params, data_root, out, threads=1)
     assert _names(out / "checkpoints") == ["iter_00000002.pt"]
     assert not (out / "model.pt").exists()
 
 
 def test_resume_sets_aside_a_non_finite_checkpoint_and_loads_an_old_version(data_root, params, tmp_path):
     out = tmp_path / "run"
-    training.train(params, data_root, out, threads=1)  # 4 iterations; checkpoints 2 and 4 kept
+    loop.train(params, data_root, out, threads=1)  # 4 iterations; checkpoints 2 and 4 kept
     (out / "model.pt").unlink()
     # iteration 4's checkpoint holds a NaN memory (as older versions could write); iteration 2's was written by an
     # older version whose params lack keys added since (they take their documented LEGACY_DEFAULTS)
@@ -66,7 +67,7 @@ def test_resume_sets_aside_a_non_finite_checkpoint_and_loads_an_old_version(data
     assert old.data.train_sampling == "image" and old.model.context_module == "ppm"
     assert (old.train.sampler.kind, old.train.sampler.replicas) == ("loader", 1)  # its N // batch iterations
 
-    again = training.train(params, data_root, out, threads=1)
+    again = loop.train(params, data_root, out, threads=1)
     assert again.resumed_from == 2 and again.iterations == 4
     assert "iter_00000004.pt.nonfinite" in _names(out / "checkpoints")
 
@@ -74,7 +75,7 @@ def test_resume_sets_aside_a_non_finite_checkpoint_and_loads_an_old_version(data
 @pytest.mark.parametrize("code", [errno.ENOSPC])  # the other errors: every atomic write, below
 def test_a_failed_checkpoint_write_names_the_path_and_the_intact_checkpoint(data_root, params, tmp_path,
                                                                              monkeypatch, code):
-    import mcibi.checkpoint as checkpoint
+    import mcibi.models.checkpoint as checkpoint
 
     real = checkpoint.torch.save
 
@@ -89,7 +90,7 @@ def test_a_failed_checkpoint_write_names_the_path_and_the_intact_checkpoint(data
     words = {errno.ENOSPC: "no space left", errno.EACCES: "permission denied", errno.EROFS: "read-only"}[code]
     with pytest.raises(WriteError, match=rf"cannot write .*iter_00000004\.pt: {words}.*iter_00000002\.pt "
                        r"\(iteration 2\) is intact: rerunning the same command resumes from it"):
-        training.train(params, data_root, out, threads=1)
+        loop.train(params, data_root, out, threads=1)
     assert _names(out / "checkpoints") == ["iter_00000002.pt"]  # no partial temporary file left behind
     assert load_checkpoint(out / "checkpoints" / "iter_00000002.pt")["iteration"] == 2
 
@@ -125,9 +126,9 @@ def test_cli_reports_os_errors_of_non_atomic_writes(tmp_path, monkeypatch, caplo
 def test_resume_whose_mlflow_run_is_gone_logs_to_a_new_run(data_root, tmp_path):
     params = load_params(tiny_params(tmp_path / "params", memory="none", epochs=1))
     out = tmp_path / "run"
-    first = training.train(params, data_root, out, tracking_uri=f"sqlite:///{tmp_path / 'a.db'}", threads=1)
+    first = loop.train(params, data_root, out, tracking_uri=f"sqlite:///{tmp_path / 'a.db'}", threads=1)
     (out / "model.pt").unlink()  # resumed from the last checkpoint, against another (empty) store
-    again = training.train(params, data_root, out, tracking_uri=f"sqlite:///{tmp_path / 'b.db'}", threads=1)
+    again = loop.train(params, data_root, out, tracking_uri=f"sqlite:///{tmp_path / 'b.db'}", threads=1)
     assert again.resumed_from == first.iterations and again.run_id and again.run_id != first.run_id
 
 
@@ -136,8 +137,8 @@ def test_channels_last_training_on_an_avx2_cpu_warns(data_root, tmp_path, monkey
     run says so and what to set (it still trains: the result is the same up to rounding)."""
     params = load_params(tiny_params(tmp_path / "params", memory="none", epochs=1, channels_last=True))
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    with caplog.at_level("WARNING", logger="mcibi.training"):
-        training.train(params, data_root, tmp_path / "run", threads=1)
+    with caplog.at_level("WARNING", logger="mcibi.engine.train"):
+        loop.train(params, data_root, tmp_path / "run", threads=1)
     assert "set train.channels_last: auto" in caplog.text and str(params.path) in caplog.text
 
 
@@ -148,5 +149,5 @@ def test_channels_last_auto_trains_nhwc_only_where_it_is_faster(monkeypatch, cap
     """``auto`` is NHWC on CUDA and AVX-512 CPUs and NCHW on AVX2 CPUs (bench/step.py); true and false are kept."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     dev = torch.device(device)
-    assert training.train_channels_last("auto", dev) is expected
-    assert training.train_channels_last(True, dev) is True and training.train_channels_last(False, dev) is False
+    assert layout.train_channels_last("auto", dev) is expected
+    assert layout.train_channels_last(True, dev) is True and layout.train_channels_last(False, dev) is False

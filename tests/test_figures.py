@@ -6,10 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mcibi.evaluation import write_result
-from mcibi.figures import data_version, make_figures, palette, params_hash, per_class_table
-from mcibi.params import load_params
-from mcibi.tracking import RunLogger, log_evaluation, memory_history, metric_key
+from mcibi.evaluation.protocols import write_result
+from mcibi.reports.figures import data_version, make_figures, palette, params_hash, per_class_table
+from mcibi.spec.params import load_params
+from mcibi.tracking.runs import RunLogger, log_evaluation, memory_history, metric_key
 
 PARAMS = Path(__file__).resolve().parents[1] / "params"
 
@@ -73,8 +73,8 @@ def test_mlflow_artifacts_tags_and_trajectories_with_ade20k_class_names(tmp_path
     from mcibi.data.lookup import get_spec
 
     classes = list(get_spec("ade20k").classes)
-    from mcibi.params import flatten, to_dict
-    from mcibi.runs import with_seed
+    from mcibi.spec.params import flatten, to_dict
+    from mcibi.spec.runs import with_seed
 
     flat = flatten(to_dict(params)) | {"iterations": 9}
     run = RunLogger.start(uri, "ade20k", params.name, {"memory": "mcibi++"}, flat)
@@ -124,7 +124,7 @@ def test_overlays_come_from_the_evaluation_samples_and_figures_never_import_torc
     import sys
 
     from mcibi.data.lookup import get_spec
-    from mcibi.eval_samples import read_samples, write_samples
+    from mcibi.evaluation.samples import read_samples, write_samples
 
     classes = list(get_spec("demo").classes)
     run = tmp_path / "run"

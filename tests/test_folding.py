@@ -5,10 +5,10 @@ import dataclasses
 import pytest
 import torch
 
+from mcibi.engine.step import build_optimizer, train_step
 from mcibi.models import build_segmentor
 from mcibi.models.folding import fold_batchnorm
-from mcibi.params import load_params
-from mcibi.training import build_optimizer, train_step
+from mcibi.spec.params import load_params
 
 PARAMS = load_params("params/demo/upernet_mcibipp.yaml")
 

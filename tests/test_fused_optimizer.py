@@ -5,9 +5,9 @@ import dataclasses
 import pytest
 import torch
 
+from mcibi.engine.optim import build_optimizer, load_optimizer_state
 from mcibi.models import build_segmentor
-from mcibi.optim import build_optimizer, load_optimizer_state
-from mcibi.params import load_params
+from mcibi.spec.params import load_params
 
 PARAMS = load_params("params/demo/upernet_mcibipp.yaml")
 
@@ -84,7 +84,7 @@ def test_sgd_under_a_grad_scaler_survives_an_overflowing_first_step():
     """fp16 runs start with a large loss scale, so their first steps often overflow and are skipped. Fused SGD would
     keep the momentum buffers it allocated for such a step uninitialised and add them in the next step; the SGD
     built for fp16 is not fused and ends where the per-tensor loop does."""
-    from mcibi.training import build_optimizer as build_for_run
+    from mcibi.engine.step import build_optimizer as build_for_run
 
     fp16 = dataclasses.replace(PARAMS, train=dataclasses.replace(PARAMS.train, precision="fp16"))
     assert build_for_run(build_segmentor(PARAMS.model), PARAMS).defaults["fused"]
@@ -110,7 +110,7 @@ def test_sgd_under_a_grad_scaler_survives_an_overflowing_first_step():
 def test_every_gradient_is_laid_out_like_its_parameter(layout):
     """The fused kernels walk a parameter and its gradient with the same strides (on CPU a mismatch is not an
     error, just a misaligned update): the training step leaves every gradient laid out like its parameter."""
-    from mcibi.training import train_step
+    from mcibi.engine.step import train_step
 
     torch.manual_seed(0)
     model = build_segmentor(PARAMS.model).to(memory_format=layout)

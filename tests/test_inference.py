@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from mcibi.inference import predict_slide, predict_tta, predict_whole, slide_windows
+from mcibi.evaluation.inference import predict_slide, predict_tta, predict_whole, slide_windows
 
 
 class Pointwise(nn.Module):
@@ -122,8 +122,8 @@ def tiny_checkpoint(tmp_path_factory):
     """A briefly trained tiny MCIBI++ model and the data it was trained on (test images at their own 128 px)."""
     from tiny_training import tiny_dataset, tiny_params
 
-    from mcibi.params import load_params
-    from mcibi.training import train
+    from mcibi.engine.train import train
+    from mcibi.spec.params import load_params
 
     root = tmp_path_factory.mktemp("eval")
     data_root = tiny_dataset(root / "data")
@@ -140,7 +140,7 @@ def _with_protocol(params, **changes):
 
 
 def test_whole_slide_and_batched_windows_give_the_same_confusion_matrix(tiny_checkpoint):
-    from mcibi.evaluation import evaluate
+    from mcibi.evaluation.protocols import evaluate
 
     params, ckpt, data_root = tiny_checkpoint
     whole = evaluate(params, ckpt, "ss", data_root, threads=1)
@@ -162,7 +162,7 @@ def test_cityscapes_export_table_and_demo_export(tiny_checkpoint, tmp_path):
     import cv2
     import numpy as np
 
-    from mcibi.evaluation import cityscapes_train_to_label_ids, export_predictions
+    from mcibi.evaluation.protocols import cityscapes_train_to_label_ids, export_predictions
 
     table = cityscapes_train_to_label_ids()
     assert table[0] == 7 and table[1] == 8 and table[10] == 23 and table[13] == 26 and table[18] == 33

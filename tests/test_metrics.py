@@ -5,7 +5,7 @@ import math
 import numpy as np
 import torch
 
-from mcibi.metrics import ConfusionMatrix, metrics_from_confusion
+from mcibi.evaluation.metrics import ConfusionMatrix, metrics_from_confusion
 
 
 def test_confusion_counts_and_ignore():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mcibi.models import build_segmentor
-from mcibi.params import load_params
+from mcibi.spec.params import load_params
 
 BASE = load_params(Path(__file__).resolve().parents[1] / "params" / "demo" / "upernet_mcibipp.yaml").model
 
@@ -174,7 +174,7 @@ SEED_BACKBONE_CONFIGS = [  # one official config per seed backbone, with the cha
 @pytest.mark.slow
 @pytest.mark.parametrize("name,backbone,top_channels", SEED_BACKBONE_CONFIGS)
 def test_every_seed_backbone_builds_and_runs(name, backbone, top_channels):
-    from mcibi.official import load_official_config, model_params_from_official
+    from mcibi.catalogue.official import load_official_config, model_params_from_official
 
     cfg = load_official_config(None, name)
     params = model_params_from_official(name, cfg, pretrained=False)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from mcibi.official import load_official_configs, model_params_from_official
+from mcibi.catalogue.official import load_official_configs, model_params_from_official
 
 
 def test_all_official_configs_translate():

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mcibi.params import ParamsError, experiment_files, load_params, params_from_dict, to_dict
+from mcibi.spec.params import ParamsError, experiment_files, load_params, params_from_dict, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "params" / "demo"

@@ -8,9 +8,9 @@ import pytest
 import torch
 from parity_support import official_config, randomise_state
 
-from mcibi.checkpoint import convert_official_checkpoint
+from mcibi.catalogue.official import model_params_from_official
 from mcibi.models import build_segmentor
-from mcibi.official import model_params_from_official
+from mcibi.official.checkpoints import convert_official_checkpoint
 
 
 @pytest.mark.parametrize("name", [

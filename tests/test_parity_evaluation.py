@@ -36,15 +36,16 @@ import torch.nn.functional as F
 from parity_support import calibrate, official_config, randomise_state
 from torch import nn
 
-from mcibi.checkpoint import convert_official_checkpoint, save_checkpoint
+from mcibi.catalogue.official import model_params_from_official
 from mcibi.data.dataset import SegmentationDataset
 from mcibi.data.lookup import get_spec
 from mcibi.data.transforms import build_test_transform
-from mcibi.evaluation import cityscapes_train_to_label_ids, export_predictions, load_model, protocol_scores
-from mcibi.inference import slide_windows
+from mcibi.evaluation.inference import slide_windows
+from mcibi.evaluation.protocols import cityscapes_train_to_label_ids, export_predictions, load_model, protocol_scores
 from mcibi.models import build_segmentor
-from mcibi.official import model_params_from_official
-from mcibi.params import load_params
+from mcibi.models.checkpoint import save_checkpoint
+from mcibi.official.checkpoints import convert_official_checkpoint
+from mcibi.spec.params import load_params
 
 # CityScapes by more: its committed protocol slides tall windows over wide images at six scales, with flips
 SHRINK = {"lip": 12, "ade20k": 12, "cityscapes": 32}

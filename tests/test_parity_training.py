@@ -27,7 +27,7 @@ from parity_support import official_config, randomise_state
 from mcibi.data.lookup import get_spec
 from mcibi.data.specs import IGNORE_INDEX
 from mcibi.data.transforms import build_test_transform, build_train_transform, photometric_distortion
-from mcibi.params import load_params
+from mcibi.spec.params import load_params
 
 
 class Script:
@@ -220,7 +220,7 @@ def _copy_official_state(official, official_optimizer, ours, optimizer, model_pa
     and step) into ours. A second step is compared from one state: this random-weight network is so
     ill-conditioned that a 1e-7 relative change of its weights (one step's float32 rounding) moves some
     gradients by 7% (ReLUs at 5x5 resolution change side), even in float64."""
-    from mcibi.checkpoint import convert_official_checkpoint, official_key_to_ours
+    from mcibi.official.checkpoints import convert_official_checkpoint, official_key_to_ours
 
     ours.load_state_dict(convert_official_checkpoint(official.state_dict(), model_params), strict=True)
     names = {id(p): n for n, p in official.named_parameters()}
@@ -251,11 +251,11 @@ def test_training_step_equals_the_official(optimiser, monkeypatch):
     from ssseg.modules.models.segmentors.mcibiplusplus.mcibiplusplus import MCIBIPlusPlus
     from ssseg.modules.utils import SSSegInputStructure
 
-    from mcibi.checkpoint import convert_official_checkpoint, official_key_to_ours
+    from mcibi.catalogue.official import model_params_from_official
+    from mcibi.engine.optim import scheduled_lr
+    from mcibi.engine.step import build_optimizer, train_step
     from mcibi.models import build_segmentor
-    from mcibi.official import model_params_from_official
-    from mcibi.optim import scheduled_lr
-    from mcibi.training import build_optimizer, train_step
+    from mcibi.official.checkpoints import convert_official_checkpoint, official_key_to_ours
 
     stem, opt_config = OPTIMISERS[optimiser]
     cfg = official_config(STEP_MODEL)
@@ -365,10 +365,10 @@ def test_swin_l_parameter_rules_equal_the_official():
     from ssseg.modules.models.optimizers import BuildOptimizer
     from ssseg.modules.models.segmentors.mcibiplusplus.mcibiplusplus import MCIBIPlusPlus
 
-    from mcibi.checkpoint import convert_official_checkpoint
+    from mcibi.catalogue.official import model_params_from_official
+    from mcibi.engine.step import build_optimizer
     from mcibi.models import build_segmentor
-    from mcibi.official import model_params_from_official
-    from mcibi.training import build_optimizer
+    from mcibi.official.checkpoints import convert_official_checkpoint
 
     stem, name = OPTIMISERS["adamw_swinl_rules"]
     cfg = official_config(name)

@@ -25,8 +25,8 @@ from mcibi.cli import main
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """A tiny demo model trained for one epoch with MLflow tracking: (root, run folder, tracking URI, run id)."""
-    from mcibi.params import load_params
-    from mcibi.training import train
+    from mcibi.engine.train import train
+    from mcibi.spec.params import load_params
 
     root = tmp_path_factory.mktemp("predict")
     tiny_dataset(root)
@@ -56,7 +56,7 @@ def _env(uri: str) -> dict[str, str]:
 def test_predict_cli_equals_segmenter_and_pyfunc(trained, tmp_path, caplog):
     import mlflow
 
-    from mcibi.predict import Segmenter
+    from mcibi.evaluation.predict import Segmenter
 
     root, run_dir, uri, run_id = trained
     files, images = _val_images(root)
@@ -111,8 +111,8 @@ def test_predict_cli_equals_segmenter_and_pyfunc(trained, tmp_path, caplog):
 def test_run_records_dataset_model_and_registers(trained, caplog, monkeypatch):
     from mlflow import MlflowClient
 
-    from mcibi.predict import Segmenter
-    from mcibi.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+    from mcibi.evaluation.predict import Segmenter
+    from mcibi.tracking.runs import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
 
     root, run_dir, uri, run_id = trained
     client = MlflowClient(uri)
@@ -144,7 +144,7 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_served_model_answers_one_request(trained):
     """`mlflow models serve` on 127.0.0.1 (local environment) answers /invocations; bounded by `timeout`."""
-    from mcibi.predict import Segmenter
+    from mcibi.evaluation.predict import Segmenter
 
     root, run_dir, uri, run_id = trained
     port = _free_port()

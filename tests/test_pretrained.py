@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
+from mcibi.catalogue.official import load_official_configs
 from mcibi.models.backbone import Backbone
-from mcibi.official import load_official_configs
-from mcibi.pretrained import (
+from mcibi.official.pretrained import (
     OFFICIAL_WEIGHTS,
     OfficialWeights,
     PretrainedError,

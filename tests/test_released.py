@@ -15,8 +15,8 @@ import pytest
 import torch
 import yaml
 
-from mcibi.official import load_official_configs
-from mcibi.released import ReleaseError, parse_official_log, release_of, released_file
+from mcibi.catalogue.official import load_official_configs
+from mcibi.official.released import ReleaseError, parse_official_log, release_of, released_file
 from tests.miniature_datasets import BUILDERS, Server, local_path
 
 ssseg = pytest.importorskip("ssseg", reason="the official sssegmentation package is not installed")
@@ -173,8 +173,8 @@ def test_init_from_loads_a_converted_release(tmp_path):
     import dataclasses
 
     from mcibi.models import build_segmentor
-    from mcibi.params import load_params
-    from mcibi.released import initialise_from
+    from mcibi.official.released import initialise_from
+    from mcibi.spec.params import load_params
 
     pth = tmp_path / "released.pth"
     _official_checkpoint(pth)
@@ -183,7 +183,7 @@ def test_init_from_loads_a_converted_release(tmp_path):
                                                                                   pretrained=False))
     model = build_segmentor(model_params)
     initialise_from(model, pth, model_params)
-    from mcibi.checkpoint import convert_official_checkpoint, load_official_file
+    from mcibi.official.checkpoints import convert_official_checkpoint, load_official_file
 
     expected = convert_official_checkpoint(load_official_file(pth), model_params)
     got = model.state_dict()
@@ -194,8 +194,8 @@ def test_init_from_loads_a_converted_release(tmp_path):
 
 def test_table_shows_the_released_weights_beside_published(tmp_path):
     from mcibi.files import write_json
-    from mcibi.params import load_params
-    from mcibi.report import OFFICIAL_TITLE, build_table, to_markdown
+    from mcibi.reports.table import OFFICIAL_TITLE, build_table, to_markdown
+    from mcibi.spec.params import load_params
 
     exps = [load_params(ROOT / "params" / "pascalvoc" / f"upernet_{b}_mcibipp.yaml") for b in ("r50", "r101")]
     write_json(tmp_path / "official" / "upernet_r50_mcibipp" / "eval" / "ss.json", {"mIoU": 0.7941})

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from mcibi.params import experiment_files, load_params
-from mcibi.report import build_table, lr_title, to_markdown, write_tables
-from mcibi.runs import seed_runs
+from mcibi.reports.table import build_table, lr_title, to_markdown, write_tables
+from mcibi.spec.params import experiment_files, load_params
+from mcibi.spec.runs import seed_runs
 
 PARAMS = Path(__file__).resolve().parents[1] / "params"
 DEMO = PARAMS / "demo"

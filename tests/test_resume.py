@@ -9,8 +9,8 @@ import pytest
 import torch
 from tiny_training import env_one_thread, mcibi_cmd, run, tiny_dataset, tiny_params
 
-from mcibi.checkpoint import load_checkpoint
-from mcibi.params import load_params
+from mcibi.models.checkpoint import load_checkpoint
+from mcibi.spec.params import load_params
 
 
 @pytest.fixture(scope="module")
@@ -88,11 +88,12 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(data_root, data_root_15
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_root, tmp_path, monkeypatch):
-    import mcibi.training as training
+    from mcibi.engine import step
+    from mcibi.engine import train as loop
 
     params = load_params(tiny_params(tmp_path / "params", memory="none", epochs=1))
     calls = {"n": 0}
-    real = training.compute_losses
+    real = step.compute_losses
 
     def poisoned(out, labels, p):
         calls["n"] += 1
@@ -101,10 +102,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_root, tmp
             losses["total"] = losses["total"] * float("nan")
         return losses
 
-    monkeypatch.setattr(training, "compute_losses", poisoned)
+    monkeypatch.setattr(step, "compute_losses", poisoned)
     out = tmp_path / "run"
-    with pytest.raises(training.NonFiniteLossError, match=r"iteration 2 .*iter_00000002\.pt"):
-        training.train(params, data_root, out, threads=1)
+    with pytest.raises(step.NonFiniteLossError, match=r"iteration 2 .*iter_00000002\.pt"):
+        loop.train(params, data_root, out, threads=1)
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["iter_00000002.pt"]
     assert not (out / "model.pt").exists()
 
@@ -112,7 +113,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_root, tmp
 def test_resume_ignores_execution_settings_and_refuses_other_params(data_root, tmp_path):
     import dataclasses
 
-    from mcibi.training import ResumeConflictError, train
+    from mcibi.engine.resume import ResumeConflictError
+    from mcibi.engine.train import train
 
     params = load_params(tiny_params(tmp_path / "params", memory="none", epochs=1))
     out = tmp_path / "run"

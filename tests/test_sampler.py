@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from mcibi.catalogue.official import load_official_configs
 from mcibi.catalogue.rows import DATASETS, catalogue_entry
 from mcibi.data.lookup import get_spec
 from mcibi.distributed import batch_plan
-from mcibi.official import load_official_configs
-from mcibi.params import SamplerParams, experiment_files, load_params
-from mcibi.sampler import epoch_steps, iterations_per_epoch, padded_order
-from mcibi.training import SEED_STRIDE, epoch_batches, epoch_order
+from mcibi.engine.order import SEED_STRIDE, epoch_batches, epoch_order
+from mcibi.spec.params import SamplerParams, experiment_files, load_params
+from mcibi.spec.sampler import epoch_steps, iterations_per_epoch, padded_order
 
 PARAMS = Path(__file__).resolve().parents[1] / "params"
 DISTRIBUTED = SamplerParams("distributed", 8)

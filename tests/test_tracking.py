@@ -4,7 +4,7 @@ replaces its child run, an evaluation logged twice (by hand, then by the figures
 import torch
 from mlflow import MlflowClient
 
-from mcibi.tracking import RunLogger, hardware, log_evaluation
+from mcibi.tracking.runs import RunLogger, hardware, log_evaluation
 
 
 def _rows(client, run_id, key):
@@ -45,7 +45,7 @@ def test_two_jobs_logging_the_same_dataset_both_get_it_as_input(tmp_path):
     row (MLflow raises IntegrityError) retries and links the row the other job wrote."""
     import json
 
-    from mcibi.tracking import log_dataset_inputs
+    from mcibi.tracking.runs import log_dataset_inputs
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     data = tmp_path / "demo"

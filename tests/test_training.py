@@ -8,10 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mcibi.engine.losses import compute_losses
+from mcibi.engine.optim import poly_lr
+from mcibi.engine.step import memory_momentum, train_step
 from mcibi.models import build_segmentor
 from mcibi.models.segmentor import onehot_gather_logits
-from mcibi.params import load_params
-from mcibi.training import compute_losses, memory_momentum, poly_lr, train_step
+from mcibi.spec.params import load_params
 
 DEMO = Path(__file__).resolve().parents[1] / "params" / "demo"
 
@@ -100,7 +102,8 @@ def test_same_seed_same_weights():
 @pytest.mark.parametrize("align", [False, True])
 @pytest.mark.parametrize("classes", [7, 40])  # short rows stay NCHW, long ones run class-innermost
 def test_upsampled_cross_entropy_equals_the_nchw_formulation(align, classes):
-    from mcibi.training import class_rows_are_fast, upsampled_cross_entropy
+    from mcibi.engine.layout import class_rows_are_fast
+    from mcibi.engine.losses import upsampled_cross_entropy
 
     assert class_rows_are_fast(40, torch.device("cpu")) or torch.backends.cpu.get_cpu_capability() == "DEFAULT"
     assert not class_rows_are_fast(7, torch.device("cpu")) and class_rows_are_fast(7, torch.device("meta"))
@@ -117,8 +120,8 @@ def test_upsampled_cross_entropy_equals_the_nchw_formulation(align, classes):
 
 # ------------------------------------------------------------------------ schedules, parameter rules, batch plans
 def test_warmup_then_poly_at_known_iterations():
-    from mcibi.optim import scheduled_lr
-    from mcibi.params import ScheduleParams
+    from mcibi.engine.optim import scheduled_lr
+    from mcibi.spec.params import ScheduleParams
 
     s = ScheduleParams(power=1.0, min_lr=0.0, warmup_iters=10, warmup_ratio=0.1)
     assert scheduled_lr(1.0, s, 0, 100) == pytest.approx(0.1)  # ratio x poly(0) = 0.1 x 1
@@ -145,8 +148,8 @@ class _Rules(torch.nn.Module):
 
 
 def test_adamw_parameter_rules():
-    from mcibi.optim import build_optimizer, set_lr
-    from mcibi.params import OptimizerParams
+    from mcibi.engine.optim import build_optimizer, set_lr
+    from mcibi.spec.params import OptimizerParams
 
     opt = OptimizerParams(name="adamw", lr=6e-5, momentum=0.9, weight_decay=0.01, betas=(0.9, 0.999),
                           no_decay_norms=True, no_decay_keys=("absolute_pos_embed", "relative_position_bias_table"),
@@ -170,7 +173,7 @@ def test_adamw_parameter_rules():
 
 def test_sgd_without_rules_is_one_group():
     p = _params()
-    from mcibi.training import build_optimizer
+    from mcibi.engine.step import build_optimizer
 
     model = build_segmentor(p.model)
     optimizer = build_optimizer(model, p)

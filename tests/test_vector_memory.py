@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mcibi.engine.losses import compute_losses
+from mcibi.engine.step import build_optimizer, memory_metrics, train_step
 from mcibi.models.memory import VectorMemory
-from mcibi.params import load_params
-from mcibi.training import build_optimizer, compute_losses, memory_metrics, train_step
+from mcibi.spec.params import load_params
 
 
 def reference_update(memory, feats, labels, momentum, num_classes):

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from mcibi.catalogue.rows import DATASETS
-from mcibi.params import experiment_files, load_params
+from mcibi.spec.params import experiment_files, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIP = {".git", ".venv", ".snakemake", "runs", "results", "data", "downloads", "logs", "mlflow.db", "mlruns",
@@ -54,7 +54,7 @@ def test_dry_run_plans_the_whole_chain(tmp_path):
 
 def test_parsing_the_workflow_imports_neither_torch_nor_pandas(repo_copy):
     """Building the DAG (every params file of a dataset loaded and validated) stays fast: the rules' imports are
-    torch- and pandas-free (mcibi.params, mcibi.runs, mcibi.catalogue.rows, mcibi.data.specs)."""
+    torch- and pandas-free (mcibi.spec.params, mcibi.spec.runs, mcibi.catalogue.rows, mcibi.data.specs)."""
     # every import statement naming torch / pandas (cached or not) made by this repository's code (the Snakefile,
     # the rules, mcibi) is recorded; installed plugins may import pandas themselves (the SLURM executor plugin does)
     probe = """

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from mcibi.catalogue.generate import EXECUTION, SAMPLER
 from mcibi.catalogue.rows import Row, rows_of
 from mcibi.data.lookup import get_spec
-from mcibi.params import SamplerParams
-from mcibi.sampler import iterations_per_epoch
+from mcibi.spec.params import SamplerParams
+from mcibi.spec.sampler import iterations_per_epoch
 
 # ASSUMED training throughput (images per second per GPU) at a 512x512 crop on an A100/H100-class GPU in fp32/TF32
 # with the MCIBI++ head. Not measured here (no GPU was available to this work): replace them with

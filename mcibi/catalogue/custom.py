@@ -16,8 +16,8 @@ import yaml
 from mcibi.data.custom import CustomDatasetError, description_path, load_description, validate
 from mcibi.data.lookup import get_spec
 from mcibi.files import write_text
-from mcibi.params import SLIDE_MODES, SamplerParams, load_params, params_from_dict, to_dict
-from mcibi.sampler import iterations_per_epoch
+from mcibi.spec.params import SLIDE_MODES, SamplerParams, load_params, params_from_dict, to_dict
+from mcibi.spec.sampler import iterations_per_epoch
 
 
 def _scaled(value: list[int], factor: float, multiple: int = 8) -> list[int]:

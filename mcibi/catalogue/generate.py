@@ -1,7 +1,7 @@
 """The params files of the seed rows: ``params/<dataset>/<framework>_<backbone>_<memory>.yaml`` plus one
-``defaults.yaml`` per dataset, from the rows (:mod:`mcibi.catalogue.rows`) and the official configs shipped in the
-package (:func:`mcibi.official.load_official_configs`). The files are committed, and the test suite checks that
-they are exactly what this module generates (``mcibi catalogue write|check``).
+``defaults.yaml`` per dataset, from the rows (:mod:`mcibi.catalogue.rows`) and the official configs shipped
+in the package (:func:`mcibi.catalogue.official.load_official_configs`). The files are committed, and the test suite
+checks that they are exactly what this module generates (``mcibi catalogue write|check``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import yaml
 from mcibi.catalogue.rows import DATASET_TITLES, DATASETS, SECTIONS, Row, backbone_title, rows_of
 from mcibi.data.lookup import get_spec
 from mcibi.files import write_text
-from mcibi.params import DEFAULTS_FILE, merge, to_dict
+from mcibi.spec.params import DEFAULTS_FILE, merge, to_dict
 
 # pipelines of mcibi.data.specs by crop (the 640 one for ADE20k's Swin-L row; LIP's HRNet row crops 512 from
 # the 473 pipeline's 520x520 resize, as its seed row states)
@@ -77,7 +77,7 @@ def _protocols(row: Row, cfg: dict) -> dict:
 
 def experiment_dict(row: Row, cfg: dict, baseline: bool = False) -> dict:
     """The complete (merged) params of one row, or of its baseline."""
-    from mcibi.official import model_params_from_official
+    from mcibi.catalogue.official import model_params_from_official
 
     spec = get_spec(row.dataset)
     data = spec.data_params(_PIPELINE.get((row.dataset, row.crop)))

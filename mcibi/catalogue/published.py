@@ -13,7 +13,7 @@ PUBLISHED_FILE = "published.csv"
 @cache
 def published() -> tuple[dict[str, str], ...]:
     """The published mIoU values (``mcibi/published.csv``): one record per row, protocol and source."""
-    text = resources.files("mcibi").joinpath(PUBLISHED_FILE).read_text()
+    text = resources.files("mcibi.catalogue").joinpath(PUBLISHED_FILE).read_text()
     return tuple(csv.DictReader(line for line in text.splitlines() if not line.startswith("#")))
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from mcibi.data.specs import IGNORE_INDEX
-from mcibi.params import DataParams, ResizeParams
+from mcibi.spec.params import DataParams, ResizeParams
 
 MEAN = np.array([123.675, 116.28, 103.53], np.float32)  # ImageNet RGB statistics, as every official config
 STD = np.array([58.395, 57.12, 57.375], np.float32)

@@ -85,7 +85,7 @@ class Backbone(nn.Module):
         self.hrnet = _is_hrnet(name)
         if pretrained not in (False, True, "official"):
             raise ValueError(f"backbone '{name}': pretrained must be false, true (timm's weights) or 'official'.")
-        # "official": the file the official toolbox starts from, loaded below (mcibi.pretrained)
+        # "official": the file the official toolbox starts from, loaded below (mcibi.official.pretrained)
         kwargs: dict = {"features_only": True, "pretrained": pretrained is True}
         if drop_path_rate > 0:
             kwargs["drop_path_rate"] = drop_path_rate  # stochastic depth (Swin-L: 0.3 in the official configs)
@@ -109,7 +109,7 @@ class Backbone(nn.Module):
         except (RuntimeError, TypeError, ValueError) as exc:
             raise ValueError(f"backbone '{name}' cannot be built by timm with {kwargs}: {exc}") from exc
         if pretrained == "official":
-            from mcibi.pretrained import load_official_backbone
+            from mcibi.official.pretrained import load_official_backbone
 
             load_official_backbone(self.body, name)
         if output_stride < 32 and name.startswith("resnest"):

@@ -20,7 +20,7 @@ from torch import nn
 from mcibi.models.backbone import Backbone
 from mcibi.models.blocks import ASPP, PPM, ConvBNReLU, SelfAttention, resize_bilinear
 from mcibi.models.memory import ClassMemory, DistributionMemory, VectorMemory
-from mcibi.params import CONTEXT_MODULES, ModelParams
+from mcibi.spec.params import CONTEXT_MODULES, ModelParams
 
 MEMORY_KINDS: dict[str, type[ClassMemory]] = {"mcibi++": DistributionMemory, "mcibi": VectorMemory}
 

@@ -9,8 +9,8 @@ from snakemake.utils import validate
 from mcibi.catalogue.rows import select
 from mcibi.data.lookup import get_spec
 from mcibi.data.fingerprint import change_stamp
-from mcibi.params import PROTOCOL_NAMES, Untracked, experiment_files, load_params, protocol_hash, trajectory_hash
-from mcibi.runs import job_threads, launcher, seed_runs, with_seed
+from mcibi.spec.params import PROTOCOL_NAMES, Untracked, experiment_files, load_params, protocol_hash, trajectory_hash
+from mcibi.spec.runs import job_threads, launcher, seed_runs, with_seed
 
 
 validate(config, "../schemas/config.schema.yaml")

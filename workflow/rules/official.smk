@@ -1,10 +1,10 @@
-# The authors' released weights and logs of the SOTA rows (mcibi.released):
+# The authors' released weights and logs of the SOTA rows (mcibi.official.released):
 #   snakemake --cores all results/<dataset>/official
 # downloads each row's .pth and .log (resumable; sha256 recorded, then verified), converts the checkpoint, evaluates
 # it under the row's protocols on the prepared data (CityScapes test rows: exported for the server), turns the log
 # into an MLflow run (tag source=official) whose child runs hold the evaluations, and writes the dataset's table
 # with the column "Official weights (our evaluation)". Everything lives under runs/<dataset>/official/<experiment>/.
-from mcibi.released import release_params, release_params_files, released_outputs, released_rows
+from mcibi.official.released import release_params, release_params_files, released_outputs, released_rows
 
 OFFICIAL = f"{RUNS}/{{dataset}}/official/{{experiment}}"
 

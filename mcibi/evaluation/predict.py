@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mcibi.params import ExperimentParams, load_params
+from mcibi.spec.params import ExperimentParams, load_params
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ DATASET_INFO = "segmenter.json"  # what a Segmenter needs besides the checkpoint
 def dataset_info(name: str) -> dict[str, Any]:
     """Classes, flip pairs and palette of a dataset (a custom dataset's own palette when it defines one)."""
     from mcibi.data.lookup import get_spec
-    from mcibi.figures import palette as default_palette
+    from mcibi.data.palette import palette as default_palette
 
     spec = get_spec(name)
     palette = getattr(spec, "palette", None) or default_palette(spec.num_classes).tolist()
@@ -55,7 +55,7 @@ class Segmenter:
 
     def __init__(self, model: torch.nn.Module, params: ExperimentParams, info: dict[str, Any], protocol: str = "ss",
                  device: torch.device | None = None, layout: Any = torch.contiguous_format) -> None:
-        from mcibi.evaluation import protocol_params
+        from mcibi.evaluation.protocols import protocol_params
 
         self.model, self.params, self.info = model, params, info
         self.protocol_name = protocol
@@ -75,8 +75,8 @@ class Segmenter:
                         info: dict[str, Any] | None = None) -> Segmenter:
         """Load ``checkpoint`` (a ``model.pt``); ``params`` defaults to the params stored in it (a given file must
         describe the same model), ``info`` (classes, flip pairs, palette) to the dataset's."""
-        from mcibi.checkpoint import checkpoint_params, load_checkpoint
-        from mcibi.evaluation import load_model
+        from mcibi.evaluation.protocols import load_model
+        from mcibi.models.checkpoint import checkpoint_params, load_checkpoint
 
         state = load_checkpoint(checkpoint)
         if params is None:
@@ -97,14 +97,14 @@ class Segmenter:
             return cls.from_checkpoint(folder / "model.pt", protocol=protocol, device=device)
         if folder.is_dir() and (folder / "MLmodel").is_file():
             return cls.from_mlflow_model_dir(folder, protocol, device)
-        from mcibi.tracking import download_model
+        from mcibi.tracking.runs import download_model
 
         return cls.from_mlflow_model_dir(download_model(str(run), tracking_uri), protocol, device)
 
     @classmethod
     def from_mlflow_model_dir(cls, model_dir: str | Path, protocol: str = "ss", device: str | None = None
                               ) -> Segmenter:
-        """Load a local copy of a logged MLflow model (see :mod:`mcibi.mlflow_model`)."""
+        """Load a local copy of a logged MLflow model (see :mod:`mcibi.evaluation.serving`)."""
         artifacts = Path(model_dir) / "artifacts"
         info = json.loads((artifacts / DATASET_INFO).read_text())
         return cls.from_checkpoint(artifacts / "model.pt", protocol=protocol, device=device, info=info)
@@ -118,7 +118,7 @@ class Segmenter:
 
     def predict_batch(self, images: list[np.ndarray], probs: bool = False) -> list[Prediction]:
         """Predictions for RGB uint8 images of one size (H, W, 3), in one forward per protocol pass."""
-        from mcibi.evaluation import protocol_scores
+        from mcibi.evaluation.protocols import protocol_scores
 
         if not images:
             return []

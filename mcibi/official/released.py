@@ -23,7 +23,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mcibi.files import write_json
-from mcibi.params import DEFAULTS_FILE, ExperimentParams, ModelParams, experiment_files, flatten, load_params, to_dict
+from mcibi.spec.params import (
+    DEFAULTS_FILE,
+    ExperimentParams,
+    ModelParams,
+    experiment_files,
+    flatten,
+    load_params,
+    to_dict,
+)
 
 if TYPE_CHECKING:  # the workflow's parse step imports this module: no torch at import time
     from torch import nn
@@ -208,8 +216,9 @@ def released_file(folder: str | Path, kind: str) -> Path | None:
 # ------------------------------------------------------------------------------------------------------ convert
 def convert_release(checkpoint: str | Path, params: ExperimentParams, out: str | Path, **extra: Any) -> None:
     """An official checkpoint as an mcibi checkpoint of ``params`` (strict conversion, then saved atomically)."""
-    from mcibi.checkpoint import convert_official_checkpoint, load_official_file, save_checkpoint
     from mcibi.models import build_for_weights
+    from mcibi.models.checkpoint import save_checkpoint
+    from mcibi.official.checkpoints import convert_official_checkpoint, load_official_file
 
     model = build_for_weights(params.model)
     model.load_state_dict(convert_official_checkpoint(load_official_file(checkpoint), params.model), strict=True)
@@ -219,7 +228,7 @@ def convert_release(checkpoint: str | Path, params: ExperimentParams, out: str |
 def initialise_from(model: nn.Module, path: str | Path, model_params: ModelParams) -> None:
     """``model.init_from``: load every weight (memory included) from an mcibi checkpoint or an official ``.pth``
     (converted), strictly. Only the weights: the optimiser and schedule start afresh (fine-tuning)."""
-    from mcibi.checkpoint import (
+    from mcibi.models.checkpoint import (
         CheckpointError,
         convert_official_checkpoint,
         load_checkpoint,
@@ -273,7 +282,7 @@ def parse_official_log(text: str) -> dict[str, list[dict[str, Any]]]:
 def log_release_run(uri: str, params: ExperimentParams, log_file: Path | None, record: dict[str, Any]) -> str:
     """One MLflow run for a released row in the dataset's experiment: tag source=official, the params, and from
     the log the loss curves per iteration (our metric names), lr and the reported mIoU; return its id."""
-    from mcibi.tracking import RunLogger
+    from mcibi.tracking.runs import RunLogger
 
     parsed = parse_official_log(log_file.read_text(errors="replace")) if log_file else {"train": [], "eval": []}
     tags = {"source": "official", "dataset": params.data.name, "experiment": params.name,

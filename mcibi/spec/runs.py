@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from mcibi.params import ExperimentParams, ResourceParams
+from mcibi.spec.params import ExperimentParams, ResourceParams
 
 
 def seed_runs(stem: str, base_seed: int, seeds: int) -> list[tuple[str, int]]:

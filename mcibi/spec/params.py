@@ -79,7 +79,7 @@ class BackboneParams:
 
     name: str  # timm model name, e.g. resnet50c, resnet101c, resnet10t
     # false: random init; true: timm's ImageNet weights for `name`; official: the file the official toolbox starts
-    # from (open-mmlab V1c ResNets, ResNeSt, HRNet, the Swin 22k release), see mcibi/pretrained.py
+    # from (open-mmlab V1c ResNets, ResNeSt, HRNet, the Swin 22k release), see mcibi/official/pretrained.py
     pretrained: Literal[False, True, "official"]
     output_stride: Literal[4, 8, 16, 32]  # HRNet: 4 (its finest branch; the official configs say so)
     drop_path_rate: float  # stochastic depth (official Swin-L: 0.3; CNNs: 0)
@@ -188,7 +188,7 @@ class LossWeights:
 
 @dataclass(frozen=True)
 class SamplerParams:
-    """How an epoch becomes iterations: their number and which images each takes (see :mod:`mcibi.sampler`)."""
+    """How an epoch becomes iterations: their number and which images each takes (see :mod:`mcibi.spec.sampler`)."""
 
     # loader: the shuffled order in global batches, the last partial one dropped (N // total iterations);
     # distributed: torch's DistributedSampler over `replicas` processes with a DataLoader of total / replicas

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mcibi.params import OptimizerParams, ScheduleParams
+from mcibi.spec.params import OptimizerParams, ScheduleParams
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 

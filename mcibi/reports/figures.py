@@ -24,32 +24,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from mcibi.data.palette import palette  # noqa: E402
 from mcibi.files import write_json, write_text  # noqa: E402
-from mcibi.params import PROTOCOL_TITLES, ExperimentParams, flatten, to_dict  # noqa: E402
+from mcibi.spec.params import PROTOCOL_TITLES, ExperimentParams, flatten, to_dict  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 MANY_CLASSES = 40  # above this, heatmaps drop tick labels and legends are left out
 
 
-def palette(num_classes: int) -> np.ndarray:
-    """A deterministic RGB colour per class (the PASCAL VOC bit-interleaving scheme), shape (K, 3) uint8."""
-    out = np.zeros((num_classes, 3), dtype=np.uint8)
-    for k in range(num_classes):
-        c, r, g, b = k, 0, 0, 0
-        for shift in range(7, -1, -1):
-            r |= ((c >> 0) & 1) << shift
-            g |= ((c >> 1) & 1) << shift
-            b |= ((c >> 2) & 1) << shift
-            c >>= 3
-        out[k] = (r, g, b)
-    return out
-
-
 def params_hash(params: ExperimentParams) -> str:
     """Short sha256 of the merged, validated params (name and path excluded): equal hashes = same experiment.
     The same value the training run was tagged with (:func:`mcibi.tracking.params_hash`)."""
-    from mcibi.tracking import params_hash as flat_hash
+    from mcibi.tracking.runs import params_hash as flat_hash
 
     return flat_hash(flatten(to_dict(params)))
 
@@ -208,7 +195,7 @@ def make_figures(params: ExperimentParams, run_dir: str | Path, data_root: str |
     first = next(iter(params.evaluate.protocols))
     samples = run_dir / "eval" / f"{first}_samples.npz"
     if num_images > 0 and samples.is_file():
-        from mcibi.eval_samples import read_samples
+        from mcibi.evaluation.samples import read_samples
 
         _, images, labels, preds = read_samples(samples)
         if images:
@@ -225,7 +212,7 @@ def make_figures(params: ExperimentParams, run_dir: str | Path, data_root: str |
             "protocols": " ".join(params.evaluate.protocols), "table_section": section or "-",
             "paired_baseline": baseline or "-", "run_folder": str(run_dir)}
     if tracking_uri and run_id and params.model.memory.kind != "none":
-        from mcibi.tracking import memory_history
+        from mcibi.tracking.runs import memory_history
 
         history = memory_history(tracking_uri, run_id, list(spec.classes))
         if any(history.values()):
@@ -234,7 +221,7 @@ def make_figures(params: ExperimentParams, run_dir: str | Path, data_root: str |
     write_json(out / "tags.json", tags)
     files.append(out / "tags.json")
     if tracking_uri and run_id:
-        from mcibi.tracking import RunLogger, log_evaluation, run_tags
+        from mcibi.tracking.runs import RunLogger, log_evaluation, run_tags
 
         common = run_tags(params, machine="not recorded")  # each evaluation's own `hardware` record wins
         for proto, res in results.items():  # idempotent: evaluations logged before are left as they are

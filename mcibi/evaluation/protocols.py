@@ -21,18 +21,18 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mcibi.checkpoint import checkpoint_params, load_checkpoint, load_weights
 from mcibi.data.dataset import SegmentationDataset
 from mcibi.data.lookup import get_spec
 from mcibi.data.transforms import build_test_transform
 from mcibi.distributed import DistEnv, setup, teardown
-from mcibi.eval_samples import write_samples
+from mcibi.evaluation.inference import predict_tta
+from mcibi.evaluation.metrics import ConfusionMatrix
+from mcibi.evaluation.samples import write_samples
 from mcibi.files import atomic_open, atomic_path, write_json
-from mcibi.inference import predict_tta
-from mcibi.metrics import ConfusionMatrix
 from mcibi.models import build_for_weights
+from mcibi.models.checkpoint import checkpoint_params, load_checkpoint, load_weights
 from mcibi.models.folding import fold_batchnorm
-from mcibi.params import PROTOCOL_TITLES, ExperimentParams, ProtocolParams, to_dict
+from mcibi.spec.params import PROTOCOL_TITLES, ExperimentParams, ProtocolParams, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +107,8 @@ def evaluate(
     Predictions are resized back to each image's original size before scoring, as the official test script
     does; the checkpoint's model params must equal ``params.model`` (a different file is an error). Every rank
     returns the same (all-reduced) record; only rank 0 should write it. With ``samples_out``, the main process
-    also writes its first ``samples`` (image, label, prediction) triples there (:mod:`mcibi.eval_samples`), which the
-    figures job draws as overlays without loading the model again.
+    also writes its first ``samples`` (image, label, prediction) triples there (:mod:`mcibi.evaluation.samples`),
+    which the figures job draws as overlays without loading the model again.
     """
     proto = protocol_params(params, protocol)
     if threads:

@@ -19,7 +19,7 @@ from typing import Any
 import mlflow
 import numpy as np
 
-from mcibi.tracking import MODEL_NAME, default_tracking_uri, model_uri
+from mcibi.tracking.runs import MODEL_NAME, default_tracking_uri, model_uri
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +29,13 @@ class SegmenterModel(mlflow.pyfunc.PythonModel):
     """The pyfunc face of :class:`mcibi.predict.Segmenter`."""
 
     def load_context(self, context):  # noqa: ANN001 - MLflow checks the hints of these two methods
-        from mcibi.predict import Segmenter
+        from mcibi.evaluation.predict import Segmenter
 
         info = json.loads(Path(context.artifacts["info"]).read_text())
         self.segmenter = Segmenter.from_checkpoint(context.artifacts["checkpoint"], info=info, device="cpu")
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001
-        from mcibi.predict import Segmenter
+        from mcibi.evaluation.predict import Segmenter
 
         images = np.asarray(model_input, dtype=np.uint8)
         if images.ndim == 3:
@@ -83,9 +83,9 @@ class _Flavours:
         from mlflow.models import Model
 
         import mcibi
-        from mcibi.checkpoint import checkpoint_params, load_checkpoint, load_weights
+        from mcibi.evaluation.predict import DATASET_INFO
         from mcibi.models import build_for_weights
-        from mcibi.predict import DATASET_INFO
+        from mcibi.models.checkpoint import checkpoint_params, load_checkpoint, load_weights
 
         with tempfile.TemporaryDirectory() as tmp:
             info_file = Path(tmp) / DATASET_INFO
@@ -113,7 +113,7 @@ def log_model(tracking_uri: str, run_id: str, checkpoint: str | Path, dataset: s
     """Log ``checkpoint`` as the run's MLflow model (``runs:/<run_id>/model``); returns the model URI."""
     from mlflow.models import Model
 
-    from mcibi.predict import dataset_info
+    from mcibi.evaluation.predict import dataset_info
 
     mlflow.set_tracking_uri(tracking_uri)
     # the logged model belongs to the active experiment: the run's, not "Default"

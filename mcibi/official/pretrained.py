@@ -23,7 +23,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "MCIBI_PRETRAINED_DIR"  # where the files are cached (default ~/.cache/mcibi/pretrained)
+CACHE_ENV = "MCIBI_PRETRAINED_DIR"  # where the files are cached (default ~/.cache/mcibi/official/pretrained)
 MIRROR_ENV = "MCIBI_PRETRAINED_MIRROR"  # a base URL serving the files under /<host>/<path> (mirrors, tests)
 
 

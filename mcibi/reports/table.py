@@ -19,8 +19,8 @@ import pandas as pd
 from mcibi.catalogue.published import published_miou
 from mcibi.catalogue.rows import ROWS, SECTIONS, backbone_title, baseline_of, catalogue_entry
 from mcibi.files import write_text
-from mcibi.params import PROTOCOL_NAMES, PROTOCOL_TITLES, ExperimentParams
-from mcibi.runs import seed_runs
+from mcibi.spec.params import PROTOCOL_NAMES, PROTOCOL_TITLES, ExperimentParams
+from mcibi.spec.runs import seed_runs
 
 FRAMEWORK_NAMES = {"fcn": "FCN", "psnet": "PSNet", "upernet": "UperNet", "deeplabv3": "DeepLabV3"}
 MEMORY_NAMES = {"none": "-", "mcibi++": "MCIBI++", "mcibi": "MCIBI"}
@@ -110,7 +110,7 @@ def build_table(experiments: list[ExperimentParams], runs_dir: str | Path, seeds
             row |= {title: mean, f"{title} sd": sd, f"{title} n": len(ours[stem][proto]),
                     f"{title} published": pub, f"{title} published source": source,
                     f"{title} delta": mean - pub, f"{title} baseline": b_mean, f"{title} gain": mean - b_mean}
-        # the authors' released weights evaluated by us (runs/<dataset>/official/<stem>, mcibi.released)
+        # the authors' released weights evaluated by us (runs/<dataset>/official/<stem>, mcibi.official.released)
         row["Released"] = _released(p.data.name, stem)
         for proto in PROTOCOL_NAMES:
             result = _read(runs_dir / OFFICIAL_DIR / stem / "eval" / f"{proto}.json")
@@ -138,7 +138,7 @@ def build_table(experiments: list[ExperimentParams], runs_dir: str | Path, seeds
 
 
 def _released(dataset: str, stem: str) -> bool:
-    from mcibi.released import releases
+    from mcibi.official.released import releases
 
     return stem in releases(dataset)
 

@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from mcibi.files import json_digest
-from mcibi.params import ExperimentParams
+from mcibi.spec.params import ExperimentParams
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
 log = logging.getLogger(__name__)
 
-MODEL_NAME = "model"  # a run's logged MLflow model (mcibi.mlflow_model): runs:/<run id>/model
+MODEL_NAME = "model"  # a run's logged MLflow model (mcibi.evaluation.serving): runs:/<run id>/model
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 MAX_PARAM_LEN = 500
 _INVALID_KEY = re.compile(r"[^\w\-. /:]")  # MLflow accepts letters, digits, _ - . space / : in names

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-from mcibi.params import SamplerParams
+from mcibi.spec.params import SamplerParams
 
 
 def iterations_per_epoch(num_samples: int, total_batch: int, sampler: SamplerParams) -> int:

@@ -1,0 +1,1 @@
+"""MLflow tracking: experiments, runs, tags, metrics, datasets and model URIs."""
