@@ -55,7 +55,8 @@ def normalise(name: str) -> str:
 def conda_env(lock_text: str) -> str:
     """``workflow/envs/mcibi.yaml`` for ``snakemake --sdm conda``: Python and every locked pin (markers kept, hashes
     dropped: conda's pip section also installs the project itself, which has no hash)."""
-    lines = ["# Generated from requirements.lock by `python .ci/lock.py env`; do not edit (tests/test_lock.py).",
+    lines = ["# Generated from requirements.lock by `python .ci/lock.py env`; do not edit "
+             "(tests/project/test_lock.py).",
              "# Conda environment for `snakemake --sdm conda`: the locked versions, then the project itself.",
              "channels: [conda-forge]",
              "dependencies:",

@@ -131,7 +131,7 @@ def official_config(name: str, num_classes: int | None = None, path: Path | None
 
 def official_and_ours(name: str, cfg: dict, seed: int = 0):
     """The official MCIBI++ model (TEST mode, eval) with non-trivial state (random BatchNorm statistics and memory,
-    as tests/test_parity.py) and our model holding its converted weights: the same function twice."""
+    as tests/parity/test_parity.py) and our model holding its converted weights: the same function twice."""
     import torch
     from ssseg.modules.models.segmentors.mcibiplusplus.mcibiplusplus import MCIBIPlusPlus
 

@@ -39,7 +39,7 @@ def _normalize_table() -> np.ndarray:
     """(3, 256): every uint8 value per channel, normalised by :func:`_official_normalize` (what :func:`normalize`
     looks up). The values are laid out as a 16x16 image: OpenCV treats the (1, 3) mean as a per-channel scalar for
     such an image as for a photo (5.1 does not for an image one pixel wide), and its result does not depend on a
-    value's position (tests/test_transforms.py checks the lookup against the direct call)."""
+    value's position (tests/data/test_transforms.py checks the lookup against the direct call)."""
     levels = np.repeat(np.arange(256, dtype=np.float32).reshape(16, 16, 1), 3, axis=2)
     return _official_normalize(levels).reshape(256, 3).T.copy()
 
@@ -149,7 +149,7 @@ def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.nd
 
     The official pipeline applies it to the BGR image as read by OpenCV (its Normalize converts to RGB later), so
     its hue step turns the other way round the hue circle; we apply it to RGB, as intended (documented in the
-    README's parity section; tests/test_parity_training.py checks both).
+    README's parity section; tests/parity/test_parity_training.py checks both).
     """
     img = image
     if rng.integers(2):
@@ -172,7 +172,7 @@ def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.nd
 
 def normalize(image: np.ndarray) -> torch.Tensor:
     """(x - mean) / std on RGB, HWC uint8 → CHW float32, with the official Normalize's OpenCV operations
-    (bit-identical under the installed OpenCV; tests/test_parity_training.py)."""
+    (bit-identical under the installed OpenCV; tests/parity/test_parity_training.py)."""
     if image.dtype != np.uint8:
         return torch.from_numpy(np.ascontiguousarray(_official_normalize(image.astype(np.float32)).transpose(2, 0, 1)))
     # speed: per channel, the 256 possible results in a table; each channel plane looked up into CHW directly

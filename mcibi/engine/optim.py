@@ -63,7 +63,7 @@ def build_optimizer(model: nn.Module, opt: OptimizerParams, grad_scaling: bool =
     ``grad_scaling``: a GradScaler will drive the steps (fp16)."""
     groups = parameter_groups(model, opt)
     # one fused kernel per step instead of a Python loop over tensors (about 4x less optimiser time on CPU):
-    # SGD gives the same values bit for bit, AdamW up to the last bit (tests/test_fused_optimizer.py)
+    # SGD gives the same values bit for bit, AdamW up to the last bit (tests/engine/test_fused_optimizer.py)
     params = [p for g in groups for p in g["params"]]
     fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     if opt.name == "sgd":

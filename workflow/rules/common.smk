@@ -1,5 +1,5 @@
 # Parse-time setup: validate the workflow config and every selected params file before any job starts, and the
-# named input functions the rules use. The parse step imports neither torch nor pandas (tests/test_workflow.py).
+# named input functions the rules use. The parse step imports neither torch nor pandas (tests/workflow/test_workflow.py).
 import os
 import sys
 from pathlib import Path

@@ -19,6 +19,7 @@ from miniature_datasets import (
     build_mirror_layouts,
     jpg,
     local_path,
+    mini_spec,
     place,
     png_gray,
     png_palette,
@@ -60,19 +61,6 @@ def server():
     s.stop()
 
 
-def _mini_spec(dataset: str, mini, checksummed: bool = True):
-    """The real spec with the miniature archives' sha256 recorded (none: the archive has no published checksum)."""
-    shas = {}
-    for url, data in list(mini.served.items()) + list(mini.manual.items()):
-        name = url.rsplit("/", 1)[-1].split("?")[0]
-        if url.startswith("cityscapes:"):
-            name = {"cityscapes:1": "gtFine_trainvaltest.zip", "cityscapes:3": "leftImg8bit_trainvaltest.zip"}[url]
-        if name[-4:-3] == "." and name[-3:].isdigit():
-            continue  # a mirror volume: the checksum is the joined file's (in manual)
-        shas[name] = sha256(data) if checksummed else None
-    return with_checksums(get_spec(dataset), shas)
-
-
 def _arrange(dataset: str, server: Server, mini, monkeypatch) -> tuple:
     """Per dataset, the fault or path the download exercises; returns (checksummed, source expected)."""
     if dataset == "ade20k":
@@ -100,7 +88,7 @@ def test_download_prepare_verify_pixel_by_pixel(dataset, server, tmp_path, monke
     mini = BUILDERS[dataset]()
     server.serve(mini)
     checksummed, source = _arrange(dataset, server, mini, monkeypatch)
-    spec = _mini_spec(dataset, mini, checksummed)
+    spec = mini_spec(dataset, mini, checksummed)
     downloads = tmp_path / "downloads" / dataset
     paths = download(spec, downloads, url_map=server.url_map, retry_delay=0)
     assert [p.name for p in paths] == [a.name for a in next(s for s in spec.sources if s.name == source).archives]
@@ -137,7 +125,7 @@ def test_interrupted_transfer_resumes_with_a_range_request(server, tmp_path):
     data = mini.served[ADE_URL]
     path = local_path(ADE_URL)
     server.truncate_once.add(path)
-    spec = _mini_spec("ade20k", mini)
+    spec = mini_spec("ade20k", mini)
     before = len(server.log)
     download(spec, tmp_path, url_map=server.url_map, retry_delay=0)
     gets = [r for r in server.log[before:] if r[1] == path]
@@ -152,7 +140,7 @@ def test_a_partial_file_from_an_earlier_run_is_resumed(server, tmp_path):
     data = mini.served[url]
     (tmp_path / "VOCtrainval_03-May-2010.tar.part").write_bytes(data[:1000])
     before = len(server.log)
-    download(_mini_spec("pascalcontext", mini), tmp_path, url_map=server.url_map, retry_delay=0)
+    download(mini_spec("pascalcontext", mini), tmp_path, url_map=server.url_map, retry_delay=0)
     gets = [r for r in server.log[before:] if r[1] == local_path(url)]
     assert [g[2] for g in gets] == ["bytes=1000-"]
     assert (tmp_path / "VOCtrainval_03-May-2010.tar").read_bytes() == data
@@ -160,7 +148,7 @@ def test_a_partial_file_from_an_earlier_run_is_resumed(server, tmp_path):
 
 def test_a_corrupt_archive_is_rejected_never_extracted_nor_marked_done(server, tmp_path):
     mini = BUILDERS["ade20k"]()
-    spec = _mini_spec("ade20k", mini)  # records the sha256 of the good archive
+    spec = mini_spec("ade20k", mini)  # records the sha256 of the good archive
     corrupt = bytearray(mini.served[ADE_URL])
     corrupt[len(corrupt) // 3] ^= 0x01
     server.files[local_path(ADE_URL)] = bytes(corrupt)
@@ -181,7 +169,7 @@ def test_official_source_first_then_mirror(server, tmp_path):
     mini = BUILDERS["cocostuff10k"]()
     server.serve(mini)  # both the official zip and the mirror are good: the official one is taken
     before = len(server.log)
-    download(_mini_spec("cocostuff10k", mini), tmp_path, url_map=server.url_map, retry_delay=0)
+    download(mini_spec("cocostuff10k", mini), tmp_path, url_map=server.url_map, retry_delay=0)
     assert (tmp_path / "cocostuff-10k-v1.1.zip").is_file() and not (tmp_path / "COCOStuff10k.tar.gz").exists()
     assert not any("modelstore" in r[1] for r in server.log[before:])
 
@@ -190,7 +178,7 @@ def test_second_url_of_an_archive_is_tried(server, tmp_path):
     mini = BUILDERS["pascalvoc"]()
     server.serve(mini)
     before = len(server.log)
-    download(_mini_spec("pascalvoc", mini), tmp_path, url_map=server.url_map, retry_delay=0)
+    download(mini_spec("pascalvoc", mini), tmp_path, url_map=server.url_map, retry_delay=0)
     hosts = [r[1].split("/")[1] for r in server.log[before:] if r[1].endswith("benchmark.tgz")]
     assert hosts == ["www.eecs.berkeley.edu", "www2.eecs.berkeley.edu"]
 
@@ -226,7 +214,7 @@ def test_cityscapes_netrc_credentials(server, tmp_path, monkeypatch):
     netrc = tmp_path / ".netrc"
     netrc.write_text("machine www.cityscapes-dataset.com login alice password secret\n")
     netrc.chmod(0o600)
-    paths = download(_mini_spec("cityscapes", mini), tmp_path / "dl", url_map=server.url_map, retry_delay=0)
+    paths = download(mini_spec("cityscapes", mini), tmp_path / "dl", url_map=server.url_map, retry_delay=0)
     assert [p.read_bytes() for p in paths] == [mini.served["cityscapes:1"], mini.served["cityscapes:3"]]
 
 
@@ -234,7 +222,7 @@ def test_manually_placed_official_archives_are_used_without_network(tmp_path):
     """CityScapes and LIP archives placed by hand: nothing is fetched (the URL map points nowhere)."""
     for dataset in ("cityscapes", "lip"):
         mini = BUILDERS[dataset]()
-        spec = _mini_spec(dataset, mini)
+        spec = mini_spec(dataset, mini)
         place(tmp_path / dataset, mini.manual)
         paths = download(spec, tmp_path / dataset, url_map=lambda url: "http://127.0.0.1:9/unreachable")
         assert {p.name for p in paths} == set(mini.manual)
@@ -248,7 +236,7 @@ def test_manually_placed_official_archives_are_used_without_network(tmp_path):
 def test_voc_palette_pngs_are_read_as_indices_not_luminance(server, tmp_path):
     mini = BUILDERS["pascalvoc"]()
     server.serve(mini)
-    spec = _mini_spec("pascalvoc", mini)
+    spec = mini_spec("pascalvoc", mini)
     download(spec, tmp_path / "dl", url_map=server.url_map, retry_delay=0)
     out = prepare(spec, tmp_path / "dl", tmp_path / "voc", workers=1)
     raw_png = tmp_path / "raw.png"
@@ -288,7 +276,7 @@ def test_specs_are_complete_and_their_pipelines_are_valid_params():
 
 def test_verify_names_the_file_with_a_bad_label_or_size(server, tmp_path):
     mini = BUILDERS["vspw"]()
-    spec = _mini_spec("vspw", mini)
+    spec = mini_spec("vspw", mini)
     place(tmp_path / "dl", mini.manual)
     out = prepare(spec, tmp_path / "dl", tmp_path / "vspw", workers=1)
     assert verify_prepared(spec, out, expected=mini.splits)["splits"]["train"]["videos"] == 2
@@ -319,7 +307,7 @@ def test_a_label_value_outside_the_encoding_stops_prepare_naming_the_file(tmp_pa
 def test_preparation_throughput_is_reported(server, tmp_path, caplog):
     """Prepare logs images/s; the miniature LIP mirror archive is converted well above 20 images/s here."""
     mini = BUILDERS["lip"]()
-    spec = _mini_spec("lip", mini)
+    spec = mini_spec("lip", mini)
     server.serve(mini)
     download(spec, tmp_path / "dl", url_map=server.url_map, retry_delay=0)
     start = time.perf_counter()
@@ -359,7 +347,7 @@ def test_cityscapes_uses_the_official_downloader_when_installed(tmp_path, monkey
     from mcibi.data import download as dl
 
     mini = BUILDERS["cityscapes"]()
-    spec = _mini_spec("cityscapes", mini)
+    spec = mini_spec("cityscapes", mini)
     calls = []
 
     def download_packages(*, session, package_names, destination_path, resume=False):
@@ -396,7 +384,7 @@ def test_a_server_without_range_support_restarts_the_file(server, tmp_path):
     data = mini.served[url]
     server.no_range.add(local_path(url))
     (tmp_path / "trainval.tar.gz.part").write_bytes(b"garbage that must not survive")
-    download(_mini_spec("pascalcontext", mini), tmp_path, url_map=server.url_map, retry_delay=0)
+    download(mini_spec("pascalcontext", mini), tmp_path, url_map=server.url_map, retry_delay=0)
     assert (tmp_path / "trainval.tar.gz").read_bytes() == data
 
 
@@ -408,7 +396,7 @@ def test_mirror_layouts_are_converted(dataset, server, tmp_path):
     for url in [a_url for s in get_spec(dataset).sources if s.name == "official" for a in s.archives
                 for a_url in a.urls]:
         server.files.pop(local_path(url), None)
-    spec = _mini_spec(dataset, mini)
+    spec = mini_spec(dataset, mini)
     download(spec, tmp_path / "dl", url_map=server.url_map, retry_delay=0)
     out = prepare(spec, tmp_path / "dl", tmp_path / dataset, workers=1)
     verify_prepared(spec, out, expected=mini.splits)

@@ -14,14 +14,15 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from checkout import copy_repo
+from miniature_datasets import BUILDERS, Server, local_path, mini_spec
 
 from mcibi.catalogue.official import load_official_configs
 from mcibi.official.released import ReleaseError, parse_official_log, release_of, released_file
-from tests.miniature_datasets import BUILDERS, Server, local_path
 
 ssseg = pytest.importorskip("ssseg", reason="the official sssegmentation package is not installed")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NAME = "mcibiplusplus_upernet_resnet50os8_voc"
 
 
@@ -84,11 +85,10 @@ def _prepared_voc(repo: Path, server: Server) -> None:
     from mcibi.data.download import download, verify_archives
     from mcibi.data.prepare import prepare
     from mcibi.files import write_json
-    from tests.test_datasets import _mini_spec
 
     mini = BUILDERS["pascalvoc"]()
     server.serve(mini)
-    spec = _mini_spec("pascalvoc", mini)
+    spec = mini_spec("pascalvoc", mini)
     paths = download(spec, repo / "downloads" / "pascalvoc", url_map=server.url_map, retry_delay=0)
     write_json(repo / "downloads" / "pascalvoc" / "downloaded.json",
                {"dataset": "pascalvoc", "archives": {p.name: p.stat().st_size for p in paths}})
@@ -101,9 +101,8 @@ def _prepared_voc(repo: Path, server: Server) -> None:
 @pytest.mark.slow
 @pytest.mark.workflow
 def test_released_row_through_the_rules(tmp_path):
-    from tests.test_workflow import _copy_repo
 
-    repo = _copy_repo(tmp_path / "repo")
+    repo = copy_repo(tmp_path / "repo")
     folder = repo / "params" / "pascalvoc"
     for file in folder.glob("*.yaml"):  # small and offline: no ImageNet download, tiny test images, one core
         data = yaml.safe_load(file.read_text())

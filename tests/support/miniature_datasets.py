@@ -450,7 +450,7 @@ def place(folder: Path, files: dict[str, bytes]) -> None:
 def bench_prepare(repeats: int = 5, workers: int = 2) -> None:
     """Print the preparation throughput on each miniature archive (archive check + extraction + conversion).
 
-    Run: ``.venv/bin/python tests/miniature_datasets.py``
+    Run: ``.venv/bin/python tests/support/miniature_datasets.py``
     """
     import logging
     import tempfile
@@ -476,6 +476,22 @@ def bench_prepare(repeats: int = 5, workers: int = 2) -> None:
                 best = min(best, time.perf_counter() - start)
         print(f"{name:14s} {len(m.raw):2d} images  best of {repeats}: {best * 1000:5.1f} ms  "
               f"{len(m.raw) / best:6.0f} images/s")
+
+
+
+def mini_spec(dataset: str, mini, checksummed: bool = True):
+    """The real spec with the miniature archives' sha256 recorded (none: the archive has no published checksum)."""
+    from mcibi.data.lookup import get_spec
+
+    shas = {}
+    for url, data in list(mini.served.items()) + list(mini.manual.items()):
+        name = url.rsplit("/", 1)[-1].split("?")[0]
+        if url.startswith("cityscapes:"):
+            name = {"cityscapes:1": "gtFine_trainvaltest.zip", "cityscapes:3": "leftImg8bit_trainvaltest.zip"}[url]
+        if name[-4:-3] == "." and name[-3:].isdigit():
+            continue  # a mirror volume: the checksum is the joined file's (in manual)
+        shas[name] = sha256(data) if checksummed else None
+    return with_checksums(get_spec(dataset), shas)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ from mcibi.catalogue.published import published, published_miou
 from mcibi.catalogue.rows import DATASET_TITLES, DATASETS, ROWS, catalogue_entry, rows_of, select
 from mcibi.spec.params import experiment_files, load_params
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PARAMS = ROOT / "params"
-PAGES = Path(__file__).resolve().parent / "data"  # copies of the seed page and the official model zoo page
+PAGES = Path(__file__).resolve().parents[1] / "fixtures"  # copies of the model-zoo page and the official one
 
 
 def _all_files():
@@ -148,7 +148,7 @@ def _page_rows(page: Path) -> list[dict]:
     return rows
 
 
-@pytest.mark.parametrize("source,page", [("seed", "seed_model_zoo.md"), ("official", "official_model_zoo.md")])
+@pytest.mark.parametrize("source,page", [("seed", "model_zoo_page.md"), ("official", "official_model_zoo.md")])
 def test_published_numbers_match_the_pages(source, page):
     titles = {v: k for k, v in DATASET_TITLES.items()}
     records = [r for r in published() if r["source"] == source]

@@ -11,7 +11,7 @@ from mcibi.reports.figures import data_version, make_figures, palette, params_ha
 from mcibi.spec.params import load_params
 from mcibi.tracking.runs import RunLogger, log_evaluation, memory_history, metric_key
 
-PARAMS = Path(__file__).resolve().parents[1] / "params"
+PARAMS = Path(__file__).resolve().parents[2] / "params"
 
 
 def _fake_eval(run_dir: Path, proto: str, classes: list[str], seed: int) -> dict:

@@ -5,7 +5,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -14,21 +13,10 @@ from pathlib import Path
 import cv2
 import pytest
 import yaml
+from checkout import ROOT, copy_repo
 
 from mcibi.catalogue.rows import DATASETS
 from mcibi.spec.params import experiment_files, load_params
-
-ROOT = Path(__file__).resolve().parents[1]
-SKIP = {".git", ".venv", ".snakemake", "runs", "results", "data", "downloads", "logs", "mlflow.db", "mlruns",
-        ".pytest_cache", ".ruff_cache", "__pycache__", ".dvc"}
-
-
-def _copy_repo(dest: Path) -> Path:
-    """The repository without run outputs; only top-level names are skipped (mcibi/data is code, not data/)."""
-    shutil.copytree(ROOT, dest, ignore=lambda d, names: [n for n in names if (Path(d) == ROOT and n in SKIP)
-                                                         or n in ("__pycache__", ".pytest_cache")
-                                                         or n.endswith(".egg-info")])
-    return dest
 
 
 def _snakemake(cwd: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -37,13 +25,13 @@ def _snakemake(cwd: Path, *args: str, env: dict | None = None) -> subprocess.Com
 
 
 def test_lint_is_clean(tmp_path):
-    repo = _copy_repo(tmp_path / "repo")
+    repo = copy_repo(tmp_path / "repo")
     proc = _snakemake(repo, "--lint")
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_dry_run_plans_the_whole_chain(tmp_path):
-    repo = _copy_repo(tmp_path / "repo")
+    repo = copy_repo(tmp_path / "repo")
     proc = _snakemake(repo, "-n", "--cores", "1", "results/demo")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
@@ -91,7 +79,7 @@ def test_dry_run_uses_the_local_profile(repo_copy):
 
 @pytest.fixture(scope="module")
 def repo_copy(tmp_path_factory):
-    return _copy_repo(tmp_path_factory.mktemp("catalogue") / "repo")
+    return copy_repo(tmp_path_factory.mktemp("catalogue") / "repo")
 
 
 def _plan(proc: subprocess.CompletedProcess) -> dict[str, int]:
@@ -132,7 +120,7 @@ def test_selection_and_seeds_from_the_config(repo_copy):
 
 
 def test_invalid_params_fail_at_dag_build(tmp_path):
-    repo = _copy_repo(tmp_path / "repo")
+    repo = copy_repo(tmp_path / "repo")
     bad = repo / "params" / "demo" / "broken.yaml"
     bad.write_text("description: x\nmodel: {framework: upernet, memroy: {kind: none}}\n")
     proc = _snakemake(repo, "-n", "--cores", "1", "results/demo")
@@ -211,7 +199,7 @@ def test_reduced_demo_table_check_tells_exact_from_tolerance():
 @pytest.mark.slow
 @pytest.mark.workflow
 def test_reduced_demo_chain_runs_end_to_end(tmp_path):
-    repo = _copy_repo(tmp_path / "repo")
+    repo = copy_repo(tmp_path / "repo")
     defaults = repo / "params" / "demo" / "defaults.yaml"
     data = yaml.safe_load(defaults.read_text())
     data["train"]["epochs"] = 1  # 30 iterations instead of the demo's full schedule

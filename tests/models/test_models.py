@@ -9,7 +9,7 @@ import torch
 from mcibi.models import build_segmentor
 from mcibi.spec.params import load_params
 
-BASE = load_params(Path(__file__).resolve().parents[1] / "params" / "demo" / "upernet_mcibipp.yaml").model
+BASE = load_params(Path(__file__).resolve().parents[2] / "params" / "demo" / "upernet_mcibipp.yaml").model
 
 
 CONTEXT = {"fcn": "none", "psnet": "ppm", "upernet": "ppm", "deeplabv3": "aspp"}

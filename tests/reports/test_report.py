@@ -9,7 +9,7 @@ from mcibi.reports.table import build_table, lr_title, to_markdown, write_tables
 from mcibi.spec.params import experiment_files, load_params
 from mcibi.spec.runs import seed_runs
 
-PARAMS = Path(__file__).resolve().parents[1] / "params"
+PARAMS = Path(__file__).resolve().parents[2] / "params"
 DEMO = PARAMS / "demo"
 
 

@@ -13,7 +13,7 @@ Compared are every class score of every pixel (within float rounding: :data:`TOL
 pixel for pixel wherever the official top-2 margin exceeds twice the measured score error (a smaller margin is a
 tie that rounding may break either way). The evaluation runs unfolded, NCHW, one window per forward
 (:data:`EXACT`, settings a user can choose) because this random-weight network amplifies rounding: with BatchNorm
-folded, channels-last and batched windows the scores still agree to 1e-2 of the largest (tests/test_folding.py
+folded, channels-last and batched windows the scores still agree to 1e-2 of the largest (tests/models/test_folding.py
 proves folding equal on its own).
 
 The protocols are the committed params files' (``params/<dataset>/*.yaml``), compared with the official values

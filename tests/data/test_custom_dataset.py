@@ -14,19 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from checkout import ROOT, copy_repo
 from folder_dataset import CLASSES, folder_dataset
 from PIL import Image
-
-ROOT = Path(__file__).resolve().parents[1]
-SKIP_TOP = {".git", ".venv", ".snakemake", "runs", "results", "data", "downloads", "logs", "mlflow.db", "mlruns",
-            ".pytest_cache", ".ruff_cache", "datasets", ".dvc"}
-
-
-def _copy_repo(dest: Path) -> Path:
-    """The repository without run outputs (only top-level folders are skipped: mcibi/data is code)."""
-    shutil.copytree(ROOT, dest, ignore=lambda d, names: [n for n in names if (Path(d) == ROOT and n in SKIP_TOP)
-                                                         or n in ("__pycache__",) or n.endswith(".egg-info")])
-    return dest
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -139,7 +129,7 @@ def test_custom_dataset_in_the_workflow(tmp_path):
     """After new-dataset, `snakemake results/<name>` plans prepare_custom (no download) -> verify -> train ->
     evaluate -> figures -> table, and the data steps run for real. (Training onwards are the rules the demo chain
     test runs end to end.)"""
-    repo = _copy_repo(tmp_path / "repo")
+    repo = copy_repo(tmp_path / "repo")
     desc = folder_dataset(tmp_path / "user", count=16)
     env = _env(tmp_path)
     proc = _mcibi(repo, env, "new-dataset", str(desc), "--from", "demo/upernet_mcibipp", "--epochs", "1")

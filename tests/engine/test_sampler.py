@@ -17,7 +17,7 @@ from mcibi.engine.order import SEED_STRIDE, epoch_batches, epoch_order
 from mcibi.spec.params import SamplerParams, experiment_files, load_params
 from mcibi.spec.sampler import epoch_steps, iterations_per_epoch, padded_order
 
-PARAMS = Path(__file__).resolve().parents[1] / "params"
+PARAMS = Path(__file__).resolve().parents[2] / "params"
 DISTRIBUTED = SamplerParams("distributed", 8)
 LOADER = SamplerParams("loader", 1)
 

@@ -15,7 +15,7 @@ from mcibi.models import build_segmentor
 from mcibi.models.segmentor import onehot_gather_logits
 from mcibi.spec.params import load_params
 
-DEMO = Path(__file__).resolve().parents[1] / "params" / "demo"
+DEMO = Path(__file__).resolve().parents[2] / "params" / "demo"
 
 
 def _params(name="upernet_mcibipp.yaml", **memory):

@@ -8,7 +8,7 @@ import yaml
 
 from mcibi.spec.params import ParamsError, experiment_files, load_params, params_from_dict, to_dict
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "params" / "demo"
 
 

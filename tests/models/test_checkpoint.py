@@ -10,7 +10,7 @@ from mcibi.files import atomic_path
 from mcibi.models.checkpoint import CheckpointError, checkpoint_params, load_checkpoint, load_weights, save_checkpoint
 from mcibi.spec.params import load_params
 
-PARAMS = Path(__file__).resolve().parents[1] / "params" / "demo" / "upernet_mcibipp.yaml"
+PARAMS = Path(__file__).resolve().parents[2] / "params" / "demo" / "upernet_mcibipp.yaml"
 
 
 class Tiny(nn.Module):

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from miniature_datasets import Server, local_path, sha256
 
 from mcibi.catalogue.official import load_official_configs
 from mcibi.models.backbone import Backbone
@@ -17,7 +18,6 @@ from mcibi.official.pretrained import (
     official_backbone_to_ours,
     read_official_file,
 )
-from tests.miniature_datasets import Server, local_path, sha256
 
 ssseg = pytest.importorskip("ssseg", reason="the official sssegmentation package is not installed")
 

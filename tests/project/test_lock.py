@@ -12,7 +12,7 @@ import pytest
 from packaging.markers import Marker
 from packaging.requirements import Requirement
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _lock_module():

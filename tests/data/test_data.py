@@ -14,7 +14,7 @@ from mcibi.data.prepare import PreparedDataError, prepare, verify_prepared
 from mcibi.data.specs import DEMO
 from mcibi.data.synthetic import CLASS, generate_archive, render_sample, sha256_file
 
-DEMO_PARAMS = Path(__file__).resolve().parents[1] / "params" / "demo"
+DEMO_PARAMS = Path(__file__).resolve().parents[2] / "params" / "demo"
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_dataset_reads_rgb_and_augments_reproducibly(prepared):
     from mcibi.data.transforms import build_train_transform
     from mcibi.spec.params import load_params
 
-    params = load_params(Path(__file__).resolve().parents[1] / "params" / "demo" / "upernet_mcibipp.yaml")
+    params = load_params(Path(__file__).resolve().parents[2] / "params" / "demo" / "upernet_mcibipp.yaml")
     ds = SegmentationDataset(prepared, "train", build_train_transform(params.data, DEMO.flip_pairs), seed=3)
     a, b = ds[5], ds[5]
     assert a["image"].shape == (3, 96, 96) and a["label"].shape == (96, 96)

@@ -1,16 +1,11 @@
 """Cluster wiring: the SLURM profile plans GPU jobs with the resources the params state, launched by torchrun."""
 
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
-SKIP = {".git", ".venv", ".snakemake", "runs", "results", "data", "downloads", "logs", "mlflow.db", "mlruns",
-        ".pytest_cache", ".ruff_cache", "__pycache__", ".dvc"}
+from checkout import copy_repo
 
 
 def test_launcher_and_threads_follow_the_resources():
@@ -25,11 +20,7 @@ def test_launcher_and_threads_follow_the_resources():
 
 def test_slurm_profile_plans_torchrun_jobs_with_param_resources(tmp_path):
     pytest.importorskip("snakemake_executor_plugin_slurm")
-    repo = tmp_path / "repo"
-    # SKIP names top-level folders only: mcibi/data/ must be copied (else mcibi.data came from another checkout)
-    shutil.copytree(ROOT, repo, ignore=lambda d, names: [n for n in names if (n in SKIP and Path(d) == ROOT)
-                                                         or n in ("__pycache__", ".pytest_cache")
-                                                         or n.endswith(".egg-info")])
+    repo = copy_repo(tmp_path / "repo")
     defaults = repo / "params" / "demo" / "defaults.yaml"
     data = yaml.safe_load(defaults.read_text())
     data["train"]["resources"] = {"gpus": 4, "cpus_per_gpu": 8, "mem_mb": 64000, "runtime": 1440}

@@ -13,7 +13,7 @@ import pytest
 from mcibi.data.fingerprint import change_stamp, fingerprint
 from mcibi.data.versioning import commit_data
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _folder(root: Path) -> Path:

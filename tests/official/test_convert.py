@@ -13,8 +13,8 @@ from mcibi.models.checkpoint import CheckpointError
 from mcibi.official.checkpoints import official_key_to_ours
 from mcibi.spec.params import ChannelParams, load_params
 
-KEYS = Path(__file__).resolve().parent / "data" / "official_keys"  # the official checkpoints' tensor names
-BASE = load_params(Path(__file__).resolve().parents[1] / "params" / "demo" / "upernet_mcibipp.yaml").model
+KEYS = Path(__file__).resolve().parents[1] / "fixtures" / "official_keys"  # the official checkpoints' tensor names
+BASE = load_params(Path(__file__).resolve().parents[2] / "params" / "demo" / "upernet_mcibipp.yaml").model
 
 
 def _official(name: str) -> dict[str, tuple[int, ...]]:
