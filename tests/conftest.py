@@ -7,9 +7,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     """List each skipped test with its reason, or say that none was skipped."""
     del exitstatus, config
     skipped = terminalreporter.stats.get("skipped", [])
+    deselected = len(terminalreporter.stats.get("deselected", []))
     terminalreporter.section("skipped tests")
+    if deselected:
+        terminalreporter.write_line(f"{deselected} deselected (-m/-k): this is not the whole suite")
     if not skipped:
-        terminalreporter.write_line("none: every test ran (the official toolbox parity tests included)")
+        terminalreporter.write_line("none skipped: every selected test ran (the official toolbox parity tests "
+                                    "included)")
         return
     for report in skipped:
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
