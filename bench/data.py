@@ -6,8 +6,8 @@ piecewise-constant regions of several classes, so that the crop's cat-max-ratio 
 data), then times one pass of a ``DataLoader`` (batch ``--batch``, ``num_workers=0``: the work one worker does)
 per side, interleaved, ``--repeats`` rounds, medians. Both sides decode the files, resize by a random ratio, crop
 with cat_max_ratio 0.75, flip (with the left/right pairs for LIP), rotate (LIP), distort photometrically,
-normalise, pad and collate; each side runs its own seed pipeline for the setting (the official config's
-``data_pipelines``; ours from the params file). OpenCV and torch run single-threaded, as in a loader worker.
+normalise, pad and collate; each side runs its own pipeline of the setting's model-zoo row (the official
+config's ``data_pipelines``; ours from the params file). OpenCV and torch run single-threaded, as in a loader worker.
 
 Workers per GPU = ceil(assumed GPU images/s at that crop / our images per CPU second of one worker (a worker
 with a core of its own; on a shared machine the wall-clock rate is lower)), with the GPU rate the

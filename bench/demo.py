@@ -2,7 +2,7 @@
 wall time of every job (from Snakemake's log), the time after the last training job, and the demo table; prints
 one JSON object and writes it to ``--out``.
 
-This VM's speed drifts by up to 2x within an hour, so the run is bracketed by two reference measurements taken in
+A shared machine's speed drifts with its load, so the run is bracketed by two reference measurements taken in
 the same minutes: the seconds ``import torch, timm`` takes in a fresh process (what every job pays before it
 works) and the median demo training step (MCIBI++, 1 thread: what the training jobs repeat 240 times).
 

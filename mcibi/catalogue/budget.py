@@ -1,4 +1,4 @@
-"""What each seed row costs to run: iterations, images seen, GPU-hours at an assumed rate, checkpoint disk."""
+"""What each model-zoo row costs to run: iterations, images seen, GPU-hours at an assumed rate, checkpoint disk."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from mcibi.spec.params import SamplerParams
 from mcibi.spec.sampler import iterations_per_epoch
 
 # ASSUMED training throughput (images per second per GPU) at a 512x512 crop on an A100/H100-class GPU in fp32/TF32
-# with the MCIBI++ head. Not measured here (no GPU was available to this work): replace them with
-# `bench/train.py --device cuda` figures. Other crops scale with their pixel count.
+# with the MCIBI++ head, not measured: replace them with `bench/train.py --device cuda` figures. Other crops scale
+# with their pixel count.
 ASSUMED_IMAGES_PER_GPU_S = {"r50": 14.0, "r101": 10.0, "s101": 8.0, "hr48": 10.0, "swinl": 6.0}
-# parameters of the built models (measured: build_segmentor, pretrained false), for checkpoint sizes
+# parameters of the built models (build_segmentor, pretrained false), for checkpoint sizes
 PARAMETERS_M = {"r50": 73, "r101": 133, "s101": 137, "hr48": 106, "swinl": 275}
 
 

@@ -1,4 +1,4 @@
-"""A custom dataset's params from a seed row (``mcibi new-dataset``): the seed's complete params with the crop,
+"""A custom dataset's params from a model-zoo row (``mcibi new-dataset``): the row's complete params with the crop,
 schedule and batch scaled to the dataset, written as ``params/<name>/`` (MCIBI++ + its paired baseline) beside the
 registered description ``datasets/<name>.yaml`` and a ``dvc.yaml`` stage; nothing is written unless all checks."""
 
@@ -24,25 +24,26 @@ def _scaled(value: list[int], factor: float, multiple: int = 8) -> list[int]:
     return [max(multiple, int(round(v * factor / multiple)) * multiple) for v in value]
 
 
-def experiment_params(seed_params: Any, name: str, num_classes: int, train_images: int, median_size: tuple[int, int],
+def experiment_params(row_params: Any, name: str, num_classes: int, train_images: int, median_size: tuple[int, int],
                       crop: int | None = None, epochs: int | None = None, batch: int | None = None,
                       gpus: int | None = None) -> tuple[dict, str]:
-    """The seed row's complete params adapted to a custom dataset, and a note of what was scaled.
+    """The complete params of a model-zoo row (or any MCIBI++ experiment) adapted to a custom dataset, and a note
+    of what was scaled.
 
-    Crop: the seed's, capped by the median image's short side (or ``crop``); resizes, slide windows and strides
-    scale by the same factor. Schedule: the seed's learning rate and policy; the batch capped by half the
-    training images; epochs x clamp(sqrt(seed images / images), 1, 10) (smaller datasets get more epochs,
+    Crop: the row's, capped by the median image's short side (or ``crop``); resizes, slide windows and strides
+    scale by the same factor. Schedule: the row's learning rate and policy; the batch capped by half the
+    training images; epochs x clamp(sqrt(row's images / images), 1, 10) (smaller datasets get more epochs,
     fewer iterations); or ``epochs``/``batch`` as given. The epoch is the ``loader`` layout (no official run to
     follow).
     """
-    d = to_dict(seed_params)
+    d = to_dict(row_params)
     for key in ("name", "path"):
         d.pop(key, None)
-    seed_crop = d["data"]["crop_size"]
-    new_side = crop or min(min(seed_crop), min(median_size))
-    factor = new_side / min(seed_crop)
+    row_crop = d["data"]["crop_size"]
+    new_side = crop or min(min(row_crop), min(median_size))
+    factor = new_side / min(row_crop)
     d["data"].update({"name": name, "train_split": "train", "eval_split": "val", "train_sampling": "image"})
-    d["data"]["crop_size"] = [new_side, new_side] if crop or seed_crop[0] == seed_crop[1] else _scaled(seed_crop,
+    d["data"]["crop_size"] = [new_side, new_side] if crop or row_crop[0] == row_crop[1] else _scaled(row_crop,
                                                                                                        factor)
     for key in ("train_resize", "test_resize"):
         d["data"][key]["size"] = _scaled(d["data"][key]["size"], factor)
@@ -53,7 +54,7 @@ def experiment_params(seed_params: Any, name: str, num_classes: int, train_image
             proto["crop"] = [min(c, max(d["data"]["crop_size"])) for c in _scaled(proto["crop"], factor)]
             proto["stride"] = _scaled(proto["stride"], factor)
     d["model"]["num_classes"] = num_classes
-    seed_images = get_spec(seed_params.data.name).splits.get(seed_params.data.train_split, train_images)
+    row_images = get_spec(row_params.data.name).splits.get(row_params.data.train_split, train_images)
     t = d["train"]
     t["total_batch_size"] = batch or max(1, min(t["total_batch_size"], train_images // 2))
     t["batch_per_device"] = min(t["batch_per_device"], t["total_batch_size"])
@@ -62,40 +63,40 @@ def experiment_params(seed_params: Any, name: str, num_classes: int, train_image
         d["evaluate"]["resources"]["gpus"] = min(gpus, 1)
     while t["resources"]["gpus"] > 1 and t["total_batch_size"] % t["resources"]["gpus"]:
         t["resources"]["gpus"] -= 1  # the launcher needs a GPU count that divides the batch
-    t["epochs"] = epochs or int(math.ceil(t["epochs"] * min(10.0, max(1.0, math.sqrt(seed_images / train_images)))))
-    # no official run to follow: each image once per epoch (the seed's 8-replica layout may not divide the batch)
+    t["epochs"] = epochs or int(math.ceil(t["epochs"] * min(10.0, max(1.0, math.sqrt(row_images / train_images)))))
+    # no official run to follow: each image once per epoch (the row's 8-replica layout may not divide the batch)
     t["sampler"] = {"kind": "loader", "replicas": 1}
     iters = t["epochs"] * iterations_per_epoch(train_images, t["total_batch_size"], SamplerParams(**t["sampler"]))
     t["checkpoint_every"] = max(1, min(t["checkpoint_every"], iters))
     t["log_every"] = max(1, min(t["log_every"], max(1, iters // 20)))
-    note = (f"crop {d['data']['crop_size'][0]}x{d['data']['crop_size'][1]} (seed {seed_crop[0]}x{seed_crop[1]}, "
+    note = (f"crop {d['data']['crop_size'][0]}x{d['data']['crop_size'][1]} (the row's {row_crop[0]}x{row_crop[1]}, "
             f"x{factor:.3g}), batch {t['total_batch_size']}, {t['epochs']} epochs = {iters} iterations on "
-            f"{train_images} training images (seed: {seed_params.train.epochs} epochs on {seed_images})")
+            f"{train_images} training images (the row's: {row_params.train.epochs} epochs on {row_images})")
     return d, note
 
 
-def new_dataset(description: str | Path, seed_row: str | Path, params_root: str | Path = "params",
+def new_dataset(description: str | Path, row: str | Path, params_root: str | Path = "params",
                 crop: int | None = None, epochs: int | None = None,
                 batch: int | None = None, gpus: int | None = None, dvc_file: str | Path | None = "dvc.yaml",
                 show_progress: bool = True) -> list[Path]:
     """Validate a description and its files, then register it (``datasets/<name>.yaml``) and write
-    ``params/<name>/{defaults,<stem>_mcibipp,<stem>_baseline}.yaml`` from the seed row (a params file, or
+    ``params/<name>/{defaults,<stem>_mcibipp,<stem>_baseline}.yaml`` from a model-zoo row (a params file, or
     ``<dataset>/<stem>``); adds a ``dvc.yaml`` stage. Nothing is written unless everything checks."""
     desc = load_description(description)
     checked = validate(desc, show_progress)
-    seed_file = Path(seed_row)
-    if not seed_file.is_file():
-        seed_file = Path(params_root) / f"{seed_row}.yaml"
-    if not seed_file.is_file():
-        raise CustomDatasetError(f"{seed_row}: no such seed row (a params file or <dataset>/<stem>, e.g. "
+    row_file = Path(row)
+    if not row_file.is_file():
+        row_file = Path(params_root) / f"{row}.yaml"
+    if not row_file.is_file():
+        raise CustomDatasetError(f"{row}: no such model-zoo row (a params file or <dataset>/<stem>, e.g. "
                                  "lip/upernet_r50_mcibipp).")
-    seed = load_params(seed_file)
-    if seed.model.memory.kind != "mcibi++":
-        raise CustomDatasetError(f"{seed_file}: the seed row must be an MCIBI++ experiment (model.memory.kind "
-                                 f"mcibi++), this one is '{seed.model.memory.kind}'.")
-    defaults, note = experiment_params(seed, desc.name, len(desc.classes), len(checked["splits"]["train"]),
+    row_params = load_params(row_file)
+    if row_params.model.memory.kind != "mcibi++":
+        raise CustomDatasetError(f"{row_file}: the row must be an MCIBI++ experiment (model.memory.kind "
+                                 f"mcibi++), this one is '{row_params.model.memory.kind}'.")
+    defaults, note = experiment_params(row_params, desc.name, len(desc.classes), len(checked["splits"]["train"]),
                                        checked["median_size"], crop, epochs, batch, gpus)
-    stem = seed_file.stem if seed_file.stem.endswith("_mcibipp") else f"{seed_file.stem}_mcibipp"
+    stem = row_file.stem if row_file.stem.endswith("_mcibipp") else f"{row_file.stem}_mcibipp"
     base_stem = stem.removesuffix("_mcibipp") + "_baseline"
     defaults.pop("description", None)
     folder = Path(params_root) / desc.name
@@ -108,12 +109,12 @@ def new_dataset(description: str | Path, seed_row: str | Path, params_root: str 
         for key, value in (data.get("splits") or {}).items():
             data["splits"][key] = os.path.relpath((desc.file.parent / value).resolve(), registered.parent.resolve())
         text = f"# registered from {desc.file} by `mcibi new-dataset`\n" + yaml.safe_dump(data, sort_keys=False)
-    header = f"# {desc.name}: generated by `mcibi new-dataset` from {seed_file} ({note}).\n"
+    header = f"# {desc.name}: generated by `mcibi new-dataset` from {row_file} ({note}).\n"
     files = {
         registered: text,
         folder / "defaults.yaml": header + yaml.safe_dump(defaults, sort_keys=False),
         folder / f"{stem}.yaml": header + yaml.safe_dump({
-            "description": f"MCIBI++ on {desc.name} from seed row {seed_file} ({note})",
+            "description": f"MCIBI++ on {desc.name} from row {row_file} ({note})",
             "model": {"memory": {"kind": "mcibi++"}}}, sort_keys=False),
         folder / f"{base_stem}.yaml": header + yaml.safe_dump({
             "description": f"Baseline (no memory) paired with {stem} on {desc.name}",

@@ -1,5 +1,5 @@
-"""The published mIoU of every seed row and protocol (``mcibi/published.csv``: the seed page's and the official
-model zoo's values)."""
+"""The published mIoU of every model-zoo row and protocol (``mcibi/published.csv``: the model-zoo page's and the
+official model-zoo page's values)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ def published() -> tuple[dict[str, str], ...]:
     return tuple(csv.DictReader(line for line in text.splitlines() if not line.startswith("#")))
 
 
-def published_miou(dataset: str, stem: str, protocol: str, source: str = "seed") -> float | None:
-    """The published mIoU (percent) of one row and protocol from ``source`` (seed or official), None if the
-    source leaves the cell empty."""
+def published_miou(dataset: str, stem: str, protocol: str, source: str = "model_zoo") -> float | None:
+    """The published mIoU (percent) of one row and protocol from ``source`` (``model_zoo``: the model-zoo page,
+    ``official``: the official model-zoo page), None if the source leaves the cell empty."""
     for rec in published():
         if (rec["dataset"], rec["experiment"], rec["protocol"], rec["source"]) == (dataset, stem, protocol, source):
             return float(rec["miou"]) if rec["miou"] else None

@@ -1,10 +1,10 @@
-"""The seed model zoo's rows: what each row states, its paired baseline, its section, and the experiment selection
+"""The model zoo's rows: what each row states, its paired baseline, its section, and the experiment selection
 the workflow makes from them (imported when the workflow builds its DAG: no torch, no pandas).
 
-The seed page (MemoryNetV2 / MCIBI++ model zoo) lists 36 rows in two sections: "Results of Different
+The model-zoo page (MemoryNetV2 / MCIBI++ model zoo) lists 36 rows in two sections: "Results of Different
 Frameworks" (FCN / PSNet / UperNet / DeepLabV3 with R-50-D8 on LIP, ADE20k, CityScapes, COCO-Stuff-10k) and
 "SOTA Results" (R-101-D8, S-101-D8, HRNetV2p-W48, Swin-L on seven datasets). :data:`ROWS` records, per row,
-what the seed table states (crop, LR/policy/batch/epochs, train/eval set, the mIoU columns it reports) and the
+what the model-zoo page states (crop, LR/policy/batch/epochs, train/eval set, the mIoU columns it reports) and the
 official config whose model switches the row uses.
 
 Naming: ``<framework>_<backbone>_<memory>`` with framework ``fcn | psnet | upernet | deeplabv3``, backbone
@@ -21,13 +21,13 @@ SECTIONS = {"frameworks": "Results of Different Frameworks", "sota": "SOTA Resul
 # official config file-name suffix of each of our dataset names
 OFFICIAL_DATASET = {"lip": "lip", "ade20k": "ade20k", "cityscapes": "cityscapes", "cocostuff10k": "cocostuff10k",
                     "vspw": "vspw", "pascalvoc": "voc", "pascalcontext": "pascalcontext59"}
-# seed table titles of the datasets (the section headings of the seed page)
+# the datasets' titles on the model-zoo page (the headings of its tables)
 DATASET_TITLES = {"lip": "LIP", "ade20k": "ADE20k", "cityscapes": "CityScapes", "cocostuff10k": "COCOStuff-10k",
                   "vspw": "VSPW", "pascalvoc": "PASCAL-VOC", "pascalcontext": "PASCAL-Context"}
 # short backbone name -> the official config file name's layout part
 BACKBONES = {"r50": "resnet50os8", "r101": "resnet101os8", "s101": "resnest101os8", "hr48": "hrnetv2w48",
              "swinl": "swinlarge"}
-# the seed's backbone notation by timm architecture ({os}: output stride)
+# the model-zoo page's backbone notation by timm architecture ({os}: output stride)
 BACKBONE_NOTATION = {
     "resnet50c": "R-50-D{os}",
     "resnet101c": "R-101-D{os}",
@@ -42,7 +42,7 @@ SIX_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
 
 def backbone_title(name: str, output_stride: int) -> str:
-    """The seed's backbone notation (R-50-D8, ...); other timm names as '<name>-D<os>'."""
+    """The model-zoo page's backbone notation (R-50-D8, ...); other timm names as '<name>-D<os>'."""
     base = name.split(".", 1)[0]  # timm pretrained tags (".ms_in22k") do not change the architecture
     return BACKBONE_NOTATION.get(base, f"{name}-D{{os}}").format(os=output_stride)
 
@@ -81,20 +81,20 @@ def _slide(size: int | tuple[int, int], stride: int, scales=(1.0,), flip=False) 
 
 @dataclass(frozen=True)
 class Row:
-    """One seed table row: what the seed states, and the official config that provides its model switches."""
+    """One model-zoo row: what the model-zoo page states, and the official config that provides its model switches."""
 
     dataset: str
     section: str  # frameworks | sota
     framework: str
     backbone: str  # key of BACKBONES
-    crop: tuple[int, int]  # (h, w) as the seed's "Crop Size" (written h x w)
+    crop: tuple[int, int]  # (h, w) as the model-zoo page's "Crop Size" (written h x w)
     lr: float
     batch: int  # total batch size
     epochs: int
     train_split: str
     eval_split: str
-    protocols: dict[str, Protocol]  # the mIoU columns of the seed table, in its order
-    note: str = ""  # where the seed and the official config disagree, and what we follow
+    protocols: dict[str, Protocol]  # the mIoU columns of the model-zoo page's table, in its order
+    note: str = ""  # where the model-zoo page and the official config disagree, and what we follow
 
     @property
     def stem(self) -> str:
@@ -168,12 +168,12 @@ ROWS: tuple[Row, ...] = (
 
 
 def rows_of(dataset: str) -> list[Row]:
-    """The seed rows of one dataset, in the seed page's order (frameworks section first)."""
+    """The model-zoo rows of one dataset, in the model-zoo page's order (frameworks section first)."""
     return sorted((r for r in ROWS if r.dataset == dataset), key=lambda r: list(SECTIONS).index(r.section))
 
 
 def catalogue_entry(dataset: str, stem: str) -> tuple[Row, bool] | None:
-    """(row, is_baseline) of an experiment file stem, or None for an experiment outside the seed tables."""
+    """(row, is_baseline) of an experiment file stem, or None for an experiment outside the model zoo."""
     for row in rows_of(dataset):
         if stem == row.stem:
             return row, False

@@ -3,8 +3,8 @@
 
 Every converter finds its folders by their real names wherever they sit in the extracted tree, so the official
 archives and the mirror's repackaging (which keeps the official folder names) go through the same code. Label
-handling follows the seed (sssegmentation) exactly; the tables live in :mod:`mcibi.data.labelsets` and each
-conversion is summarised in the dataset's spec (``label_conversion``).
+handling follows the model zoo's configs (sssegmentation) exactly; the tables live in :mod:`mcibi.data.labelsets`
+and each conversion is summarised in the dataset's spec (``label_conversion``).
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def convert_cityscapes(spec: DatasetSpec, raw: Path) -> Plan:
 def convert_cocostuff10k(spec: DatasetSpec, raw: Path) -> Plan:
     """COCO-Stuff-10k v1.1: ``annotations/<id>.mat`` field ``S`` (0 unlabeled, 1..182) -> 182-way train ids.
 
-    The seed (sssegmentation, MCIBI++ configs with num_classes 182) and the official DeepLab conversion both
+    The model zoo's configs (sssegmentation, MCIBI++ with num_classes 182) and the official DeepLab conversion both
     use ``S - 1`` with 0 ignored; the 11 raw ids that are never annotated (12, 26, 29, 30, 45, 66, 68, 69, 71,
     83, 91) stay as dead train ids.
     """

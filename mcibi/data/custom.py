@@ -17,7 +17,7 @@ A dataset description file (YAML, registered as ``datasets/<name>.yaml``; relati
 :func:`load_description` checks the file strictly (unknown keys are errors), :func:`scan` pairs images with
 masks, :func:`validate` reads every pair (unreadable files, sizes that disagree, label values outside the
 classes; errors name the files), :func:`prepare_custom` writes the prepared format of :mod:`mcibi.data.specs`
-and :func:`new_dataset` registers the description and generates ``params/<name>/`` from a seed row. The
+and :func:`new_dataset` registers the description and generates ``params/<name>/`` from a model-zoo row. The
 module imports neither torch nor pandas: the workflow's parse step reads custom specs through it.
 """
 

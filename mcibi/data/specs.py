@@ -66,7 +66,7 @@ class Resize:
 
 @dataclass(frozen=True)
 class Pipeline:
-    """The seed's train/test transforms of one dataset config (sssegmentation ``configs/_base_/datasets``)."""
+    """The model zoo's train/test transforms of one dataset config (sssegmentation ``configs/_base_/datasets``)."""
 
     crop_size: tuple[int, int]  # (h, w)
     train_resize: Resize
@@ -130,7 +130,7 @@ class DatasetSpec:
 
     @property
     def pipeline(self) -> Pipeline | None:
-        """The default pipeline (the seed's main config for this dataset)."""
+        """The default pipeline (the model zoo's main config for this dataset)."""
         return next(iter(self.pipelines.values()), None)
 
     def flip_permutation(self) -> list[int]:
@@ -255,8 +255,8 @@ COCOSTUFF10K = DatasetSpec(
     ),
     pipelines={"512x512": _scene(512, 2048, 512)},
     eval_split="test",
-    label_conversion=("182-way as the seed (num_classes 182): .mat S 0 -> 255, 1..182 -> 0..181; the 11 raw ids "
-                      "never annotated stay as dead classes (excluded from mIoU by nanmean)"),
+    label_conversion=("182-way as the model zoo's configs (num_classes 182): .mat S 0 -> 255, 1..182 -> 0..181; "
+                      "the 11 raw ids never annotated stay as dead classes (excluded from mIoU by nanmean)"),
     citation_counts="nightrome/cocostuff10k imageLists: 9,000 train / 1,000 test",
 )
 

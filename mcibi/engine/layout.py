@@ -14,7 +14,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # floats per SIMD register of ATen's CPU kernels: its softmax over contiguous rows is vectorised only for rows at
-# least this long (shorter ones run a scalar loop, about 5x slower than the strided NCHW softmax)
+# least this long (shorter ones run a scalar loop, slower than the strided NCHW softmax)
 CPU_VECTOR_FLOATS = {"AVX512": 16, "AVX2": 8}
 
 
@@ -26,8 +26,9 @@ def class_rows_are_fast(num_classes: int, device: torch.device) -> bool:
 
 
 def nhwc_trains_fast(device: torch.device) -> bool:
-    """Whether channels-last convolutions train faster than NCHW here: on CUDA (tensor cores) and on AVX-512 CPUs
-    (demo step 0.54 vs 0.60 s), not on AVX2 CPUs, whose NHWC backward is slower (1.09x demo, 1.42x R-50-D8)."""
+    """Whether channels-last convolutions train faster than NCHW here: on CUDA (tensor cores) and on AVX-512 CPUs,
+    not on AVX2 CPUs, whose NHWC backward is slower (``bench/results/step_avx2_nhwc_upernet_resnet50os8_lip_20.json``
+    against ``step_avx2_nchw_upernet_resnet50os8_lip_20.json``)."""
     if device.type == "cuda":
         return True
     return device.type == "cpu" and torch.backends.cpu.get_cpu_capability().startswith("AVX512")

@@ -19,10 +19,9 @@ def upsampled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, align_co
     """Mean cross-entropy of ``logits`` bilinearly upsampled to the label size, ignoring 255.
 
     The value of ``F.cross_entropy(F.interpolate(logits, ...), labels)``. With enough classes it is computed
-    class-innermost: the upsampling runs channels-last and the softmax over contiguous rows, about 1.6x faster on
-    CPU at 150 classes than over the strided class axis of NCHW. Rows shorter than a SIMD register (the demo's 8
-    classes under AVX-512) are slower than NCHW instead (21 vs 8 ms forward + backward at 8x8x96x96), so those
-    stay NCHW.
+    class-innermost: the upsampling runs channels-last and the softmax over contiguous rows, faster on CPU at 150
+    classes than over the strided class axis of NCHW. Rows shorter than a SIMD register (the demo's 8 classes under
+    AVX-512) are slower than NCHW instead, so those stay NCHW.
     """
     k = logits.shape[1]
     if not class_rows_are_fast(k, logits.device):

@@ -1,4 +1,4 @@
-"""Optimisers with the seed's parameter rules, and the learning-rate schedule (poly + linear warmup).
+"""Optimisers with the model zoo's parameter rules, and the learning-rate schedule (poly + linear warmup).
 
 The schedule is a pure function of the iteration, so resuming needs only the iteration number; parameter groups
 carry an ``lr_mult`` that the training step multiplies into the scheduled lr (the backbone multiplier).
@@ -62,7 +62,7 @@ def build_optimizer(model: nn.Module, opt: OptimizerParams, grad_scaling: bool =
     """SGD (momentum, weight decay) or AdamW (betas, decoupled weight decay) over :func:`parameter_groups`;
     ``grad_scaling``: a GradScaler will drive the steps (fp16)."""
     groups = parameter_groups(model, opt)
-    # one fused kernel per step instead of a Python loop over tensors (about 4x less optimiser time on CPU):
+    # one fused kernel per step instead of a Python loop over tensors (less optimiser time on CPU):
     # SGD gives the same values bit for bit, AdamW up to the last bit (tests/engine/test_fused_optimizer.py)
     params = [p for g in groups for p in g["params"]]
     fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)

@@ -206,7 +206,7 @@ def _build(params: ExperimentParams, data_root: str | Path, out: Path, env: Dist
              str(tp.channels_last).lower())
     if tp.channels_last is True and dev.type == "cpu" and not nhwc_trains_fast(dev):
         log.warning("%s: train.channels_last on a CPU without AVX-512 makes the convolutions' backward pass slower "
-                    "(measured: training step 1.42x slower on AVX2, bench/step.py); set train.channels_last: auto "
+                    "(bench/results/step_avx2_nhwc_upernet_resnet50os8_lip_20.json); set train.channels_last: auto "
                     "(or false) for CPU training here (the result is the same up to rounding).", params.path)
     if params.model.init_from:  # fine-tuning: every weight from a checkpoint (a resumed run overrides them)
         from mcibi.official.released import initialise_from

@@ -87,7 +87,7 @@ def protocol_scores(params: ExperimentParams, model: nn.Module, images: torch.Te
 
 
 def protocol_record(name: str, proto: ProtocolParams) -> dict[str, Any]:
-    """What a metric record says about how it was measured (the seed tables' column and the exact settings)."""
+    """What a metric record says about how it was measured (the model-zoo page's column and the exact settings)."""
     return {"protocol_name": name, "protocol_title": PROTOCOL_TITLES.get(name, name), "protocol": to_dict(proto)}
 
 

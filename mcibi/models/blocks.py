@@ -12,11 +12,9 @@ from torch import nn
 def resize_bilinear(x: torch.Tensor, size: Sequence[int], align_corners: bool) -> torch.Tensor:
     """``F.interpolate(x, size, mode="bilinear")``; on CPU, up to 2x per side, through the channels-last kernel.
 
-    Speed (measured on AVX2, 2 threads): PyTorch's NCHW bilinear kernel on CPU is slow for maps of many channels
-    (2x512x32x32 -> 64x64: 62 ms NCHW vs 40 ms through channels-last and back; an R-50-D8 UperNet eval forward
-    3.71 -> 3.50 s); for larger factors converting the big output back to NCHW costs more than it saves
-    (2x150x64x64 -> 256x256: 67 vs 199 ms), so those stay NCHW. Values agree to float rounding (4.8e-7 at most),
-    gradients exactly.
+    Speed: PyTorch's NCHW bilinear kernel on CPU is slow for maps of many channels, slower than going through
+    channels-last and back; for larger factors converting the big output back to NCHW costs more than it saves, so
+    those stay NCHW. Values agree to float rounding, gradients exactly.
     """
     if (x.device.type != "cpu" or x.dim() != 4 or x.is_contiguous(memory_format=torch.channels_last)
             or size[0] * size[1] > 4 * x.shape[2] * x.shape[3]):

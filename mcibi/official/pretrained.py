@@ -1,5 +1,5 @@
 """The official ImageNet initialisations (``model.backbone.pretrained: official``): the exact files the official
-toolbox (sssegmentation 1.7.0) downloads for each seed backbone, fetched once into a cache (resumable, checked),
+toolbox (sssegmentation 1.7.0) downloads for each model-zoo backbone, fetched once into a cache (resumable, checked),
 their tensor names converted strictly to our timm backbones'.
 
 The official code loads these files with ``load_state_dict(strict=False)``; here every tensor of our backbone must
@@ -47,7 +47,7 @@ class OfficialWeights:
         return m[1] if m else None
 
 
-# our timm backbone name (without its pretrained tag) -> the official file of the seed configs' structure_type
+# our timm backbone name (without its pretrained tag) -> the official file of the model-zoo configs' structure_type
 OFFICIAL_WEIGHTS: dict[str, OfficialWeights] = {
     "resnet50c": OfficialWeights(
         "resnet50conv3x3stem", "https://download.openmmlab.com/pretrain/third_party/resnet50_v1c-2cccc1ad.pth",

@@ -7,8 +7,8 @@ and the log becomes an MLflow run (tag ``source=official``) with the authors' lo
 ``model.init_from`` fine-tunes from a released (or any mcibi) checkpoint.
 
 Sources, tried in order: the official model zoo's file for the config our params translate
-(``ssseg_mcibiplusplus/<official config>.{pth,log}``, sssegmentation 1.7.0's docs), then the seed page's link
-(``ssseg_memorynetv2/memorynetv2_*``) where the seed gives a correct one.
+(``ssseg_mcibiplusplus/<official config>.{pth,log}``, sssegmentation 1.7.0's docs), then the model-zoo page's
+link (``ssseg_memorynetv2/memorynetv2_*``) where that page gives a correct one.
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ log = logging.getLogger(__name__)
 MIRROR_ENV = "MCIBI_RELEASE_MIRROR"  # a base URL serving the files under /<host>/<path> (mirrors, tests)
 STORE = "https://github.com/SegmentationBLWX/modelstore/releases/download"
 RECORD = "release.json"
-# seed rows whose seed page links ssseg_memorynetv2 files; the seed's two wrong links (VOC R-101 'log' -> the .pth,
-# COCO-Stuff Swin-L 'model' -> the VSPW checkpoint) are left out
-_SEED_LINKED = {
+# model-zoo rows whose model-zoo page links ssseg_memorynetv2 files; the page's two wrong links (VOC R-101 'log' ->
+# the .pth, COCO-Stuff Swin-L 'model' -> the VSPW checkpoint) are left out
+_ZOO_PAGE_LINKED = {
     ("vspw", "upernet_resnet101os8"): ("pth", "log"), ("vspw", "upernet_swinlarge"): ("pth", "log"),
     ("voc", "upernet_resnet50os8"): ("pth", "log"), ("voc", "upernet_resnet101os8"): ("pth",),
     ("lip", "upernet_resnet101os8"): ("pth", "log"), ("lip", "upernet_resnest101os8"): ("pth", "log"),
@@ -81,7 +81,7 @@ def mirrored(url: str, mirror: str) -> str:
 def _urls(official_name: str, ext: str) -> tuple[str, ...]:
     urls = [] if (official_name, ext) in _NO_OFFICIAL else [f"{STORE}/ssseg_mcibiplusplus/{official_name}.{ext}"]
     layout, dataset = official_name.removeprefix("mcibiplusplus_").rsplit("_", 1)
-    if ext in _SEED_LINKED.get((dataset, layout), ()):
+    if ext in _ZOO_PAGE_LINKED.get((dataset, layout), ()):
         urls.append(f"{STORE}/ssseg_memorynetv2/memorynetv2_{layout}_{dataset}.{ext}")
     return tuple(urls)
 

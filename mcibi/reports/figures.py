@@ -5,7 +5,7 @@ For a trained and evaluated run folder ``runs/<dataset>/<run>/`` :func:`make_fig
 per-class IoU bar chart of each protocol, prediction overlays on a few evaluation images, and for memory runs
 the per-class μ/σ trajectories over training (read back from the run's MLflow metric history). It then logs
 them as artifacts of the run and sets the tags that make runs comparable across a dataset (params hash, data
-version, section of the seed table, paired baseline). Matplotlib runs headless (Agg).
+version, section of the model-zoo page, paired baseline). Matplotlib runs headless (Agg).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Results tables in the seed model zoo's layout, built from the evaluation JSON files of our own runs.
+"""Results tables in the model-zoo page's layout, built from the evaluation JSON files of our own runs.
 
-One row per experiment: our mIoU per protocol (mean ± sd over the seeds run), the published mIoU of its seed row
+One row per experiment: our mIoU per protocol (mean ± sd over the seeds run), the published mIoU of its model-zoo row
 (``mcibi/published.csv``), the difference, the paired baseline's mIoU (``<x>_baseline`` beside ``<x>_mcibipp``)
 and the gain MCIBI++ brings over it, and links to the MLflow runs. Nothing is filled in that was not measured:
 a run without its evaluation file reads "not run".
@@ -33,12 +33,12 @@ OFFICIAL_TITLE = "Official weights (our evaluation)"
 
 
 def lr_title(lr: float) -> str:
-    """A learning rate as the seed tables write it: positional decimals (0.00006, not 6e-05)."""
+    """A learning rate as the model-zoo page writes it: positional decimals (0.00006, not 6e-05)."""
     return format(Decimal(repr(lr)).normalize(), "f")
 
 
 def schedule_title(params: ExperimentParams) -> str:
-    """'LR/POLICY/BS/EPOCH: lr/poly/batch/epochs' as in the seed tables."""
+    """'LR/POLICY/BS/EPOCH: lr/poly/batch/epochs' as on the model-zoo page."""
     t = params.train
     return f"LR/POLICY/BS/EPOCH: {lr_title(t.optimizer.lr)}/poly/{t.total_batch_size}/{t.epochs}"
 
@@ -101,7 +101,7 @@ def build_table(experiments: list[ExperimentParams], runs_dir: str | Path, seeds
             mean, sd = _stats(ours[stem][proto])
             pub, source = math.nan, ""
             if entry and not entry[1] and proto in p.evaluate.protocols:
-                for src in ("seed", "official"):
+                for src in ("model_zoo", "official"):
                     value = published_miou(p.data.name, stem, proto, src)
                     if value is not None:
                         pub, source = value, src
@@ -124,7 +124,7 @@ def build_table(experiments: list[ExperimentParams], runs_dir: str | Path, seeds
         row["MLflow link"] = " ".join(f"{mlflow_ui.rstrip('/')}/#/experiments/{experiment_id}/runs/{r}"
                                       for r in run_ids[stem]) if mlflow_ui and experiment_id else ""
         rows.append(row)
-    # the seed page's order: its sections, its rows, each memory row followed by its paired baseline; experiments
+    # the model-zoo page's order: its sections, its rows, each memory row followed by its paired baseline; experiments
     # outside the catalogue (the demo, ablations) keep their file order after them
     sections = [*SECTIONS.values(), OTHER_SECTION]
 
@@ -178,9 +178,9 @@ def _ours(row: pd.Series, proto: str, in_params: bool) -> str:
 
 
 def to_markdown(df: pd.DataFrame, title: str) -> str:
-    """Markdown tables, one per section, with centred columns like the seed page. Our mIoU has a column per
+    """Markdown tables, one per section, with centred columns like the model-zoo page. Our mIoU has a column per
     protocol the section reports; published / delta / baseline / gain are joined with '/' over those protocols
-    as the seed writes 'mIoU/mIoU (ms+flip)'. Missing results read 'not run'."""
+    as the model-zoo page writes 'mIoU/mIoU (ms+flip)'. Missing results read 'not run'."""
     lines = [f"### {title}", ""]
     if df.empty:
         return "\n".join([*lines, "No experiments selected.", ""])
@@ -220,7 +220,7 @@ def to_markdown(df: pd.DataFrame, title: str) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     if official_used:
-        lines += ["† the seed page leaves this cell empty; the value is the official MCIBI++ model zoo's "
+        lines += ["† the model-zoo page leaves this cell empty; the value is the official model-zoo page's "
                   "(mcibi/published.csv, source=official).", ""]
     if "Released" in df and df["Released"].any():
         lines += [f"{OFFICIAL_TITLE}: the authors' released checkpoint, converted and evaluated here under the row's "

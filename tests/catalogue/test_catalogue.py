@@ -1,5 +1,6 @@
-"""The experiment catalogue: every seed row is a params file with the seed's settings and the official model
-switches, baselines pair with framework rows, and the published numbers match the seed's (and the official) pages."""
+"""The experiment catalogue: every model-zoo row is a params file with the row's settings and the official model
+switches, baselines pair with framework rows, and the published numbers match the model-zoo page (and the official
+model-zoo page)."""
 
 import dataclasses
 import re
@@ -41,7 +42,7 @@ def test_36_rows_16_baselines_and_one_file_each():
 
 
 @pytest.mark.parametrize("file", _all_files(), ids=lambda f: f"{f.parent.name}/{f.stem}")
-def test_params_carry_the_seed_row(file):
+def test_params_carry_the_model_zoo_row(file):
     p = load_params(file)
     row, baseline = catalogue_entry(file.parent.name, file.stem)
     assert p.data.name == row.dataset
@@ -50,16 +51,16 @@ def test_params_carry_the_seed_row(file):
     assert (p.data.train_split, p.data.eval_split) == (row.train_split, row.eval_split)
     assert list(p.evaluate.protocols) == list(row.protocols)
     assert p.model.memory.kind == ("none" if baseline else "mcibi++")
-    assert p.model.backbone.pretrained  # ImageNet weights, as every seed row
+    assert p.model.backbone.pretrained  # ImageNet weights, as every model-zoo row
     assert p.train.total_batch_size % p.train.batch_per_device == 0
 
 
-def test_seed_schedule_and_crop_match_the_published_records():
-    """The params' crop and 'LR/POLICY/BS/EPOCH' are the seed page's, cell for cell."""
+def test_model_zoo_schedule_and_crop_match_the_published_records():
+    """The params' crop and 'LR/POLICY/BS/EPOCH' are the model-zoo page's, cell for cell."""
     from mcibi.reports.table import schedule_title
 
     for rec in published():
-        if rec["source"] != "seed":
+        if rec["source"] != "model_zoo":
             continue
         p = load_params(PARAMS / rec["dataset"] / f"{rec['experiment']}.yaml")
         assert "x".join(map(str, p.data.crop_size)) == rec["crop"], rec
@@ -148,7 +149,7 @@ def _page_rows(page: Path) -> list[dict]:
     return rows
 
 
-@pytest.mark.parametrize("source,page", [("seed", "model_zoo_page.md"), ("official", "official_model_zoo.md")])
+@pytest.mark.parametrize("source,page", [("model_zoo", "model_zoo_page.md"), ("official", "official_model_zoo.md")])
 def test_published_numbers_match_the_pages(source, page):
     titles = {v: k for k, v in DATASET_TITLES.items()}
     records = [r for r in published() if r["source"] == source]
@@ -174,12 +175,12 @@ def test_published_numbers_match_the_pages(source, page):
     assert len(seen) == 36 and len(records) == sum(len(r.protocols) for r in ROWS)
 
 
-def test_seed_framework_rows_are_empty_and_differences_are_recorded():
-    """The seed leaves the framework rows' mIoU empty (the official page fills them); the rows where the two pages
-    disagree say so in their params description."""
-    assert all(published_miou(r.dataset, r.stem, "ss", "seed") is None for r in ROWS if r.section == "frameworks")
+def test_model_zoo_framework_rows_are_empty_and_differences_are_recorded():
+    """The model-zoo page leaves the framework rows' mIoU empty (the official page fills them); the rows where the
+    two pages disagree say so in their params description."""
+    assert all(published_miou(r.dataset, r.stem, "ss", "model_zoo") is None for r in ROWS if r.section == "frameworks")
     assert published_miou("lip", "fcn_r50_mcibipp", "ss", "official") == 51.13
-    assert published_miou("cityscapes", "deeplabv3_r101_mcibipp", "msflip", "seed") is None
+    assert published_miou("cityscapes", "deeplabv3_r101_mcibipp", "msflip", "model_zoo") is None
     assert published_miou("cityscapes", "deeplabv3_r101_mcibipp", "msflip", "official") == 82.20
     for dataset, stem in (("lip", "deeplabv3_hr48_mcibipp"), ("cityscapes", "deeplabv3_s101_mcibipp"),
                           ("ade20k", "fcn_r50_mcibipp"), ("cityscapes", "fcn_r50_baseline")):
@@ -189,8 +190,8 @@ def test_seed_framework_rows_are_empty_and_differences_are_recorded():
 
 # ------------------------------------------------------------------------------------------------ model builds
 def _distinct_models():
-    """One (file, model params without weights) per distinct model (the class count aside): building each seed
-    model once covers every switch combination without paying for 52 builds."""
+    """One (file, model params without weights) per distinct model (the class count aside): building each
+    model-zoo model once covers every switch combination without paying for 52 builds."""
     seen, out = set(), []
     for file in _all_files():
         m = load_params(file).model

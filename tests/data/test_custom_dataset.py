@@ -31,7 +31,7 @@ def _mcibi(cwd: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
-    """A working directory with the demo params (the seed row) and a user folder dataset."""
+    """A working directory with the demo params (the row to start from) and a user folder dataset."""
     shutil.copytree(ROOT / "params" / "demo", tmp_path / "params" / "demo")
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MCIBI_DATASETS", raising=False)
@@ -53,7 +53,7 @@ def test_new_dataset_writes_params_and_registers(workdir):
     mem, base = load_params(files[2]), load_params(files[3])
     assert mem.model.memory.kind == "mcibi++" and base.model.memory.kind == "none"
     assert mem.model.num_classes == 3 and mem.data.crop_size == (64, 64) and mem.train.epochs == 3
-    assert mem.evaluate.protocols["msflip"].crop == (64, 64)  # the seed's 96 window, scaled by 64/96
+    assert mem.evaluate.protocols["msflip"].crop == (64, 64)  # the row's 96 window, scaled by 64/96
     assert mem.train.total_batch_size == 8 and dataclasses.replace(mem.model, memory=base.model.memory) == base.model
 
     from mcibi.data.custom import prepare_custom
@@ -66,15 +66,15 @@ def test_new_dataset_writes_params_and_registers(workdir):
     assert verify_prepared("shapes", out)["splits"]["val"]["images"] == 6
 
 
-@pytest.mark.parametrize("median", [(1024, 2048), (300, 600)], ids=["seed-size", "smaller"])
+@pytest.mark.parametrize("median", [(1024, 2048), (300, 600)], ids=["row-size", "smaller"])
 def test_scaled_slide_windows_keep_their_orientation(median):
-    """From a CityScapes seed row, windows scale with the crop and stay as the official runs them: taller than wide
+    """From a CityScapes model-zoo row, windows scale with the crop and stay as the official runs them: taller than wide
     (1024x512 on the 512x1024 crop), no side beyond the crop's longer side."""
     from mcibi.catalogue.custom import experiment_params
     from mcibi.spec.params import load_params, params_from_dict
 
-    seed = load_params(ROOT / "params" / "cityscapes" / "deeplabv3_r101_mcibipp.yaml")
-    d, _ = experiment_params(seed, "cityscapes", 19, 1000, median)
+    row = load_params(ROOT / "params" / "cityscapes" / "deeplabv3_r101_mcibipp.yaml")
+    d, _ = experiment_params(row, "cityscapes", 19, 1000, median)
     proto = params_from_dict(d, "custom").evaluate.protocols["msflip"]
     crop = d["data"]["crop_size"]
     assert proto.mode == "slide" and proto.crop == (crop[1], crop[0]) and proto.crop[0] > proto.crop[1]

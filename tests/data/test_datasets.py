@@ -250,7 +250,7 @@ def test_voc_palette_pngs_are_read_as_indices_not_luminance(server, tmp_path):
         "2007_000032", "2007_000039", "2008_000002", "2008_000003"]
 
 
-def test_cocostuff10k_keeps_the_seed_182_way_ids():
+def test_cocostuff10k_keeps_the_model_zoo_182_way_ids():
     spec = get_spec("cocostuff10k")
     assert spec.num_classes == 182  # MCIBI++ configs: num_classes 182, dead classes kept
     assert spec.classes[0] == "person" and spec.classes[91] == "banner" and spec.classes[181] == "wood"

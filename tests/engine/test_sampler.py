@@ -135,7 +135,7 @@ def test_every_model_zoo_row_counts_iterations_as_the_official_8_gpus(file, offi
     official = DataLoader(range(n), batch_size=per_gpu, drop_last=True, sampler=DistributedSampler(range(n), 8, 0))
     assert iterations_per_epoch(n, p.train.total_batch_size, p.train.sampler) == len(official)
     assert len(official) == math.ceil(n / 8) // per_gpu
-    # where the seed's batch is the official config's, so is the per-GPU batch (train.py: total // world size)
+    # where the model-zoo row's batch is the official config's, so is the per-GPU batch (train.py: total // world size)
     cfg = official_configs[catalogue_entry(p.data.name, file.stem)[0].official_name]["dataloader"]
     if cfg["expected_total_train_bs_for_assert"] == p.train.total_batch_size:
         assert cfg["train"]["batch_size_per_gpu"] == per_gpu and cfg["train"]["drop_last"]
@@ -145,7 +145,7 @@ def test_custom_dataset_params_take_the_loader_layout():
     """A custom dataset has no official run to follow, and its capped batch (9 here) need not split over 8."""
     from mcibi.catalogue.custom import experiment_params
 
-    seed = load_params(PARAMS / "lip" / "upernet_r50_mcibipp.yaml")
-    d, note = experiment_params(seed, "shapes", 3, 18, (100, 100), epochs=3)
+    row = load_params(PARAMS / "lip" / "upernet_r50_mcibipp.yaml")
+    d, note = experiment_params(row, "shapes", 3, 18, (100, 100), epochs=3)
     assert d["train"]["total_batch_size"] == 9 and d["train"]["sampler"] == {"kind": "loader", "replicas": 1}
     assert "3 epochs = 6 iterations" in note

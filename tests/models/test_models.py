@@ -162,7 +162,7 @@ def test_backward_reaches_every_parameter(framework, kind):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-SEED_BACKBONE_CONFIGS = [  # one official config per seed backbone, with the channels its heads must see
+MODEL_ZOO_BACKBONE_CONFIGS = [  # one official config per model-zoo backbone, with the channels its heads must see
     ("mcibiplusplus_upernet_resnet101os8_ade20k", "resnet101c", 2048),  # R-101-D8
     ("mcibiplusplus_upernet_resnest101os8_ade20k", "resnest101e", 2048),  # S-101-D8
     ("mcibiplusplus_aspp_resnest101os8_cityscapes", "resnest101e", 2048),
@@ -172,8 +172,8 @@ SEED_BACKBONE_CONFIGS = [  # one official config per seed backbone, with the cha
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,backbone,top_channels", SEED_BACKBONE_CONFIGS)
-def test_every_seed_backbone_builds_and_runs(name, backbone, top_channels):
+@pytest.mark.parametrize("name,backbone,top_channels", MODEL_ZOO_BACKBONE_CONFIGS)
+def test_every_model_zoo_backbone_builds_and_runs(name, backbone, top_channels):
     from mcibi.catalogue.official import load_official_config, model_params_from_official
 
     cfg = load_official_config(None, name)

@@ -101,7 +101,7 @@ def test_a_corrupt_download_is_rejected_and_deleted(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("config, name, family, smaller", [
-    # the seed's S-101-D8 and HRNetV2p-W48 stand in as their smaller siblings (same names and layout per family)
+    # the model zoo's S-101-D8 and HRNetV2p-W48 stand in as their smaller siblings (same names and layout per family)
     ("mcibiplusplus_upernet_resnest101os8_lip", "resnest50d", "resnet",
      {"structure_type": "resnest50", "depth": 50, "stem_channels": 64}),
     ("mcibiplusplus_aspp_hrnetv2w48_lip", "hrnet_w18", "hrnet",

@@ -45,6 +45,32 @@ def test_relative_links_resolve(page):
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_pages_speak_of_the_product(page):
     text = page.read_text()
-    words = re.findall(r"\b(?:this VM|the VM|sessions?\b(?! cookie)|seed rows?|seed page|seed tables?|"
+    words = re.findall(r"\b(?:this VM|the VM|sessions?\b(?! cookie)|seed[ ]rows?|seed[ ]page|seed[ ]tables?|"
                        r"20\d\d-\d\d-\d\d)", text)
     assert not words, f"{page.relative_to(ROOT)} speaks of how it was made: {sorted(set(words))}"
+
+
+# The code's docstrings, comments and messages name the model zoo as a user knows it ("model-zoo row", "the
+# model-zoo page"). Files another change is renaming are left out for now; the check covers them once they are.
+CODE_DIRS = ("mcibi", "workflow", "bench", "tests")
+CODE_SUFFIXES = {".py", ".smk", ".rst", ".yaml", ".yml", ".csv", ".sh", ".md", ".txt"}
+NOT_YET_CHECKED = ("mcibi/catalogue/generate.py", "mcibi/spec/params.py", "mcibi/cli.py", "workflow/")
+MAKING_WORDS = re.compile(r"\bseed[ ](?:rows?|pages?|tables?)\b|\bsource=seed\b", re.IGNORECASE)
+
+
+def _code_files() -> list[Path]:
+    files = []
+    for folder in CODE_DIRS:
+        for path in sorted((ROOT / folder).rglob("*")):
+            rel = path.relative_to(ROOT).as_posix()
+            if (path.is_file() and path.suffix in CODE_SUFFIXES and "__pycache__" not in path.parts
+                    and not rel.startswith(NOT_YET_CHECKED)):
+                files.append(path)
+    return files
+
+
+def test_code_speaks_of_the_model_zoo():
+    found = [f"{path.relative_to(ROOT)}:{n}: {m[0]}" for path in _code_files()
+             for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1)
+             if (m := MAKING_WORDS.search(line))]
+    assert not found, "say 'model-zoo row' / 'the model-zoo page' (source=model_zoo) instead:\n" + "\n".join(found)

@@ -57,7 +57,7 @@ def test_demo_table_cells_and_missing_runs(tmp_path):
 
 
 def test_catalogue_table_published_delta_sections_and_seeds(tmp_path):
-    """LIP: framework rows (official numbers, the seed's cells are empty) and SOTA rows (the seed's numbers);
+    """LIP: framework rows (official numbers, the model-zoo page's cells are empty) and SOTA rows (its numbers);
     three seeds of one row give mean ± sd; a seed not evaluated yet counts as missing, not as zero."""
     exps = [load_params(f) for f in experiment_files(PARAMS, "lip")]
     runs = tmp_path / "runs"
@@ -70,7 +70,7 @@ def test_catalogue_table_published_delta_sections_and_seeds(tmp_path):
                                                       ("upernet_r50_mcibipp-seed2", 2)]
     df = build_table(exps, runs, seeds=3)
     assert list(df["Section"].unique()) == ["Results of Different Frameworks", "SOTA Results"]
-    assert list(df["Experiment"]) == [  # the seed page's order, each row followed by its baseline
+    assert list(df["Experiment"]) == [  # the model-zoo page's order, each row followed by its baseline
         "fcn_r50_mcibipp", "fcn_r50_baseline", "psnet_r50_mcibipp", "psnet_r50_baseline", "upernet_r50_mcibipp",
         "upernet_r50_baseline", "deeplabv3_r50_mcibipp", "deeplabv3_r50_baseline", "upernet_r101_mcibipp",
         "upernet_s101_mcibipp", "upernet_swinl_mcibipp", "deeplabv3_hr48_mcibipp"]
@@ -80,7 +80,7 @@ def test_catalogue_table_published_delta_sections_and_seeds(tmp_path):
     assert up["mIoU published"] == 53.92 and up["mIoU published source"] == "official"
     assert abs(up["mIoU delta"] - 0.58) < 1e-9 and abs(up["mIoU gain"] - 2.0) < 1e-9
     r101 = t.loc["upernet_r101_mcibipp"]
-    assert r101["mIoU (flip) published"] == 56.26 and r101["mIoU (flip) published source"] == "seed"
+    assert r101["mIoU (flip) published"] == 56.26 and r101["mIoU (flip) published source"] == "model_zoo"
     assert abs(r101["mIoU (flip) delta"] - 0.0) < 1e-9 and r101["mIoU n"] == 0
     assert pd.isna(t.loc["upernet_r50_baseline", "mIoU published"])  # baselines have no published row
 
@@ -93,7 +93,7 @@ def test_catalogue_table_published_delta_sections_and_seeds(tmp_path):
     assert "| not run | 56.26 (n=1/3)%" not in sota
     # the released weights not evaluated yet: the official-weights column says so
     assert "| not run | 56.26% (n=1/3) | not run | 55.87%/56.26%/56.32% | not run | -/+0.00/- | - | - |" in sota
-    assert "† the seed page leaves this cell empty" in md
+    assert "† the model-zoo page leaves this cell empty" in md
     hr = _line(md, "| DeepLabV3 | MCIBI++ | HRNetV2p-W48 | 512x512 | LR/POLICY/BS/EPOCH: 0.007/poly/40/150 |")
     assert hr.count("not run") == 4  # three protocols and the released weights
 
@@ -108,7 +108,7 @@ def test_cityscapes_test_rows_point_at_the_server(tmp_path):
     assert "| exported, submit to the server | 81.70% |" in _line(md, "S-101-D8")
 
 
-def test_swin_schedule_reads_like_the_seed():
+def test_swin_schedule_reads_like_the_model_zoo_page():
     assert lr_title(6e-05) == "0.00006" and lr_title(0.01) == "0.01" and lr_title(0.007) == "0.007"
 
 

@@ -90,7 +90,7 @@ def _plan(proc: subprocess.CompletedProcess) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("dataset", DATASETS)
-def test_dry_run_plans_every_seed_row_of_the_dataset(repo_copy, dataset):
+def test_dry_run_plans_every_model_zoo_row_of_the_dataset(repo_copy, dataset):
     """`snakemake -n results/<dataset>` builds the full DAG in seconds: one training per params file, one
     evaluation per protocol (CityScapes test rows: an export for the server instead), figures per run."""
     start = time.time()
