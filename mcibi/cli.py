@@ -461,21 +461,73 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the console script."""
+    """Entry point of the console script: 0 on success, 1 on an expected error (one log line saying what and
+    what to do), 130 when interrupted; an unexpected error keeps its traceback."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as exc:
-        log.error("%s", exc.args[0] if exc.args else exc)
-        return 1
-    except OSError as exc:  # a full disk, permissions, a read-only file system on a path not written atomically
-        from mcibi.files import describe_write_error
-
-        log.error("%s", describe_write_error(exc, exc.filename or ".") if exc.filename else exc)
+    except KeyboardInterrupt:
+        log.error("interrupted; rerunning the same command starts again (training resumes from its newest "
+                  "checkpoint)")
+        return 130
+    except Exception as exc:
+        message = expected_error(exc)
+        if message is None:
+            raise
+        log.error("%s", message)
+        log.debug("the error in full", exc_info=True)
         return 1
     return 0
+
+
+def expected_error(exc: BaseException) -> str | None:
+    """The message of an expected error, or None for an unexpected one (a bug: it keeps its traceback).
+
+    Expected: the errors mcibi raises with a sentence that names the file or thing and what to do
+    (ParamsError, CheckpointError, ArchiveError, ResumeConflictError, WriteError, ... and plain
+    ValueError / KeyError / RuntimeError / FileNotFoundError raised so), errors the operating system reports for
+    a file or program, MLflow's errors and network errors.
+    """
+    mlflow_errors = sys.modules.get("mlflow.exceptions")
+    if mlflow_errors and isinstance(exc, mlflow_errors.MlflowException):
+        from mcibi.tracking.runs import default_tracking_uri
+
+        first = (str(exc.message).strip().splitlines() or ["(no message)"])[0][:400].rstrip(".")
+        return (f"MLflow, tracking store {default_tracking_uri()}: {first}. Check the run, model or experiment "
+                "named and that MLFLOW_TRACKING_URI names the store it was logged to (unset, the local mlflow.db "
+                "is used), then rerun.")
+    requests = sys.modules.get("requests")
+    if requests and isinstance(exc, requests.RequestException):  # an OSError too: before the OS errors
+        url = getattr(exc.request, "url", None) or ""
+        return f"network error{' fetching ' + url if url else ''}: {exc}. Check the connection, then rerun."
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return _os_error(exc)
+    if isinstance(exc, ValueError | KeyError | RuntimeError | OSError) and exc.args and isinstance(exc.args[0], str) \
+            and " " in exc.args[0].strip():  # mcibi's messages are sentences; a bare KeyError('x') is a bug
+        return exc.args[0]
+    return None
+
+
+def _os_error(exc: OSError) -> str:
+    """One sentence for an error the OS reported: which file or program, what happened, what to do."""
+    import errno
+
+    from mcibi.files import describe_write_error
+
+    name = exc.filename
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):  # a full disk, quota, read-only file system
+        return describe_write_error(exc, name or ".")
+    why = (exc.strerror or str(exc)).lower()
+    if name is None:
+        return f"{why} (the operating system refused: {exc}). Fix the cause, then rerun."
+    if exc.errno == errno.ENOENT and os.sep not in str(name) and not exc.filename2:
+        return (f"{name}: no such file, folder or program: check the path, or install the program (on PATH, or "
+                "beside this Python), then rerun.")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"{name}: {why}: make it readable (and its folder writable) for you, or use another path, then rerun."
+    return f"{name}: {why}: check the path, then rerun."
 
 
 if __name__ == "__main__":
