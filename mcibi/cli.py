@@ -11,6 +11,35 @@ from pathlib import Path
 
 log = logging.getLogger("mcibi")
 
+# how to do a command's work while the tracking store is unusable (the last choice of TrackingStoreError)
+_OFFLINE = {
+    "train": "train without tracking (`mcibi train ... --no-tracking`) and log the finished run later (`mcibi "
+             "log-run <run folder>`)",
+    "evaluate": "evaluate without tracking (`mcibi evaluate ... --no-tracking`); `mcibi log-run <run folder>` or "
+                "`mcibi figures` logs the evaluation later",
+    "figures": "draw the figures without tracking (`mcibi figures ... --no-tracking`) and run `mcibi figures` again "
+               "once the store answers",
+    "predict": "predict from the run folder or its checkpoint instead (`--run runs/<dataset>/<experiment>` or "
+               "`--checkpoint model.pt`)",
+}
+
+
+def _tracking_uri(command: str = "") -> str:
+    """The tracking URI (``MLFLOW_TRACKING_URI``, else the local ``mlflow.db``), checked within seconds before the
+    command does any work (:class:`mcibi.tracking.store.TrackingStoreError` says what to do)."""
+    from mcibi.tracking.runs import default_tracking_uri
+    from mcibi.tracking.store import check_tracking_store
+
+    uri = default_tracking_uri()
+    check_tracking_store(uri, _OFFLINE.get(command, ""))
+    return uri
+
+
+def _logged_run_id(run_dir: Path) -> str:
+    """The MLflow run id a run folder's ``run.json`` records ('' when trained without tracking)."""
+    run_file = Path(run_dir) / "run.json"
+    return (json.loads(run_file.read_text()).get("mlflow_run_id") or "") if run_file.is_file() else ""
+
 
 def _cmd_download(a: argparse.Namespace) -> None:
     from mcibi.data.download import download
@@ -80,9 +109,9 @@ def _cmd_validate(a: argparse.Namespace) -> None:
 
 def _cmd_mlflow_init(a: argparse.Namespace) -> None:
     from mcibi.files import write_text
-    from mcibi.tracking.runs import default_tracking_uri, ensure_experiment
+    from mcibi.tracking.runs import ensure_experiment
 
-    uri = default_tracking_uri()
+    uri = _tracking_uri()
     exp_id = ensure_experiment(a.dataset, uri)
     log.info("MLflow experiment for %s: id %s at %s", a.dataset, exp_id, uri)
     if a.out:
@@ -90,44 +119,45 @@ def _cmd_mlflow_init(a: argparse.Namespace) -> None:
 
 
 def _cmd_train(a: argparse.Namespace) -> None:
-    from mcibi.engine.train import train
     from mcibi.spec.params import load_params
     from mcibi.spec.runs import with_seed
-    from mcibi.tracking.runs import default_tracking_uri
 
     params = with_seed(load_params(a.params), a.seed)
     out = a.out or Path("runs") / params.name
-    uri = None if a.no_mlflow else default_tracking_uri()
+    uri = None if a.no_mlflow else _tracking_uri("train")
+    from mcibi.engine.train import train
+
     train(params, a.data_root, out, tracking_uri=uri, device=a.device, threads=a.threads,
           resume=not (a.restart or a.no_resume))
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> None:
-    import json
-
-    from mcibi.evaluation.protocols import evaluate, write_result
     from mcibi.spec.params import load_params
     from mcibi.spec.runs import with_seed
-    from mcibi.tracking.runs import hardware
 
     params = with_seed(load_params(a.params), a.seed)
     run_dir = Path(a.checkpoint).parent
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    parent = _logged_run_id(run_dir)
+    # the workflow passes --no-mlflow: its figures job logs every evaluation
+    uri = _tracking_uri("evaluate") if parent and main_rank and not a.no_mlflow else None
+    from mcibi.evaluation.protocols import evaluate, write_result
+    from mcibi.tracking.runs import hardware
+
     out_json = a.out_json or run_dir / "eval" / f"{a.protocol}.json"
     out_csv = a.out_csv or run_dir / "eval" / f"{a.protocol}_per_class.csv"
     result = evaluate(params, a.checkpoint, a.protocol, a.data_root, device=a.device, threads=a.threads,
                       limit=a.limit, samples=a.samples, samples_out=a.samples_out)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank has the all-reduced result; rank 0 writes
+    if not main_rank:  # under torchrun every rank has the all-reduced result; rank 0 writes
         return
-    run_file = run_dir / "run.json"
-    parent = json.loads(run_file.read_text()).get("mlflow_run_id") if run_file.is_file() else None
-    result["mlflow_run_id"] = parent or ""
+    result["mlflow_run_id"] = parent
     result["hardware"] = hardware()
     write_result(result, out_json, out_csv)
-    if parent and not a.no_mlflow:  # the workflow passes --no-mlflow: its figures job logs every evaluation
-        from mcibi.tracking.runs import default_tracking_uri, log_evaluation, run_tags
+    if uri:
+        from mcibi.tracking.runs import log_evaluation, run_tags
 
         # the digest of this record equals that of the file written from it: the figures job will not log it again
-        log_evaluation(default_tracking_uri(), parent, a.protocol, result, out_csv, run_tags(params))
+        log_evaluation(uri, parent, a.protocol, result, out_csv, run_tags(params))
 
 
 def _cmd_export(a: argparse.Namespace) -> None:
@@ -166,7 +196,8 @@ def _cmd_figures(a: argparse.Namespace) -> None:
     stem = Path(a.params).stem
     entry = catalogue_entry(params.data.name, stem)
     section = SECTIONS[entry[0].section] if entry else ""
-    uri = None if a.no_mlflow else default_tracking_uri()
+    # the store is used (and checked) only for a run that was logged to it
+    uri = None if a.no_mlflow else _tracking_uri("figures") if _logged_run_id(a.run_dir) else default_tracking_uri()
     make_figures(params, a.run_dir, a.data_root, a.out or Path(a.run_dir) / "figures", tracking_uri=uri,
                  num_images=a.images, section=section, baseline=baseline_of(stem) or "")
 
@@ -218,7 +249,10 @@ def _cmd_predict(a: argparse.Namespace) -> None:
     if a.checkpoint:
         seg = Segmenter.from_checkpoint(a.checkpoint, params=a.params, protocol=a.protocol, device=a.device)
     elif a.run:
-        seg = Segmenter.from_run(a.run, protocol=a.protocol, device=a.device)
+        folder = Path(a.run)
+        local = folder.is_dir() and ((folder / "model.pt").is_file() or (folder / "MLmodel").is_file())
+        seg = Segmenter.from_run(a.run, protocol=a.protocol, device=a.device,
+                                 tracking_uri=None if local else _tracking_uri("predict"))
     else:
         raise ValueError("say which model: --checkpoint model.pt (with --params), or --run <run folder | MLflow run "
                          "id | models:/<name>/<version>>.")
@@ -234,9 +268,10 @@ def _cmd_predict(a: argparse.Namespace) -> None:
 
 
 def _cmd_register(a: argparse.Namespace) -> None:
+    uri = _tracking_uri()
     from mcibi.evaluation.serving import register
 
-    name, version = register(a.run, a.name)
+    name, version = register(a.run, a.name, tracking_uri=uri)
     log.info("registered %s as model '%s' version %s (models:/%s/%s)", a.run, name, version, name, version)
 
 
@@ -276,12 +311,24 @@ def _cmd_released(a: argparse.Namespace) -> None:
         log.info("converted %s -> %s", checkpoint, a.out)
     else:
         from mcibi.files import write_json
-        from mcibi.tracking.runs import default_tracking_uri
 
+        uri = _tracking_uri()
         record = json.loads((a.release_dir / released.RECORD).read_text())
-        run_id = released.log_release_run(default_tracking_uri(), params, released.released_file(a.release_dir, "log"),
+        run_id = released.log_release_run(uri, params, released.released_file(a.release_dir, "log"),
                                           record)
         write_json(a.out, {"mlflow_run_id": run_id, "source": "official", **record})
+
+
+def _cmd_log_run(a: argparse.Namespace) -> None:
+    uri = _tracking_uri()
+    from mcibi.engine.log_run import log_finished_run
+
+    run_id, created = log_finished_run(a.run_dir, uri, a.data_root)
+    if created:
+        log.info("logged %s as MLflow run %s (%s); `mcibi figures <params> --run-dir %s` adds its figures",
+                 a.run_dir, run_id, uri, a.run_dir)
+    else:
+        log.info("%s is MLflow run %s (%s) already; its evaluations are logged", a.run_dir, run_id, uri)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -343,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--data-root", type=Path, default=Path("data"))
         s.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
         s.add_argument("--threads", type=int, help="torch intra-op threads")
-        s.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+        s.add_argument("--no-mlflow", "--no-tracking", dest="no_mlflow", action="store_true",
+                       help="do not log to MLflow (`mcibi log-run` logs a finished run later)")
         s.add_argument("--seed", type=int, help="train/evaluate the run of this seed (run name <experiment>-seed<k> "
                        "unless it is the params' own seed)")
         s.set_defaults(func=func)
@@ -386,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, help="the run's seed (see train --seed)")
     s.add_argument("--images", type=int, default=4, help="most evaluation images with prediction overlays (from "
                    "<run-dir>/eval/<first protocol>_samples.npz, written by evaluate --samples-out)")
-    s.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    s.add_argument("--no-mlflow", "--no-tracking", dest="no_mlflow", action="store_true",
+                   help="do not log to MLflow")
     s.set_defaults(func=_cmd_figures)
 
     s = sub.add_parser("convert", help="convert an official MCIBI++ checkpoint for a params file")
@@ -457,6 +506,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run", help="run folder (runs/<dataset>/<experiment>), MLflow run id or runs:/ URI")
     s.add_argument("--name", required=True, help="registered model name")
     s.set_defaults(func=_cmd_register)
+
+    s = sub.add_parser("log-run", help="log a finished run trained without tracking (train --no-tracking) to MLflow: "
+                       "params, tags, loss curve, params file, input dataset, the MLflow model and the evaluations in "
+                       "eval/; the run id is recorded in run.json")
+    s.add_argument("run_dir", type=Path, metavar="RUN_DIR",
+                   help="the run folder, runs/<dataset>/<experiment> (run.json, loss.csv, model.pt, eval/)")
+    s.add_argument("--data-root", type=Path, default=Path("data"),
+                   help="prepared data, recorded as the run's input dataset (default data)")
+    s.set_defaults(func=_cmd_log_run)
     return parser
 
 
