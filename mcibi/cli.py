@@ -4,6 +4,11 @@
 last; :func:`reference_markdown` renders the same parser as the command reference of docs/cli.md. :func:`main`
 turns every expected error (a message naming the file or thing and what to do) into one log line and exit status
 1; anything else keeps its traceback.
+
+Plain argparse: the groups are the top-level description, generated from :data:`GROUPS`, and the subcommands'
+own parsers are untouched, so every name, argument, default and parse rule the workflow's rules and the tests use
+stays as it was, and no dependency is added (click is installed only as a dependency of MLflow, DVC and
+Snakemake; typer is not installed).
 """
 
 from __future__ import annotations
@@ -606,7 +611,7 @@ def reference_markdown(parser: argparse.ArgumentParser | None = None) -> str:
             out += ["", f"#### `mcibi {_name(p)}`", "", f"`{_usage(p)}`", "", _md(p.description), "",
                     "| Argument | Meaning |", "| --- | --- |"]
             out += [f"| `{_flag(a)}` | {_cell(_meaning(a))} |" for a in p._actions if a.help != argparse.SUPPRESS
-                    and not isinstance(a, argparse._HelpAction)]
+                    and "-h" not in a.option_strings]
     return "\n".join([*out, "", REFERENCE_END]) + "\n"
 
 
