@@ -30,7 +30,13 @@ def _dvc() -> list[str]:
 
 
 def _run(args: list[str], repo: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([*_dvc(), *args], cwd=repo, capture_output=True, text=True)
+    command = [*_dvc(), *args]
+    try:
+        return subprocess.run(command, cwd=repo, capture_output=True, text=True)
+    except FileNotFoundError as exc:
+        raise DataVersionError(f"{command[0]}: no dvc program beside {sys.executable} or on PATH, so {repo} was not "
+                               "committed to the DVC cache (the prepared data is unchanged). Install DVC (it is in "
+                               "requirements.lock) or put it on PATH, then rerun.") from exc
 
 
 def commit_data(repo: str | Path = ".", target: str = "data.dvc", attempts: int = 10) -> str:

@@ -68,6 +68,9 @@ def convert_official_checkpoint(state_dict: dict[str, torch.Tensor], model_param
 def load_official_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read an official ``.pth`` safely (``weights_only=True``: no pickled code runs) and return its tensors."""
     file = Path(path)
+    if not file.is_file():
+        raise CheckpointError(f"{file}: no such file. Give the path of the official .pth (`mcibi released download` "
+                              "fetches the authors' released ones).")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:

@@ -53,8 +53,13 @@ def params_hash(flat_params: dict[str, Any]) -> str:
 
 
 def default_tracking_uri(root: str | Path = ".") -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else an absolute SQLite URI for ``<root>/mlflow.db``."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+    """``MLFLOW_TRACKING_URI`` if set, else :func:`local_tracking_uri`."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or local_tracking_uri(root)
+
+
+def local_tracking_uri(root: str | Path = ".") -> str:
+    """The local store: an absolute SQLite URI for ``<root>/mlflow.db``."""
+    return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
 
 
 def experiment_name(dataset: str) -> str:
@@ -127,6 +132,19 @@ def ensure_experiment(dataset: str, uri: str) -> str:
         return exp.experiment_id
 
 
+def run_exists(uri: str, run_id: str) -> bool:
+    """Whether the store at ``uri`` holds the run ``run_id`` (deleted runs included)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        _retry(lambda: _client(uri).get_run(run_id))
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        return False
+    return True
+
+
 def git_commit(root: str | Path = ".") -> str:
     """The repository's HEAD commit (with ``-dirty`` when the work tree has changes), or 'unknown'."""
     try:
@@ -180,15 +198,15 @@ class RunLogger:
 
     @classmethod
     def start(cls, uri: str, dataset: str, run_name: str, tags: dict[str, str], params: dict[str, Any],
-              description: str = "") -> RunLogger:
+              description: str = "", start_time: int | None = None) -> RunLogger:
         """Create the run in the dataset's experiment and log its params (flattened, dotted keys); the
-        description becomes the run's note in the UI."""
+        description becomes the run's note in the UI. ``start_time`` (ms since the epoch) defaults to now."""
         from mlflow.entities import Param, RunTag
 
         exp_id = ensure_experiment(dataset, uri)
         client = _client(uri)
         tags = {"params_hash": params_hash(params), **tags}
-        run = _retry(lambda: client.create_run(exp_id, run_name=run_name, tags=tags))
+        run = _retry(lambda: client.create_run(exp_id, start_time=start_time, run_name=run_name, tags=tags))
         items = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in sorted(params.items())]
         for i in range(0, len(items), 100):
             _retry(lambda chunk=items[i : i + 100]: client.log_batch(run.info.run_id, params=chunk))
@@ -231,6 +249,16 @@ class RunLogger:
         if batch:
             _retry(lambda: self.client.log_batch(self.run_id, metrics=batch))
 
+    def history(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        """Log many steps' metrics at once (``[(step, {name: value})]``, e.g. a finished run's loss curve), in
+        batches of the 1000 metrics MLflow accepts per call."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(metric_key(k), float(v), now, step) for step, values in rows for k, v in values.items()]
+        for i in range(0, len(batch), 1000):
+            _retry(lambda chunk=batch[i : i + 1000]: self.client.log_batch(self.run_id, metrics=chunk))
+
     def children(self) -> list[str]:
         """Ids of the run's child runs (one per evaluation protocol)."""
         run = self.client.get_run(self.run_id)
@@ -247,9 +275,9 @@ class RunLogger:
         "val"}``): name ``<dataset>/<split>``, digest = the data version (see :func:`dataset_digest`)."""
         log_dataset_inputs(self.client, self.run_id, data_dir, splits)
 
-    def finish(self, status: str = "FINISHED") -> None:
-        """Mark the run as finished (or FAILED)."""
-        _retry(lambda: self.client.set_terminated(self.run_id, status=status))
+    def finish(self, status: str = "FINISHED", end_time: int | None = None) -> None:
+        """Mark the run as finished (or FAILED), at ``end_time`` (ms since the epoch; default now)."""
+        _retry(lambda: self.client.set_terminated(self.run_id, status=status, end_time=end_time))
 
 
 def dataset_digest(data_dir: str | Path) -> str:
