@@ -13,7 +13,7 @@ import yaml
 from mcibi.catalogue.rows import DATASET_TITLES, DATASETS, SECTIONS, Row, backbone_title, rows_of
 from mcibi.data.lookup import get_spec
 from mcibi.files import write_text
-from mcibi.spec.params import DEFAULTS_FILE, merge, to_dict
+from mcibi.spec.params import DEFAULTS_FILE, EXPONENT_FLOAT, FLOAT_FIRST_CHARS, merge, to_dict
 
 # pipelines of mcibi.data.specs by crop (the 640 one for ADE20k's Swin-L row; LIP's HRNet row crops 512 from
 # the 473 pipeline's 520x520 resize, as its seed row states)
@@ -185,6 +185,8 @@ def _dict(dumper: yaml.SafeDumper, data: dict) -> yaml.Node:
 
 _Dumper.add_representer(list, _list)
 _Dumper.add_representer(dict, _dict)
+# quote the strings the params loader would read as numbers (1e-2), so that they stay strings
+_Dumper.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, FLOAT_FIRST_CHARS)
 
 
 def _yaml(header: str, data: dict) -> str:

@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import functools
 import importlib.util
+import math
 import re
 import types
 import typing
@@ -334,13 +335,17 @@ def _convert(tp: Any, value: Any, key: str, file: Path) -> Any:
         if not isinstance(value, bool):
             fail(f"expected true/false, got {value!r}")
         return value
-    if tp is int:
+    if tp is int:  # a whole number written as a float (1e3, 2.0) is that integer, as JSON Schema's 'integer'
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             fail(f"expected an integer, got {value!r}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             fail(f"expected a number, got {value!r}")
+        if not math.isfinite(value):
+            fail(f"expected a finite number, got {value!r} (.nan and .inf would stop the run at its first step)")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -349,8 +354,14 @@ def _convert(tp: Any, value: Any, key: str, file: Path) -> Any:
     fail(f"unsupported type {_type_name(tp)}")
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """The field types of a params dataclass (resolving the annotations once, not per file)."""
+    return typing.get_type_hints(cls)
+
+
 def _build(cls: type, data: dict, prefix: str, file: Path) -> Any:
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     settable = {n for n, f in fields.items() if not (cls is ExperimentParams and n in ("name", "path"))}
     where = f"{prefix}." if prefix else ""
@@ -375,14 +386,23 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-# libyaml's safe loader where PyYAML was built with it: the same documents, 5x faster than the pure-Python one
-# (the workflow's parse step reads every params file of the catalogue)
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# Floats in exponent notation without a dot or without the exponent's sign (1e-2, 1E-3, 5e+4, 1.0e5): numbers in
+# YAML 1.2, which people and most tools read, but strings to PyYAML's YAML 1.1 resolver. Anchored at both ends.
+EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$")
+FLOAT_FIRST_CHARS = list("-+0123456789.")
+
+
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """libyaml's safe loader where PyYAML was built with it (the same documents, 5x faster than the pure-Python one;
+    the workflow's parse step reads every params file of the catalogue), reading :data:`EXPONENT_FLOAT` as floats."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, FLOAT_FIRST_CHARS)
 
 
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.load(path.read_text(), Loader=_YAML_LOADER)  # noqa: S506 (a safe loader)
+        data = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 (a safe loader)
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML ({exc}).") from exc
     if data is None:
