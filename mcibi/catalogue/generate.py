@@ -14,6 +14,7 @@ from mcibi.catalogue.rows import DATASET_TITLES, DATASETS, SECTIONS, Row, backbo
 from mcibi.data.lookup import get_spec
 from mcibi.files import write_text
 from mcibi.spec.params import DEFAULTS_FILE, EXPONENT_FLOAT, FLOAT_FIRST_CHARS, merge, to_dict
+from mcibi.spec.schema import layer_modeline
 
 # pipelines of mcibi.data.specs by crop (the 640 one for ADE20k's Swin-L row; LIP's HRNet row crops 512 from
 # the 473 pipeline's 520x520 resize, as its seed row states)
@@ -190,8 +191,10 @@ _Dumper.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, FLOAT_F
 
 
 def _yaml(header: str, data: dict) -> str:
+    """A params file: the editor modeline (the schema of a params file), the header as comments, then ``data``."""
     body = yaml.dump(data, Dumper=_Dumper, sort_keys=False, width=120, default_flow_style=False)
-    return "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines()) + body
+    head = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
+    return f"{layer_modeline()}\n{head}{body}"
 
 
 def generate(dataset: str, configs: dict) -> dict[str, str]:
