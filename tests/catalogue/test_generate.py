@@ -13,3 +13,19 @@ def test_strings_that_look_like_numbers_stay_strings(tmp_path):
     file = tmp_path / "p.yaml"
     file.write_text(text)
     assert _read_yaml(file) == data
+
+
+def test_headers_speak_of_model_zoo_rows():
+    """Each experiment file's header names the model-zoo row it carries (train.seed is the one seed)."""
+    import re
+
+    from mcibi.catalogue.generate import generate
+    from mcibi.catalogue.official import load_official_configs
+    from mcibi.catalogue.rows import DATASETS
+
+    configs = load_official_configs()
+    for ds in DATASETS:
+        for name, text in generate(ds, configs).items():
+            assert not re.search(r"(?i)seed (rows?|pages?|tables?|model zoo)", text), (ds, name)
+            if name != "defaults.yaml":
+                assert text.splitlines()[2].startswith("# Model-zoo row: crop "), (ds, name)
