@@ -239,6 +239,20 @@ def _cmd_catalogue(a: argparse.Namespace) -> None:
     log.info("params under %s are what the catalogue generates", a.params_root)
 
 
+def _cmd_schema(a: argparse.Namespace) -> None:
+    from mcibi.spec.schema import check_schema_files, write_schema_files
+
+    if a.action == "write":
+        for path in write_schema_files(a.root):
+            log.info("wrote %s", path)
+        return
+    bad = check_schema_files(a.root)
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: differ from what mcibi/spec/params.py generates; run `mcibi schema "
+                         "write` (and edit the dataclasses and their field comments, not these files).")
+    log.info("the params schemas and reference under %s are what mcibi/spec/params.py generates", a.root)
+
+
 def _cmd_convert(a: argparse.Namespace) -> None:
     import torch
 
@@ -502,6 +516,13 @@ def _model_zoo(sub) -> None:
     s.add_argument("--params-root", type=Path, default=Path("params"), help="folder of the params files (default "
                    "params)")
     s.add_argument("--official", type=Path, help="official configs dump (default: the copy shipped in mcibi)")
+
+    s = _command(sub, "schema", _cmd_schema, "write or check the params JSON Schemas and the params reference",
+                 "The params JSON Schemas (workflow/schemas/params*.schema.json) and the params reference "
+                 "(docs/params-reference.md), generated from mcibi/spec/params.py: write them, or check the committed "
+                 "ones.")
+    s.add_argument("action", choices=("write", "check"), help="write the files, or check the committed ones")
+    s.add_argument("--root", type=Path, default=Path("."), help="the repository root (default: here)")
 
     s = _command(sub, "validate", _cmd_validate, "strictly validate params files",
                  "Strictly validate params files (or every experiment of params/<dataset>/).")

@@ -1,1 +1,2 @@
-"""The experiment spec: params files, run naming and epoch layout. The workflow parses it: no torch, no pandas."""
+"""The experiment spec: params files (and their JSON Schema), run naming and epoch layout. The workflow parses it: no
+torch, no pandas."""

@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import functools
 import importlib.util
+import math
 import re
 import types
 import typing
@@ -41,16 +42,16 @@ class ResizeParams:
     """Resize of the whole image before cropping (train) or before inference (test)."""
 
     size: tuple[int, int]  # (h, w) target; with keep_ratio the image fits inside it (mmcv "rescale")
-    keep_ratio: bool
-    ratio_range: tuple[float, float] | None  # random scale factor range (train only), None = fixed
+    keep_ratio: bool  # keep the aspect ratio (fit inside size); false = resize to size exactly
+    ratio_range: tuple[float, float] | None  # random scale factor range (train only); null = fixed
 
 
 @dataclass(frozen=True)
 class RotationParams:
     """Random rotation augmentation (LIP); label fill is the ignore index."""
 
-    prob: float
-    max_degrees: float
+    prob: float  # probability that a training image is rotated
+    max_degrees: float  # the angle is a whole number of degrees drawn from [-max_degrees, max_degrees); 0 = off
 
 
 @dataclass(frozen=True)
@@ -58,15 +59,15 @@ class DataParams:
     """Which prepared dataset to use and how its training/testing images are transformed."""
 
     name: str  # a key of mcibi.data.specs.DATASETS; prepared data lives in <data_root>/<name>/
-    train_split: str
-    eval_split: str
-    crop_size: tuple[int, int]  # (h, w)
-    train_resize: ResizeParams
+    train_split: str  # the split trained on; one the dataset has labels for
+    eval_split: str  # the split the evaluations run on
+    crop_size: tuple[int, int]  # (h, w) of the random training crop (padded where the image is smaller)
+    train_resize: ResizeParams  # resize of each training image before the crop
     cat_max_ratio: float  # random crop retried while one class covers more than this share (1.0 = off)
-    flip_prob: float
-    rotation: RotationParams
+    flip_prob: float  # probability of a horizontal flip (left/right class pairs swapped where the dataset has them)
+    rotation: RotationParams  # random rotation of training images
     photometric: bool  # mmseg-style PhotoMetricDistortion
-    test_resize: ResizeParams
+    test_resize: ResizeParams  # resize of each image before inference (a protocol's test_resize replaces it)
     # image: every training image once per epoch; frame_per_video: one random frame of every training video per
     # epoch (the official VSPW loader; ids '<video>/<frame>'), so an epoch is #videos samples
     train_sampling: Literal["image", "frame_per_video"]
@@ -81,7 +82,7 @@ class BackboneParams:
     # false: random init; true: timm's ImageNet weights for `name`; official: the file the official toolbox starts
     # from (open-mmlab V1c ResNets, ResNeSt, HRNet, the Swin 22k release), see mcibi/official/pretrained.py
     pretrained: Literal[False, True, "official"]
-    output_stride: Literal[4, 8, 16, 32]  # HRNet: 4 (its finest branch; the official configs say so)
+    output_stride: Literal[4, 8, 16, 32]  # input size / feature size (dilated ResNets: 8); HRNet: 4 (its finest branch)
     drop_path_rate: float  # stochastic depth (official Swin-L: 0.3; CNNs: 0)
     stem_first_relu: bool  # false = official HRNet 'mcibi_version' stem (no ReLU after bn1); HRNet only
 
@@ -95,7 +96,7 @@ class MemoryParams:
     adjust_momentum_by_lr: bool  # m = base * lr / base_lr
     update_resolution: Literal["full", "feature"]  # full = official (features upsampled to label size)
     hard_aggregate: bool  # one-hot argmax class weights instead of softmax
-    downsample_before_sa: bool
+    downsample_before_sa: bool  # halve the features (3x3 conv, stride 2) before the memory's self-attention
     force_use_preds_pr: bool  # gather with the pixel-representation logits even when CWI is on
     warmup_epochs: int  # epochs during which the ground truth replaces the gathering logits
 
@@ -114,39 +115,40 @@ class ChannelParams:
 class ModelParams:
     """Everything :func:`mcibi.build_segmentor` needs."""
 
-    framework: Literal["fcn", "psnet", "upernet", "deeplabv3"]
+    framework: Literal["fcn", "psnet", "upernet", "deeplabv3"]  # the segmentation framework the memory extends
     # context within image (official context_within_image): fcn none, psnet ppm, deeplabv3 aspp, and upernet
     # ppm or aspp (the official UperNet configs use both)
     context_module: Literal["none", "ppm", "aspp"]
-    num_classes: int
-    backbone: BackboneParams
-    memory: MemoryParams
-    channels: ChannelParams
+    num_classes: int  # classes the model predicts; must be the dataset's
+    backbone: BackboneParams  # the feature extractor
+    memory: MemoryParams  # the dataset-level memory
+    channels: ChannelParams  # widths of the head
     pool_scales: tuple[int, ...]  # PPM (psnet, upernet)
     dilations: tuple[int, ...]  # ASPP (deeplabv3)
     use_self_attention: bool  # second self-attention between CWI features and memory output (non-FPN)
-    fuse_memory_cwi_before_fpn: bool
-    aux_head: bool
+    fuse_memory_cwi_before_fpn: bool  # UperNet: memory output joins the CWI features before the FPN; false: after it
+    aux_head: bool  # auxiliary classifier on the backbone's second-last stage (its loss: train.loss_weights.aux)
     classifier_kernel: Literal[1, 3]  # first conv of decoder_cls (official: 3 for UperNet, 1 or 3 otherwise)
     cwi_classifier_kernel: Literal[1, 3]  # first conv of decoder_cwi (official: 3 in 4 configs, else 1)
-    dropout: float
-    align_corners: bool
-    # fine-tune from these weights: an mcibi checkpoint (e.g. a converted released one, runs/<ds>/official/<exp>/
-    # model.pt) or an official sssegmentation .pth (converted on load); null = start from the backbone init
+    dropout: float  # channel dropout (Dropout2d) before the last 1x1 conv of every classifier
+    align_corners: bool  # align_corners of every bilinear resize in the model and the losses
+    # fine-tune from these weights: an mcibi checkpoint (e.g. a converted released one,
+    # runs/<ds>/official/<exp>/model.pt) or an official sssegmentation .pth (converted on load); null = start from
+    # the backbone init
     init_from: str | None = None
 
 
 # -------------------------------------------------------------------------------------------------------- train
 @dataclass(frozen=True)
 class OptimizerParams:
-    """SGD with momentum (every R-50/R-101 row of the seed tables) or AdamW (Swin rows), with parameter rules."""
+    """SGD with momentum (every CNN row of the model zoo) or AdamW (its Swin rows), with parameter rules."""
 
-    name: Literal["sgd", "adamw"]
-    lr: float
+    name: Literal["sgd", "adamw"]  # the optimiser
+    lr: float  # base learning rate (of the heads), decayed per iteration by train.schedule
     momentum: float  # SGD only
-    weight_decay: float
+    weight_decay: float  # SGD: L2 penalty added to the gradient; AdamW: decoupled decay
     betas: tuple[float, float]  # AdamW only
-    no_decay_norms: bool  # no weight decay on normalisation layers' weights and biases (seed's Swin configs)
+    no_decay_norms: bool  # no weight decay on normalisation layers' weights and biases
     no_decay_keys: tuple[str, ...] | None  # no weight decay on parameters whose name contains one of these
     backbone_lr_mult: float  # lr of the backbone's parameters = lr x this (1.0 = same as the heads)
 
@@ -159,10 +161,10 @@ class ScheduleParams:
     ``warmup_ratio`` to 1 (mmseg's ``warmup='linear'``); 0 iterations = no warmup.
     """
 
-    power: float
-    min_lr: float
-    warmup_iters: int
-    warmup_ratio: float
+    power: float  # exponent of the poly decay
+    min_lr: float  # learning rate the decay ends at (the last iteration)
+    warmup_iters: int  # iterations of linear warmup; 0 = none
+    warmup_ratio: float  # factor the warmup starts from (rising linearly to 1)
 
 
 @dataclass(frozen=True)
@@ -179,10 +181,10 @@ class ResourceParams:
 class LossWeights:
     """Weights of the cross-entropy terms (cls, cwi, pr, aux; memory: MCIBI v1 only)."""
 
-    cls: float
-    cwi: float
-    pr: float
-    aux: float
+    cls: float  # the final classifier (decoder_cls)
+    cwi: float  # the context-within-image classifier (decoder_cwi; memory models with a context module)
+    pr: float  # the pixel-representation classifier (decoder_pr; memory models)
+    aux: float  # the auxiliary head (model.aux_head)
     memory: float  # MCIBI v1 representation consistency: decoder_pr on the stored vectors, from epoch 2 on
 
 
@@ -204,15 +206,15 @@ class SamplerParams:
 class TrainParams:
     """The optimisation schedule; the batch size is the total over all processes and accumulation steps."""
 
-    seed: int
+    seed: int  # random seed of the run: initialisation, data order and augmentation
     total_batch_size: int  # images per optimiser step, whatever the number of GPUs
     batch_per_device: int  # most images one device holds in one forward; more means gradient accumulation
-    epochs: int
-    sampler: SamplerParams
-    optimizer: OptimizerParams
-    schedule: ScheduleParams
-    loss_weights: LossWeights
-    num_workers: int
+    epochs: int  # passes over the training set; iterations = epochs x the iterations of one epoch (train.sampler)
+    sampler: SamplerParams  # how an epoch becomes iterations
+    optimizer: OptimizerParams  # the optimiser and its parameter rules
+    schedule: ScheduleParams  # the learning-rate schedule
+    loss_weights: LossWeights  # weights of the loss terms
+    num_workers: int  # data-loading worker processes per training process
     log_every: int  # iterations between loss records
     # NHWC activations (same arithmetic up to rounding): faster convolutions on tensor cores and AVX-512 CPUs,
     # slower backward on AVX2 CPUs; auto = NHWC on CUDA and AVX-512 CPUs, NCHW elsewhere
@@ -222,7 +224,7 @@ class TrainParams:
     sync_batchnorm: bool  # SyncBatchNorm under multi-GPU DDP (batch statistics over every GPU's images)
     checkpoint_every: int  # iterations between resumable checkpoints (0 = none until the final weights)
     keep_checkpoints: int  # resumable checkpoints kept (the newest N); the final model.pt is kept apart
-    resources: ResourceParams
+    resources: ResourceParams  # what the training job asks for
 
 
 # --------------------------------------------------------------------------------------------------------- eval
@@ -233,8 +235,8 @@ class ProtocolParams:
     # resize of the original image before the scales; null = data.test_resize (official LIP ms+flip: 520x520
     # while ss and flip use 473x473)
     test_resize: ResizeParams | None
-    scales: tuple[float, ...]
-    flip: bool
+    scales: tuple[float, ...]  # scale factors of the (resized) image, predictions averaged; [1.0] = single scale
+    flip: bool  # also predict the horizontally flipped image and average
     # whole image, or sliding windows: 'slide' reads crop and stride as (h, w), as the official slideinference reads
     # its cropsize and stride (CityScapes' [1024, 512]: windows 1024 high, 512 wide); 'slide_wh' reads them as
     # (w, h), the order of the official configs' Resize sizes ([1024, 512]: windows 512 high, 1024 wide)
@@ -267,11 +269,11 @@ PROTOCOL_TITLES = {"ss": "mIoU", "flip": "mIoU (flip)", "msflip": "mIoU (ms+flip
 class EvalParams:
     """Protocols keyed by name: ``ss`` (single scale), ``flip``, ``msflip`` (multi-scale + flip)."""
 
-    protocols: dict[str, ProtocolParams]
+    protocols: dict[str, ProtocolParams]  # the evaluations of the experiment by name: ss, flip, msflip
     channels_last: bool  # NHWC activations
     fold_batchnorm: bool  # fold eval-mode BatchNorm into the preceding convolutions (same logits up to rounding)
     window_batch: int  # sliding windows (x flips) per forward pass; bounds GPU memory, not the result
-    resources: ResourceParams
+    resources: ResourceParams  # what each evaluation job asks for
 
 
 # --------------------------------------------------------------------------------------------------- experiment
@@ -279,11 +281,11 @@ class EvalParams:
 class ExperimentParams:
     """One experiment = one params file = one training run and its evaluations."""
 
-    description: str
-    data: DataParams
-    model: ModelParams
-    train: TrainParams
-    evaluate: EvalParams
+    description: str  # what the experiment is, in a sentence (logged with the run)
+    data: DataParams  # the dataset and its transforms
+    model: ModelParams  # the network
+    train: TrainParams  # the optimisation
+    evaluate: EvalParams  # the evaluation protocols and their jobs
     name: str = ""  # "<dataset>/<file stem>", filled by load_params
     path: str = ""  # the params file, filled by load_params
 
@@ -334,13 +336,17 @@ def _convert(tp: Any, value: Any, key: str, file: Path) -> Any:
         if not isinstance(value, bool):
             fail(f"expected true/false, got {value!r}")
         return value
-    if tp is int:
+    if tp is int:  # a whole number written as a float (1e3, 2.0) is that integer, as JSON Schema's 'integer'
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             fail(f"expected an integer, got {value!r}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             fail(f"expected a number, got {value!r}")
+        if not math.isfinite(value):
+            fail(f"expected a finite number, got {value!r} (.nan and .inf would stop the run at its first step)")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -349,8 +355,14 @@ def _convert(tp: Any, value: Any, key: str, file: Path) -> Any:
     fail(f"unsupported type {_type_name(tp)}")
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """The field types of a params dataclass (resolving the annotations once, not per file)."""
+    return typing.get_type_hints(cls)
+
+
 def _build(cls: type, data: dict, prefix: str, file: Path) -> Any:
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     settable = {n for n, f in fields.items() if not (cls is ExperimentParams and n in ("name", "path"))}
     where = f"{prefix}." if prefix else ""
@@ -375,14 +387,23 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-# libyaml's safe loader where PyYAML was built with it: the same documents, 5x faster than the pure-Python one
-# (the workflow's parse step reads every params file of the catalogue)
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# Floats in exponent notation without a dot or without the exponent's sign (1e-2, 1E-3, 5e+4, 1.0e5): numbers in
+# YAML 1.2, which people and most tools read, but strings to PyYAML's YAML 1.1 resolver. Anchored at both ends.
+EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$")
+FLOAT_FIRST_CHARS = list("-+0123456789.")
+
+
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """libyaml's safe loader where PyYAML was built with it (the same documents, 5x faster than the pure-Python one;
+    the workflow's parse step reads every params file of the catalogue), reading :data:`EXPONENT_FLOAT` as floats."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, FLOAT_FIRST_CHARS)
 
 
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.load(path.read_text(), Loader=_YAML_LOADER)  # noqa: S506 (a safe loader)
+        data = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 (a safe loader)
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML ({exc}).") from exc
     if data is None:

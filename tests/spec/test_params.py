@@ -1,6 +1,7 @@
 """Strict params loading: complete files load, every kind of mistake names the file and the key."""
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -190,3 +191,66 @@ def test_validate_command_rejects_an_unknown_backbone(tmp_path, caplog):
                                                                "backbone": {"name": "resnet_10t"}}})
     assert main(["validate", str(file)]) == 1
     assert "model.backbone.name" in caplog.text and "resnet10t" in caplog.text  # did you mean
+
+
+def _write_demo(tmp_path: Path, text: str) -> Path:
+    """An experiment file written as a person types it (YAML text, not a dump), over the demo defaults."""
+    folder = tmp_path / "demo"
+    folder.mkdir()
+    (folder / "defaults.yaml").write_text((DEMO / "defaults.yaml").read_text())
+    file = folder / "exp.yaml"
+    file.write_text("description: x\nmodel: {framework: upernet}\n" + text)
+    return file
+
+
+@pytest.mark.parametrize(("written", "value"), [("1e-2", 0.01), ("1E-2", 0.01), ("1.0e-2", 0.01), ("10e-3", 0.01),
+                                                ("2.5e+0", 2.5), ("5e4", 50000.0), (".5e-1", 0.05)])
+def test_numbers_in_exponent_notation_are_floats(tmp_path, written, value):
+    """YAML 1.2 (and a person) reads 1e-2 as a number; PyYAML's YAML 1.1 resolver alone reads it as a string."""
+    file = _write_demo(tmp_path, f"train:\n  optimizer:\n    lr: {written}\n")
+    lr = load_params(file).train.optimizer.lr
+    assert isinstance(lr, float) and lr == pytest.approx(value)
+
+
+def test_whole_numbers_written_as_floats_are_integers(tmp_path):
+    file = _write_demo(tmp_path, "train:\n  epochs: 1e1\n  resources: {gpus: 0, cpus_per_gpu: 1, mem_mb: 4e3, "
+                                 "runtime: 60.0}\n")
+    t = load_params(file).train
+    assert (t.epochs, t.resources.mem_mb, t.resources.runtime) == (10, 4000, 60)
+    assert all(type(v) is int for v in (t.epochs, t.resources.mem_mb, t.resources.runtime))
+    file.write_text(file.read_text().replace("epochs: 1e1", "epochs: 2.5"))
+    with pytest.raises(ParamsError, match=rf"^{file}: key 'train\.epochs': expected an integer, got 2\.5"):
+        load_params(file)
+
+
+def test_a_quoted_number_stays_a_string(tmp_path):
+    file = _write_demo(tmp_path, "train:\n  optimizer:\n    lr: '1e-2'\n")
+    with pytest.raises(ParamsError, match=rf"^{file}: key 'train\.optimizer\.lr': expected a number, got '1e-2'"):
+        load_params(file)
+
+
+@pytest.mark.parametrize(("text", "key"), [
+    ("train:\n  optimizer:\n    lr: .nan\n", "train.optimizer.lr"),
+    ("train:\n  optimizer:\n    lr: .inf\n", "train.optimizer.lr"),
+    ("train:\n  optimizer:\n    lr: .NaN\n", "train.optimizer.lr"),
+    ("train:\n  schedule: {power: 0.9, min_lr: -.inf, warmup_iters: 0, warmup_ratio: 1.0e-6}\n",
+     "train.schedule.min_lr"),
+    ("train:\n  epochs: .inf\n", "train.epochs"),
+    ("evaluate:\n  protocols:\n    ss: {test_resize: null, scales: [1.0, .nan], flip: false, mode: whole, crop: null, "
+     "stride: null, probs_before_resize: false}\n", r"evaluate.protocols.ss.scales[1]"),
+], ids=["nan", "inf", "NaN", "minus-inf", "int-inf", "list-item"])
+def test_nan_and_infinity_are_refused_naming_file_and_key(tmp_path, text, key):
+    file = _write_demo(tmp_path, text)
+    with pytest.raises(ParamsError, match=rf"^{file}: key '{re.escape(key)}': expected (a finite number|an integer), "
+                       r"got -?(nan|inf)") as err:
+        load_params(file)
+    assert err.value.key == key and "Fix the value in the params file" in str(err.value)
+
+
+def test_nan_in_the_defaults_layer_names_defaults_yaml(tmp_path):
+    file = _write_demo(tmp_path, "")
+    defaults = file.parent / "defaults.yaml"
+    defaults.write_text(defaults.read_text().replace("weight_decay: 0.0005", "weight_decay: .nan"))
+    with pytest.raises(ParamsError, match=rf"^{defaults} \(the defaults layer of exp\.yaml\): key "
+                       r"'train\.optimizer\.weight_decay': expected a finite number, got nan.*Fix it in"):
+        load_params(file)
