@@ -34,7 +34,7 @@ def test_help_lists_the_groups_with_one_line_per_command(capsys):
 def test_every_command_is_in_one_group_and_the_rules_commands_parse():
     parser = build_parser()
     listed = [p.prog.split()[-1] for _, parsers in parser.command_groups for p in parsers]
-    assert len(listed) == len(set(listed)) == 20
+    assert len(listed) == len(set(listed)) == 21
     rules = "\n".join(p.read_text() for p in (ROOT / "workflow" / "rules").glob("*.smk"))
     calls = re.findall(r"(?:\bmcibi|\{params\.launcher\}) ([a-z][a-z-]+)([^\"\n]*)", rules)
     assert {"train", "evaluate", "export", "dvc-commit", "mlflow-init", "figures", "table"} <= {c for c, _ in calls}
