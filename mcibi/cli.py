@@ -305,7 +305,7 @@ def _cmd_register(a: argparse.Namespace) -> None:
 def _cmd_new_dataset(a: argparse.Namespace) -> None:
     from mcibi.catalogue.custom import new_dataset
 
-    files = new_dataset(a.description, a.seed_row, params_root=a.params_root, crop=a.crop, epochs=a.epochs,
+    files = new_dataset(a.description, a.row, params_root=a.params_root, crop=a.crop, epochs=a.epochs,
                         batch=a.batch, gpus=a.gpus)
     for f in files:
         log.info("wrote %s", f)
@@ -497,14 +497,14 @@ def _data(sub) -> None:
                  "Check a custom dataset's description file and every image/mask, register it as "
                  "datasets/<name>.yaml and write params/<name>/ from a model-zoo row (MCIBI++ + baseline).")
     s.add_argument("description", type=Path, help="the dataset description (YAML; see README, Custom datasets)")
-    s.add_argument("--from", dest="seed_row", metavar="ROW", required=True, help="model-zoo row: "
+    s.add_argument("--from", dest="row", metavar="ROW", required=True, help="model-zoo row: "
                    "<dataset>/<experiment> (e.g. lip/upernet_r50_mcibipp) or an MCIBI++ params file")
     s.add_argument("--params-root", type=Path, default=Path("params"), help="where params/<name>/ goes (default "
                    "params)")
-    s.add_argument("--crop", type=int, help="square crop size (default: the seed's, capped by the median image)")
-    s.add_argument("--epochs", type=int, help="default: the seed's, scaled up for smaller datasets")
-    s.add_argument("--batch", type=int, help="total batch size (default: the seed's, capped by half the images)")
-    s.add_argument("--gpus", type=int, help="GPUs per training job (default: the seed's)")
+    s.add_argument("--crop", type=int, help="square crop size (default: the row's, capped by the median image)")
+    s.add_argument("--epochs", type=int, help="default: the row's, scaled up for smaller datasets")
+    s.add_argument("--batch", type=int, help="total batch size (default: the row's, capped by half the images)")
+    s.add_argument("--gpus", type=int, help="GPUs per training job (default: the row's)")
 
 
 def _model_zoo(sub) -> None:

@@ -128,17 +128,18 @@ ROWS: tuple[Row, ...] = (
     # ------------------------------------------------------------------ Results of Different Frameworks
     *_framework_rows("lip", (473, 473), 0.01, 32, 150, "val"),
     *_framework_rows("ade20k", (512, 512), 0.01, 32, 150, "val",
-                     "seed schedule 0.01/poly/32/150; the official configs (and official page) use 0.01/poly/16/130"),
+                     "model-zoo page's schedule 0.01/poly/32/150; the official configs (and official page) use "
+                     "0.01/poly/16/130"),
     *_framework_rows("cityscapes", (512, 1024), 0.01, 16, 220, "val",
-                     "seed batch 16; the official configs (and official page) use batch 8"),
+                     "model-zoo page's batch 16; the official configs (and official page) use batch 8"),
     *_framework_rows("cocostuff10k", (512, 512), 0.001, 16, 110, "test"),
     # ------------------------------------------------------------------------------------ SOTA Results
     *(Row("vspw", "sota", "upernet", bb, (512, 512), lr, 16, 240, "train", "val", {"ss": _slide(512, 341)},
           _VSPW_NOTE) for bb, lr in (("r101", 0.01), ("swinl", 6e-5))),
     Row("pascalvoc", "sota", "upernet", "r50", (512, 512), 0.01, 16, 60, "trainaug", "val", {"ss": WHOLE},
-        "seed 'train/val': the official config trains on trainaug (VOC train + SBD, 10,582 images)"),
+        "model-zoo page's 'train/val': the official config trains on trainaug (VOC train + SBD, 10,582 images)"),
     Row("pascalvoc", "sota", "upernet", "r101", (512, 512), 0.01, 16, 60, "trainaug", "val", {"ss": WHOLE},
-        "seed 'train/val': the official config trains on trainaug (VOC train + SBD, 10,582 images)"),
+        "model-zoo page's 'train/val': the official config trains on trainaug (VOC train + SBD, 10,582 images)"),
     *(Row("pascalcontext", "sota", "upernet", bb, (480, 480), lr, 16, 260, "train", "val",
           {"ss": _slide(480, 320), "msflip": _slide(480, 320, SIX_SCALES, True)})
       for bb, lr in (("r101", 0.004), ("s101", 0.004), ("swinl", 6e-5))),
@@ -146,7 +147,7 @@ ROWS: tuple[Row, ...] = (
     Row("lip", "sota", "upernet", "s101", (473, 473), 0.01, 32, 150, "train", "val", _LIP_TTA),
     Row("lip", "sota", "upernet", "swinl", (473, 473), 6e-5, 16, 110, "train", "val", _LIP_TTA),
     Row("lip", "sota", "deeplabv3", "hr48", (512, 512), 0.007, 40, 150, "train", "val", _LIP_TTA,
-        "seed crop 512x512; the official config (and official page) crop 473x473."),
+        "model-zoo page's crop 512x512; the official config (and official page) crop 473x473."),
     Row("ade20k", "sota", "upernet", "r101", (512, 512), 0.01, 16, 130, "train", "val",
         {"ss": WHOLE, "msflip": Protocol(SIX_SCALES, True, probs=True)}),
     Row("ade20k", "sota", "upernet", "s101", (512, 512), 0.004, 16, 180, "train", "val",
@@ -156,7 +157,7 @@ ROWS: tuple[Row, ...] = (
     # the official slideinference reads cropsize [1024, 512] as (h, w): windows 1024 high and 512 wide
     *(Row("cityscapes", "sota", "deeplabv3", bb, (512, 1024), 0.01, 16, 440, "trainval", "test",
           {"msflip": _slide((1024, 512), 341, SIX_SCALES, True)},
-          "seed lr 0.01; the official config (and official page) use 0.004" if bb == "s101" else "")
+          "model-zoo page's lr 0.01; the official config (and official page) use 0.004" if bb == "s101" else "")
       for bb in ("r101", "s101", "hr48")),
     Row("cocostuff10k", "sota", "upernet", "r101", (512, 512), 0.001, 16, 110, "train", "test",
         {"ss": WHOLE, "msflip": Protocol(SIX_SCALES, True, probs=False)}),

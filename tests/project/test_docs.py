@@ -54,8 +54,9 @@ def test_pages_speak_of_the_product(page):
 # model-zoo page"). Files another change is renaming are left out for now; the check covers them once they are.
 CODE_DIRS = ("mcibi", "workflow", "bench", "tests")
 CODE_SUFFIXES = {".py", ".smk", ".rst", ".yaml", ".yml", ".csv", ".sh", ".md", ".txt"}
-NOT_YET_CHECKED = ("mcibi/catalogue/generate.py", "mcibi/spec/params.py", "mcibi/cli.py", "workflow/")
-MAKING_WORDS = re.compile(r"\bseed[ ](?:rows?|pages?|tables?)\b|\bsource=seed\b", re.IGNORECASE)
+NOT_YET_CHECKED = ("workflow/",)
+MAKING_WORDS = re.compile(r"\bseed[ ](?:rows?|pages?|tables?|schedule|batch|crop|lr|model zoo)\b|\bseed's\b|"
+                          r"\bsource=seed\b", re.IGNORECASE)
 
 
 def _code_files() -> list[Path]:
