@@ -48,7 +48,7 @@ def test_every_command_is_in_one_group_and_the_rules_commands_parse():
                              (["evaluate", "p.yaml", "--checkpoint", "m.pt", "--protocol", "ss", "--no-mlflow"],
                               "no_mlflow", True),
                              (["figures", "p.yaml", "--run-dir", "r", "--no-tracking"], "no_mlflow", True),
-                             (["new-dataset", "d.yaml", "--from", "lip/x"], "seed_row", "lip/x"),
+                             (["new-dataset", "d.yaml", "--from", "lip/x"], "row", "lip/x"),
                              (["log-run", "runs/demo/x"], "run_dir", Path("runs/demo/x")),
                              (["dvc-commit", "--record", "r.txt"], "target", "data.dvc")):
         assert getattr(parser.parse_args(argv), key) == value
