@@ -8,6 +8,9 @@ the same checks). CityScapes needs an account: credentials come from ``CITYSCAPE
 ``CITYSCAPES_PASSWORD`` or a ``~/.netrc`` entry for ``www.cityscapes-dataset.com``; the official
 ``cityscapesscripts`` downloader is used when it is installed, otherwise the same protocol is spoken here.
 For ``demo`` the "download" is the deterministic generator.
+
+Whatever its checksum, an archive whose members would land outside its folder (absolute names, ``..``, links,
+devices) is refused here already, before ``prepare`` extracts anything (:func:`mcibi.data.archives.check_members`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import requests
 import urllib3
 from tqdm import tqdm
 
+from mcibi.data.archives import PreparedDataError, check_members
 from mcibi.data.lookup import resolve
 from mcibi.data.specs import Archive, DatasetSpec, Source
 from mcibi.data.synthetic import generate_archive, sha256_file
@@ -58,22 +62,13 @@ def checksums(path: str | Path) -> dict[str, str]:
     return {k: h.hexdigest() for k, h in hashes.items()}
 
 
-def _integrity(path: Path, name: str) -> None:
-    """Test an archive's own CRCs (zip members, gzip stream) when no checksum is published for it."""
-    name = name.lower()
+def _members(path: Path, read: bool) -> None:
+    """Refuse an unsafe archive (a member outside its root, a link, a device) before anything extracts it; with
+    ``read`` also test its own CRCs (zip members, gzip stream), for archives without a published checksum."""
     try:
-        if name.endswith(".zip"):
-            with zipfile.ZipFile(path) as zf:
-                bad = zf.testzip()
-            if bad is not None:
-                raise ArchiveError(f"{path}: member {bad} fails its CRC check: the archive is corrupt.")
-        elif name.endswith((".tar", ".tar.gz", ".tgz")):
-            with tarfile.open(path) as tar:
-                for member in tar:
-                    if member.isfile():
-                        fh = tar.extractfile(member)
-                        while fh.read(CHUNK):
-                            pass
+        check_members(path, read)
+    except PreparedDataError as exc:
+        raise ArchiveError(exc.args[0]) from None
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
         raise ArchiveError(f"{path}: not a readable archive ({exc}); it is corrupt or incomplete.") from exc
 
@@ -82,7 +77,8 @@ def check_archive(path: str | Path, archive: Archive, extra_md5: str | None = No
     """Check one complete file against what is recorded for it; return its record, raise ArchiveError if wrong.
 
     The strongest recorded check decides: sha256, else the published sha1/md5 (and an md5 announced by the
-    server, CityScapes), else the size; an archive with none of them only gets its internal CRCs tested.
+    server, CityScapes), else the size; an archive with none of them only gets its internal CRCs tested. Every
+    archive's members are checked before anything extracts it (:func:`mcibi.data.archives.check_members`).
     """
     path = Path(path)
     if not path.is_file():
@@ -101,8 +97,8 @@ def check_archive(path: str | Path, archive: Archive, extra_md5: str | None = No
                 f"{path}: {kind} {sums[kind]} does not match the recorded {expected[kind]}. The file is corrupt or "
                 f"incomplete: delete it and download again."
             )
+    _members(path, read=not checked)
     if not checked:
-        _integrity(path, archive.name)
         how = "size" if archive.size is not None else "archive CRCs only (no checksum published)"
         log.warning("%s: no checksum recorded for this archive; checked %s. sha256 %s", path, how, sums["sha256"])
     else:
