@@ -10,13 +10,16 @@ import sys
 from pathlib import Path
 
 log = logging.getLogger("mcibi")
+CHECKSUMS_HELP = ("sha256 record of archives without a published checksum: written on their first verification, "
+                  "a different file is refused later")
 
 
 def _cmd_download(a: argparse.Namespace) -> None:
     from mcibi.data.download import download
     from mcibi.files import write_json
 
-    paths = download(a.dataset, a.dest or Path("downloads") / a.dataset)
+    paths = download(a.dataset, a.dest or Path("downloads") / a.dataset,
+                     checksums=a.checksums or Path("data") / f"{a.dataset}.checksums.json")
     for path in paths:
         log.info("have %s (%d bytes)", path, path.stat().st_size)
     if a.record:
@@ -27,7 +30,9 @@ def _cmd_verify_archives(a: argparse.Namespace) -> None:
     from mcibi.data.download import verify_archives
     from mcibi.files import write_json
 
-    record = verify_archives(a.dataset, a.dest or Path("downloads") / a.dataset)
+    data_root = a.report.parent if a.report else Path("data")  # the workflow's report: data/<dataset>.archives.json
+    record = verify_archives(a.dataset, a.dest or Path("downloads") / a.dataset,
+                             a.checksums or data_root / f"{a.dataset}.checksums.json")
     for name, r in record["archives"].items():
         log.info("%s: %s (sha256 %s, %d bytes)", name, "verified with " + r["checked_with"] if r["verified"]
                  else "UNVERIFIED, " + r["checked_with"], r["sha256"], r["size"])
@@ -41,8 +46,9 @@ def _cmd_prepare(a: argparse.Namespace) -> None:
     from mcibi.data.prepare import prepare
 
     record = json.loads(a.archive_record.read_text()) if a.archive_record else None
-    out = prepare(a.dataset, a.archives or Path("downloads") / a.dataset, a.out or Path("data") / a.dataset,
-                  archive_record=record, workers=a.workers)
+    out = a.out or Path("data") / a.dataset
+    out = prepare(a.dataset, a.archives or Path("downloads") / a.dataset, out, archive_record=record,
+                  workers=a.workers, checksums=a.checksums or out.parent / f"{a.dataset}.checksums.json")
     log.info("prepared %s", out)
 
 
@@ -296,12 +302,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dest", type=Path, help="archive folder (default downloads/<dataset>); archives placed here "
                    "by hand are used")
     s.add_argument("--record", type=Path, help="write the list of archives and sizes here")
+    s.add_argument("--checksums", type=Path, help=CHECKSUMS_HELP + " (default data/<dataset>.checksums.json)")
     s.set_defaults(func=_cmd_download)
 
     s = sub.add_parser("verify-archives", help="check downloaded archives against recorded checksums")
     s.add_argument("dataset")
     s.add_argument("--dest", type=Path)
     s.add_argument("--report", type=Path, help="write the checksum record here")
+    s.add_argument("--checksums", type=Path, help=CHECKSUMS_HELP + " (default <dataset>.checksums.json beside "
+                   "--report, else in data/)")
     s.set_defaults(func=_cmd_verify_archives)
 
     s = sub.add_parser("prepare", help="convert verified archives to the prepared on-disk format")
@@ -311,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--archive-record", type=Path, help="verify-archives report: skips re-hashing archives whose "
                    "sizes still match it")
     s.add_argument("--workers", type=int, help="parallel conversion threads (default min(8, CPUs))")
+    s.add_argument("--checksums", type=Path, help=CHECKSUMS_HELP + " (default <dataset>.checksums.json beside "
+                   "--out)")
     s.set_defaults(func=_cmd_prepare)
 
     s = sub.add_parser("verify-data", help="check a prepared dataset (counts, label values, sizes)")

@@ -71,7 +71,8 @@ def _write_sample(spec: DatasetSpec, out: Path, image_id: str, image: Path,
         raise PreparedDataError(f"{label_file}: could not write.")
 
 
-def _check_archives(spec: DatasetSpec, archive_dir: Path, record: dict | None) -> dict:
+def _check_archives(spec: DatasetSpec, archive_dir: Path, record: dict | None,
+                    checksums: str | Path | None = None) -> dict:
     """The verification record of the archives: trusted if sizes match ``record``, else recomputed."""
     from mcibi.data.download import present_source, verify_archives
 
@@ -85,21 +86,24 @@ def _check_archives(spec: DatasetSpec, archive_dir: Path, record: dict | None) -
             return record
         log.info("archive record does not match the files in %s; verifying again", archive_dir)
     present_source(spec, archive_dir)
-    return verify_archives(spec, archive_dir)
+    return verify_archives(spec, archive_dir, checksums)
 
 
 def prepare(dataset: str | DatasetSpec, archive_dir: str | Path, out_dir: str | Path, *,
-            archive_record: dict | None = None, workers: int | None = None) -> Path:
+            archive_record: dict | None = None, workers: int | None = None,
+            checksums: str | Path | None = None) -> Path:
     """Convert the archives into ``out_dir`` (built beside it, then renamed into place) with its manifest.
 
     The archives are checked first (``archive_record``, the output of ``verify_archives``, avoids hashing them
-    twice when the files still have the recorded sizes); one that fails is never extracted.
+    twice when the files still have the recorded sizes; ``checksums`` is the first-seen sha256 record
+    :func:`~mcibi.data.download.verify_archives` uses otherwise); one that fails is never extracted, and
+    extraction checks every member again before it writes anything (:func:`~mcibi.data.archives.extract`).
     """
     spec = resolve(dataset)
     if spec.name not in CONVERTERS:
         raise PreparedDataError(f"no converter for dataset '{spec.name}' (supported: {sorted(CONVERTERS)}).")
     archives = Path(archive_dir)
-    record = _check_archives(spec, archives, archive_record)
+    record = _check_archives(spec, archives, archive_record, checksums)
     out = Path(out_dir)
     start = time.perf_counter()
     with atomic_folder(out) as tmp:
