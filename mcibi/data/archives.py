@@ -112,7 +112,8 @@ def archive_kind(archive: Path) -> str:
         return "zip"
     if tarfile.is_tarfile(archive):
         return "tar"
-    raise PreparedDataError(f"{archive}: neither a zip nor a tar archive.")
+    raise PreparedDataError(f"{archive}: neither a zip nor a tar archive (corrupt, incomplete or another format); "
+                            "delete it and download it again.")
 
 
 def _zip_members(archive: Path, zf: zipfile.ZipFile) -> list[zipfile.ZipInfo]:

@@ -158,6 +158,14 @@ def test_a_hostile_zip_nested_in_an_archive_is_refused_when_prepare_extracts_it(
     assert not (tmp_path / "data" / "lip").exists()
 
 
+def test_a_file_that_is_no_archive_is_refused_naming_it(tmp_path):
+    dl = tmp_path / "dl"
+    dl.mkdir()
+    (dl / "LIP.tar.gz").write_bytes(b"<html>not the archive</html>" * 20)
+    with pytest.raises(ArchiveError, match=r"LIP\.tar\.gz: neither a zip nor a tar archive .*download it again"):
+        verify_archives("lip", dl)
+
+
 def test_dot_slash_names_and_a_root_entry_are_still_accepted(tmp_path):
     """`tar -C dir .` writes './' and './LIP/...': normalised, they are ordinary members."""
     mini = BUILDERS["lip"]()
