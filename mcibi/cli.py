@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 
 log = logging.getLogger("mcibi")
+CHECKSUMS_HELP = ("sha256 record of archives without a published checksum: written on their first verification, "
+                  "a different file is refused later")
 
 _DATA_ROOT = "folder of the prepared datasets (default data)"
 
@@ -58,7 +60,8 @@ def _cmd_download(a: argparse.Namespace) -> None:
     from mcibi.data.download import download
     from mcibi.files import write_json
 
-    paths = download(a.dataset, a.dest or Path("downloads") / a.dataset)
+    paths = download(a.dataset, a.dest or Path("downloads") / a.dataset,
+                     checksums=a.checksums or Path("data") / f"{a.dataset}.checksums.json")
     for path in paths:
         log.info("have %s (%d bytes)", path, path.stat().st_size)
     if a.record:
@@ -69,7 +72,9 @@ def _cmd_verify_archives(a: argparse.Namespace) -> None:
     from mcibi.data.download import verify_archives
     from mcibi.files import write_json
 
-    record = verify_archives(a.dataset, a.dest or Path("downloads") / a.dataset)
+    data_root = a.report.parent if a.report else Path("data")  # the workflow's report: data/<dataset>.archives.json
+    record = verify_archives(a.dataset, a.dest or Path("downloads") / a.dataset,
+                             a.checksums or data_root / f"{a.dataset}.checksums.json")
     for name, r in record["archives"].items():
         log.info("%s: %s (sha256 %s, %d bytes)", name, "verified with " + r["checked_with"] if r["verified"]
                  else "UNVERIFIED, " + r["checked_with"], r["sha256"], r["size"])
@@ -83,8 +88,9 @@ def _cmd_prepare(a: argparse.Namespace) -> None:
     from mcibi.data.prepare import prepare
 
     record = json.loads(a.archive_record.read_text()) if a.archive_record else None
-    out = prepare(a.dataset, a.archives or Path("downloads") / a.dataset, a.out or Path("data") / a.dataset,
-                  archive_record=record, workers=a.workers)
+    out = a.out or Path("data") / a.dataset
+    out = prepare(a.dataset, a.archives or Path("downloads") / a.dataset, out, archive_record=record,
+                  workers=a.workers, checksums=a.checksums or out.parent / f"{a.dataset}.checksums.json")
     log.info("prepared %s", out)
 
 
@@ -471,12 +477,15 @@ def _data(sub) -> None:
     s.add_argument("--dest", type=Path, help="archive folder (default downloads/<dataset>); archives placed here "
                    "by hand are used")
     s.add_argument("--record", type=Path, help="write the list of archives and sizes here")
+    s.add_argument("--checksums", type=Path, help=CHECKSUMS_HELP + " (default data/<dataset>.checksums.json)")
 
     s = _command(sub, "verify-archives", _cmd_verify_archives, "check downloaded archives against their checksums",
                  "Check downloaded archives against recorded checksums.")
     s.add_argument("dataset", help="the dataset's name")
     s.add_argument("--dest", type=Path, help="archive folder (default downloads/<dataset>)")
     s.add_argument("--report", type=Path, help="write the checksum record here")
+    s.add_argument("--checksums", type=Path, help=CHECKSUMS_HELP + " (default <dataset>.checksums.json beside "
+                   "--report, else in data/)")
 
     s = _command(sub, "prepare", _cmd_prepare, "convert verified archives to the prepared format",
                  "Convert verified archives to the prepared on-disk format.")
@@ -486,6 +495,8 @@ def _data(sub) -> None:
     s.add_argument("--archive-record", type=Path, help="verify-archives report: skips re-hashing archives whose "
                    "sizes still match it")
     s.add_argument("--workers", type=int, help="parallel conversion threads (default min(8, CPUs))")
+    s.add_argument("--checksums", type=Path, help=CHECKSUMS_HELP + " (default <dataset>.checksums.json beside "
+                   "--out)")
 
     s = _command(sub, "verify-data", _cmd_verify_data, "check a prepared dataset (counts, label values, sizes)",
                  "Check a prepared dataset (counts, label values, sizes).")

@@ -8,11 +8,17 @@ the same checks). CityScapes needs an account: credentials come from ``CITYSCAPE
 ``CITYSCAPES_PASSWORD`` or a ``~/.netrc`` entry for ``www.cityscapes-dataset.com``; the official
 ``cityscapesscripts`` downloader is used when it is installed, otherwise the same protocol is spoken here.
 For ``demo`` the "download" is the deterministic generator.
+
+Whatever its checksum, an archive whose members would land outside its folder (absolute names, ``..``, links,
+devices) is refused here already, before ``prepare`` extracts anything (:func:`mcibi.data.archives.check_members`).
+An archive without a published checksum is compared with the sha256 it had when first verified
+(:class:`FirstSeen`, ``data/<dataset>.checksums.json`` for the CLI).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import netrc
 import os
@@ -27,9 +33,11 @@ import requests
 import urllib3
 from tqdm import tqdm
 
+from mcibi.data.archives import PreparedDataError, check_members
 from mcibi.data.lookup import resolve
 from mcibi.data.specs import Archive, DatasetSpec, Source
 from mcibi.data.synthetic import generate_archive, sha256_file
+from mcibi.files import write_json
 
 log = logging.getLogger(__name__)
 
@@ -58,31 +66,80 @@ def checksums(path: str | Path) -> dict[str, str]:
     return {k: h.hexdigest() for k, h in hashes.items()}
 
 
-def _integrity(path: Path, name: str) -> None:
-    """Test an archive's own CRCs (zip members, gzip stream) when no checksum is published for it."""
-    name = name.lower()
+def _members(path: Path, read: bool) -> None:
+    """Refuse an unsafe archive (a member outside its root, a link, a device) before anything extracts it; with
+    ``read`` also test its own CRCs (zip members, gzip stream), for archives without a published checksum."""
     try:
-        if name.endswith(".zip"):
-            with zipfile.ZipFile(path) as zf:
-                bad = zf.testzip()
-            if bad is not None:
-                raise ArchiveError(f"{path}: member {bad} fails its CRC check: the archive is corrupt.")
-        elif name.endswith((".tar", ".tar.gz", ".tgz")):
-            with tarfile.open(path) as tar:
-                for member in tar:
-                    if member.isfile():
-                        fh = tar.extractfile(member)
-                        while fh.read(CHUNK):
-                            pass
+        check_members(path, read)
+    except PreparedDataError as exc:
+        raise ArchiveError(exc.args[0]) from None
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
         raise ArchiveError(f"{path}: not a readable archive ({exc}); it is corrupt or incomplete.") from exc
 
 
-def check_archive(path: str | Path, archive: Archive, extra_md5: str | None = None) -> dict:
+# ----------------------------------------------------------------------------------------------- first-seen sha256
+class FirstSeen:
+    """The sha256 of every archive without a published checksum, as it was when first verified (a JSON file).
+
+    Nothing published can confirm such an archive (the mirror's, LIP's, COCO-Stuff's), so the first verified copy
+    becomes the reference: a later file under the same name from the same source is refused unless it has the same
+    bytes. The CLI and the workflow keep the file at ``data/<dataset>.checksums.json``, which ``data.dvc`` tracks:
+    ``dvc push`` shares it with the prepared data and another clone's ``dvc pull`` brings it back, so every clone
+    refuses a file that differs from the one the team first verified.
+    """
+
+    def __init__(self, path: str | Path, dataset: str) -> None:
+        self.path = Path(path)
+        self.dataset = dataset
+
+    def _load(self) -> dict:
+        if not self.path.is_file():
+            return {}
+        try:
+            return json.loads(self.path.read_text())["archives"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ArchiveError(f"{self.path}: not a readable checksum record ({exc}). Restore it (dvc checkout) "
+                               "or delete it to record the archives anew.") from None
+
+    def check(self, path: Path, source: str, name: str, sums: dict, size: int) -> str:
+        """Compare a verified file with its first-seen sha256, recording it when there is none; say which."""
+        key = f"{source}/{name}"
+        path = path.with_name(name)  # a download is checked as <name>.part: name the file it becomes
+        archives = self._load()
+        known = archives.get(key)
+        if known is None:
+            archives[key] = {"sha256": sums["sha256"], "size": size,
+                             "first_verified": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            write_json(self.path, {"dataset": self.dataset, "about": FIRST_SEEN_ABOUT, "archives": archives})
+            log.info("%s: sha256 %s recorded in %s (the reference for later downloads of %s)", path, sums["sha256"],
+                     self.path, name)
+            return f"sha256 recorded in {self.path} as the reference"
+        if known.get("sha256") != sums["sha256"]:
+            raise ArchiveError(
+                f"{path}: sha256 {sums['sha256']} ({size} bytes) differs from the sha256 {known.get('sha256')} "
+                f"({known.get('size')} bytes) recorded for the {source} archive {name} when it was first verified "
+                f"({known.get('first_verified', 'date unknown')}, {self.path}). No checksum is published for it, so "
+                "that first copy is the reference: this is a different file. If the upstream file legitimately "
+                f"changed, delete the entry '{key}' from {self.path} and run again (then commit the new record: "
+                "`dvc commit data.dvc`, `dvc push`, `git add data.dvc`); otherwise keep the record and get the file "
+                "again or from elsewhere."
+            )
+        return f"sha256 matches the one recorded in {self.path} on {known.get('first_verified', '?')}"
+
+
+FIRST_SEEN_ABOUT = ("sha256 of archives without a published checksum, recorded when each was first verified; a later "
+                    "file of the same source and name with other bytes is refused. If an upstream file legitimately "
+                    "changed, delete its entry and run again.")
+
+
+def check_archive(path: str | Path, archive: Archive, extra_md5: str | None = None, *,
+                  first_seen: FirstSeen | None = None, source: str = "") -> dict:
     """Check one complete file against what is recorded for it; return its record, raise ArchiveError if wrong.
 
     The strongest recorded check decides: sha256, else the published sha1/md5 (and an md5 announced by the
-    server, CityScapes), else the size; an archive with none of them only gets its internal CRCs tested.
+    server, CityScapes), else the size; an archive with none of them gets its internal CRCs tested and, with
+    ``first_seen``, is compared with (or becomes) the sha256 first seen for it. Every archive's members are checked
+    before anything extracts it (:func:`mcibi.data.archives.check_members`).
     """
     path = Path(path)
     if not path.is_file():
@@ -101,9 +158,11 @@ def check_archive(path: str | Path, archive: Archive, extra_md5: str | None = No
                 f"{path}: {kind} {sums[kind]} does not match the recorded {expected[kind]}. The file is corrupt or "
                 f"incomplete: delete it and download again."
             )
+    _members(path, read=not checked)
     if not checked:
-        _integrity(path, archive.name)
         how = "size" if archive.size is not None else "archive CRCs only (no checksum published)"
+        if first_seen is not None:
+            how += "; " + first_seen.check(path, source, archive.name, sums, size)
         log.warning("%s: no checksum recorded for this archive; checked %s. sha256 %s", path, how, sums["sha256"])
     else:
         how = "+".join(checked)
@@ -188,10 +247,11 @@ def _fetch_archive(archive: Archive, dest: Path, url_map: UrlMap, session: reque
     raise ArchiveError("; ".join(errors) or f"{archive.name}: no download URL")
 
 
-def _accept(part: Path, final: Path, archive: Archive, extra_md5: str | None = None) -> dict:
+def _accept(part: Path, final: Path, archive: Archive, extra_md5: str | None = None, *,
+            first_seen: FirstSeen | None = None, source: str = "") -> dict:
     """Check a downloaded file; rename it into place if it passes, delete it if it does not."""
     try:
-        record = check_archive(part, archive, extra_md5)
+        record = check_archive(part, archive, extra_md5, first_seen=first_seen, source=source)
     except ArchiveError as exc:
         part.unlink(missing_ok=True)
         raise ArchiveError(f"{exc.args[0]} (the downloaded file was deleted)") from None
@@ -226,7 +286,8 @@ def cityscapes_login(user: str, password: str, site: str = CITYSCAPES_SITE) -> r
     return session
 
 
-def _fetch_cityscapes(source: Source, dest: Path, url_map: UrlMap, retry_delay: float) -> dict:
+def _fetch_cityscapes(source: Source, dest: Path, url_map: UrlMap, retry_delay: float,
+                      first_seen: FirstSeen | None = None) -> dict:
     creds = cityscapes_credentials()
     if creds is None:
         raise ArchiveError("no CityScapes credentials (set CITYSCAPES_USERNAME and CITYSCAPES_PASSWORD, or add "
@@ -246,13 +307,15 @@ def _fetch_cityscapes(source: Source, dest: Path, url_map: UrlMap, retry_delay: 
             resume = (staging / archive.name).exists()
             official.download_packages(session=session, package_names=[archive.name],
                                        destination_path=str(staging), resume=resume)  # checks the site's md5
-            records[archive.name] = _accept(staging / archive.name, final, archive)
+            records[archive.name] = _accept(staging / archive.name, final, archive, first_seen=first_seen,
+                                            source=source.name)
             continue
         md5 = session.get(f"{site}/md5-sum/?packageID={archive.package_id}", timeout=60)
         md5.raise_for_status()
         part = fetch(f"{site}/file-handling/?packageID={archive.package_id}", final, session,
                      retry_delay=retry_delay)
-        records[archive.name] = _accept(part, final, archive, extra_md5=md5.text.split()[0])
+        records[archive.name] = _accept(part, final, archive, extra_md5=md5.text.split()[0],
+                                        first_seen=first_seen, source=source.name)
     return records
 
 
@@ -272,15 +335,18 @@ def _present(source: Source, dest: Path) -> bool:
 
 
 def download(dataset: str | DatasetSpec, dest_dir: str | Path, *, url_map: UrlMap | None = None,
-             retry_delay: float = 2.0) -> list[Path]:
+             retry_delay: float = 2.0, checksums: str | Path | None = None) -> list[Path]:
     """Make every archive of one source of ``dataset`` present and verified in ``dest_dir``.
 
     Archives already there (downloaded before or placed by hand) are checked and kept. Otherwise each source
     is tried in order until one delivers all its archives. ``url_map`` rewrites URLs (tests serve a local
-    copy). Raises ArchiveError naming every failure and which files to place by hand.
+    copy). ``checksums`` is the :class:`FirstSeen` record of archives without a published checksum (the CLI's
+    ``data/<dataset>.checksums.json``): a file that differs from the one first verified is refused and deleted.
+    Raises ArchiveError naming every failure and which files to place by hand.
     """
     spec = resolve(dataset)
     dest = Path(dest_dir)
+    first_seen = FirstSeen(checksums, spec.name) if checksums is not None else None
     dest.mkdir(parents=True, exist_ok=True)
     url_map = url_map or (lambda url: url)
     if spec.sources[0].kind == "generated":
@@ -293,7 +359,7 @@ def download(dataset: str | DatasetSpec, dest_dir: str | Path, *, url_map: UrlMa
     for source in _by_preference(spec, dest):
         if _present(source, dest):
             for archive in source.archives:
-                check_archive(dest / archive.name, archive)
+                check_archive(dest / archive.name, archive, first_seen=first_seen, source=source.name)
             log.info("%s: %s archives already present and verified", spec.name, source.name)
             return [dest / a.name for a in source.archives]
     failures = []
@@ -301,16 +367,17 @@ def download(dataset: str | DatasetSpec, dest_dir: str | Path, *, url_map: UrlMa
     for source in spec.sources:
         try:
             if source.kind == "cityscapes":
-                _fetch_cityscapes(source, dest, url_map, retry_delay)
+                _fetch_cityscapes(source, dest, url_map, retry_delay, first_seen)
             else:
                 for archive in source.archives:
                     final = dest / archive.name
                     if final.is_file():
-                        check_archive(final, archive)
+                        check_archive(final, archive, first_seen=first_seen, source=source.name)
                         continue
                     if not archive.urls:
                         raise ArchiveError(f"{archive.name}: no direct download URL ({archive.note})")
-                    _accept(_fetch_archive(archive, dest, url_map, session, retry_delay), final, archive)
+                    _accept(_fetch_archive(archive, dest, url_map, session, retry_delay), final, archive,
+                            first_seen=first_seen, source=source.name)
             log.info("%s: downloaded the %s archives", spec.name, source.name)
             (dest / SOURCE_FILE).write_text(source.name + "\n")
             return [dest / a.name for a in source.archives]
@@ -337,18 +404,22 @@ def present_source(spec: DatasetSpec, dest: Path) -> Source:
                        f"first.\n" + manual_instructions(spec, dest))
 
 
-def verify_archives(dataset: str | DatasetSpec, dest_dir: str | Path) -> dict:
+def verify_archives(dataset: str | DatasetSpec, dest_dir: str | Path, checksums: str | Path | None = None) -> dict:
     """Check each archive of the source present in ``dest_dir``; return {dataset, source, archives: {name: ...}}.
 
     Each archive's record holds its sha256 and size, whether a recorded checksum confirmed it (``verified``)
-    and what was checked; an archive without any recorded checksum is logged as unverified.
+    and what was checked; an archive without any recorded checksum is logged as unverified and, with
+    ``checksums`` (a :class:`FirstSeen` record), compared with the sha256 first seen for it (or recorded there).
+    Every archive's members are checked too: one that would write outside its folder is refused.
     """
     spec = resolve(dataset)
     dest = Path(dest_dir)
+    first_seen = FirstSeen(checksums, spec.name) if checksums is not None else None
     try:
         source = present_source(spec, dest)
     except ArchiveError:
         missing = [a.name for a in spec.sources[0].archives if not (dest / a.name).is_file()]
         raise ArchiveError(f"{dest / missing[0]}: missing. Run `mcibi download {spec.name}` first.") from None
-    record = {a.name: check_archive(dest / a.name, a) for a in source.archives}
+    record = {a.name: check_archive(dest / a.name, a, first_seen=first_seen, source=source.name)
+              for a in source.archives}
     return {"dataset": spec.name, "source": source.name, "archives": record}

@@ -9,6 +9,8 @@ renames the result into place. :func:`verify_prepared` checks the result against
 
 from __future__ import annotations
 
+import functools
+import io
 import json
 import logging
 import os
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile
 from tqdm import tqdm
 
 from mcibi.data.archives import PreparedDataError, extract
@@ -71,7 +73,8 @@ def _write_sample(spec: DatasetSpec, out: Path, image_id: str, image: Path,
         raise PreparedDataError(f"{label_file}: could not write.")
 
 
-def _check_archives(spec: DatasetSpec, archive_dir: Path, record: dict | None) -> dict:
+def _check_archives(spec: DatasetSpec, archive_dir: Path, record: dict | None,
+                    checksums: str | Path | None = None) -> dict:
     """The verification record of the archives: trusted if sizes match ``record``, else recomputed."""
     from mcibi.data.download import present_source, verify_archives
 
@@ -85,21 +88,24 @@ def _check_archives(spec: DatasetSpec, archive_dir: Path, record: dict | None) -
             return record
         log.info("archive record does not match the files in %s; verifying again", archive_dir)
     present_source(spec, archive_dir)
-    return verify_archives(spec, archive_dir)
+    return verify_archives(spec, archive_dir, checksums)
 
 
 def prepare(dataset: str | DatasetSpec, archive_dir: str | Path, out_dir: str | Path, *,
-            archive_record: dict | None = None, workers: int | None = None) -> Path:
+            archive_record: dict | None = None, workers: int | None = None,
+            checksums: str | Path | None = None) -> Path:
     """Convert the archives into ``out_dir`` (built beside it, then renamed into place) with its manifest.
 
     The archives are checked first (``archive_record``, the output of ``verify_archives``, avoids hashing them
-    twice when the files still have the recorded sizes); one that fails is never extracted.
+    twice when the files still have the recorded sizes; ``checksums`` is the first-seen sha256 record
+    :func:`~mcibi.data.download.verify_archives` uses otherwise); one that fails is never extracted, and
+    extraction checks every member again before it writes anything (:func:`~mcibi.data.archives.extract`).
     """
     spec = resolve(dataset)
     if spec.name not in CONVERTERS:
         raise PreparedDataError(f"no converter for dataset '{spec.name}' (supported: {sorted(CONVERTERS)}).")
     archives = Path(archive_dir)
-    record = _check_archives(spec, archives, archive_record)
+    record = _check_archives(spec, archives, archive_record, checksums)
     out = Path(out_dir)
     start = time.perf_counter()
     with atomic_folder(out) as tmp:
@@ -143,14 +149,96 @@ def prepare(dataset: str | DatasetSpec, archive_dir: str | Path, out_dir: str | 
 
 
 # ------------------------------------------------------------------------------------------------------- verify
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_AGAIN = "Prepare the dataset again (mcibi prepare, or snakemake -R prepare) from its verified archives."
+
+
 def _split_ids(data_dir: Path, split: str) -> list[str]:
     return [line.strip() for line in (data_dir / "splits" / f"{split}.txt").read_text().splitlines() if line.strip()]
 
 
-def verify_prepared(dataset: str | DatasetSpec, data_dir: str | Path, expected: dict[str, int] | None = None) -> dict:
-    """Check counts per split, that every file exists, label values are in [0, K) or 255, sizes match.
+def _undecodable(file: Path, data: bytes) -> PreparedDataError:
+    """Why OpenCV could not decode ``data``: not an image at all, or an image whose pixel data is cut short."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            header = f"{im.format} {im.size[0]}x{im.size[1]}"
+            if data.startswith(PNG_SIGNATURE):
+                why = ("truncated (the PNG ends before its IEND chunk)" if not data.endswith(b"IEND\xaeB`\x82")
+                       else "corrupt (its header is readable, its pixel data cannot be decoded)")
+            else:
+                try:
+                    im.load()
+                    why = "corrupt (its header is readable, OpenCV cannot decode its pixel data)"
+                except (OSError, ValueError, SyntaxError) as exc:
+                    why = f"truncated or corrupt ({exc})"
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return PreparedDataError(f"{file}: not an image ({len(data)} bytes starting {data[:8]!r}); it cannot be "
+                                 f"decoded. {_AGAIN}")
+    return PreparedDataError(f"{file}: {why}: a {header} image of {len(data)} bytes. {_AGAIN}")
 
-    ``expected`` replaces the documented split sizes of the spec (miniature data in tests). Returns a summary
+
+def _decode(file: Path, flags: int, image: bool = False) -> tuple[np.ndarray, int]:
+    """Decode a file completely with OpenCV's imread, exactly as the training loader reads it; with ``image`` also
+    its EXIF orientation. A JPEG is decoded by PIL as well, which, unlike imread, fails on a truncated one (imread
+    fills the missing rows with grey and only prints a warning); libpng already fails on a truncated PNG."""
+    pixels = cv2.imread(str(file), flags)
+    data = file.read_bytes()
+    if pixels is None:
+        raise _undecodable(file, data)
+    png = data.startswith(PNG_SIGNATURE)
+    if png and not (image and any(m in data for m in _PNG_EXIF_MARKERS)):
+        return pixels, 1  # no chunk PIL could read an orientation from: skip its second full decode of the PNG
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            orientation = im.getexif().get(EXIF_ORIENTATION, 1) if image else 1
+            if not png:
+                im.draft(im.mode, (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))  # every scan, cheap IDCT
+                im.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise PreparedDataError(f"{file}: truncated or corrupt ({exc}); OpenCV decodes it only partly (the rest "
+                                f"grey). {_AGAIN}") from None
+    return pixels, orientation
+
+
+_PNG_EXIF_MARKERS = (b"eXIf", b"Raw profile type exif", b"XML:com.adobe.xmp")  # where PIL finds a PNG's EXIF
+
+
+def _verify_sample(spec: DatasetSpec, root: Path, image_id: str, list_file: Path) -> np.ndarray:
+    """Decode one image/label pair completely, as the loader does; per-class pixel counts, or PreparedDataError
+    naming the file and the reason (missing, not an image, truncated, label values, EXIF orientation, size)."""
+    image_file = root / "images" / f"{image_id}{spec.image_ext}"
+    label_file = root / "labels" / f"{image_id}.png"
+    for f in (image_file, label_file):
+        if not f.is_file():
+            raise PreparedDataError(f"{f}: missing (listed in {list_file}).")
+    label, _ = _decode(label_file, cv2.IMREAD_UNCHANGED)
+    if label.ndim != 2 or label.dtype != np.uint8:
+        raise PreparedDataError(f"{label_file}: not a single-channel 8-bit PNG.")
+    bad = (label >= spec.num_classes) & (label != IGNORE_INDEX)
+    if bad.any():
+        raise PreparedDataError(
+            f"{label_file}: label values {sorted(set(label[bad].tolist()))[:5]} outside [0, "
+            f"{spec.num_classes}) and not {IGNORE_INDEX}."
+        )
+    image, orientation = _decode(image_file, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION, image=True)
+    if orientation != 1:
+        raise PreparedDataError(f"{image_file}: EXIF orientation {orientation}: OpenCV would turn it against "
+                                "its label; prepare again.")
+    if image.shape[:2] != label.shape:
+        raise PreparedDataError(f"{image_file}: size {image.shape[:2]} differs from its label's {label.shape} "
+                                f"({label_file}). {_AGAIN}")
+    values = np.where(label == IGNORE_INDEX, spec.num_classes, label)
+    return np.bincount(values.ravel(), minlength=spec.num_classes + 1)
+
+
+def verify_prepared(dataset: str | DatasetSpec, data_dir: str | Path, expected: dict[str, int] | None = None,
+                    workers: int | None = None) -> dict:
+    """Check counts per split, then decode every image and label completely, as training reads them: files exist
+    and decode (a truncated file or a non-image is named as such), label values are in [0, K) or 255, no EXIF
+    rotation, image and label sizes match.
+
+    ``expected`` replaces the documented split sizes of the spec (miniature data in tests); ``workers`` threads
+    decode in parallel (default min(8, CPUs)); the first bad file in list order is reported. Returns a summary
     (counts and per-class pixel frequencies per split) for the workflow's record.
     """
     spec = resolve(dataset)
@@ -162,51 +250,34 @@ def verify_prepared(dataset: str | DatasetSpec, data_dir: str | Path, expected: 
     manifest = json.loads(manifest_file.read_text())
     if manifest["classes"] != list(spec.classes) or manifest["ignore_index"] != IGNORE_INDEX:
         raise PreparedDataError(f"{manifest_file}: classes or ignore index differ from the spec; prepare again.")
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise PreparedDataError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set in this process: truncated JPEGs would "
+                                "pass the check. Unset it (it is off by default) and verify again.")
     summary: dict = {"dataset": spec.name, "splits": {}}
-    for split, documented in expected.items():
-        list_file = root / "splits" / f"{split}.txt"
-        if not list_file.is_file():
-            raise PreparedDataError(f"{list_file}: missing split list.")
-        ids = _split_ids(root, split)
-        count = len({i.split("/")[0] for i in ids}) if spec.count_unit == "video" else len(ids)
-        if count != documented:
-            unit = "videos" if spec.count_unit == "video" else "images"
-            raise PreparedDataError(f"{list_file}: {count} {unit}, the dataset documents {documented}.")
-        pixels = np.zeros(spec.num_classes + 1, np.int64)
-        for image_id in tqdm(ids, desc=f"verify {spec.name}/{split}", mininterval=5.0):
-            image_file = root / "images" / f"{image_id}{spec.image_ext}"
-            label_file = root / "labels" / f"{image_id}.png"
-            for f in (image_file, label_file):
-                if not f.is_file():
-                    raise PreparedDataError(f"{f}: missing (listed in {list_file}).")
-            label = cv2.imread(str(label_file), cv2.IMREAD_UNCHANGED)
-            if label is None or label.ndim != 2 or label.dtype != np.uint8:
-                raise PreparedDataError(f"{label_file}: not a single-channel 8-bit PNG.")
-            bad = (label >= spec.num_classes) & (label != IGNORE_INDEX)
-            if bad.any():
-                raise PreparedDataError(
-                    f"{label_file}: label values {sorted(set(label[bad].tolist()))[:5]} outside [0, "
-                    f"{spec.num_classes}) and not {IGNORE_INDEX}."
-                )
-            try:
-                with Image.open(image_file) as im:
-                    size = (im.size[1], im.size[0])
-                    orientation = im.getexif().get(EXIF_ORIENTATION, 1)
-            except OSError:
-                size, orientation = None, 1
-            if orientation != 1:
-                raise PreparedDataError(f"{image_file}: EXIF orientation {orientation}: OpenCV would turn it against "
-                                        "its label; prepare again.")
-            if size != label.shape:
-                raise PreparedDataError(f"{image_file}: size {size} differs from its label's {label.shape}.")
-            values = np.where(label == IGNORE_INDEX, spec.num_classes, label)
-            pixels += np.bincount(values.ravel(), minlength=spec.num_classes + 1)
-        total = max(int(pixels.sum()), 1)
-        summary["splits"][split] = {
-            "images": len(ids),
-            "class_pixel_share": {n: round(int(c) / total, 6) for n, c in zip(spec.classes, pixels, strict=False)},
-            "ignored_pixel_share": round(int(pixels[-1]) / total, 6),
-        }
-        if spec.count_unit == "video":
-            summary["splits"][split]["videos"] = count
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:
+        for split, documented in expected.items():
+            list_file = root / "splits" / f"{split}.txt"
+            if not list_file.is_file():
+                raise PreparedDataError(f"{list_file}: missing split list.")
+            ids = _split_ids(root, split)
+            count = len({i.split("/")[0] for i in ids}) if spec.count_unit == "video" else len(ids)
+            if count != documented:
+                unit = "videos" if spec.count_unit == "video" else "images"
+                raise PreparedDataError(f"{list_file}: {count} {unit}, the dataset documents {documented}.")
+            pixels = np.zeros(spec.num_classes + 1, np.int64)
+            with tqdm(total=len(ids), desc=f"verify {spec.name}/{split}", mininterval=5.0) as bar:
+                for start in range(0, len(ids), 64 * workers):  # bounded look-ahead; results in list order
+                    chunk = ids[start:start + 64 * workers]
+                    for counts in pool.map(functools.partial(_verify_sample, spec, root, list_file=list_file), chunk):
+                        pixels += counts
+                    bar.update(len(chunk))
+            total = max(int(pixels.sum()), 1)
+            summary["splits"][split] = {
+                "images": len(ids),
+                "class_pixel_share": {n: round(int(c) / total, 6) for n, c in zip(spec.classes, pixels, strict=False)},
+                "ignored_pixel_share": round(int(pixels[-1]) / total, 6),
+            }
+            if spec.count_unit == "video":
+                summary["splits"][split]["videos"] = count
     return summary

@@ -100,6 +100,53 @@ def test_verify_names_a_missing_file_and_a_wrong_count(prepared, tmp_path):
         verify_prepared("demo", copy)
 
 
+def _damage(copy, damage):
+    """One fault in val_0003's pair of a copy of the prepared demo; returns the damaged file."""
+    from PIL import Image
+
+    image, label = copy / "images" / "val_0003.png", copy / "labels" / "val_0003.png"
+    if damage == "image: 20 bytes cut off":
+        image.write_bytes(image.read_bytes()[:-20])
+    elif damage == "image: half cut off":
+        image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    elif damage == "label: 20 bytes cut off":
+        label.write_bytes(label.read_bytes()[:-20])
+        return label
+    elif damage == "image: not an image":
+        image.write_bytes(b"<html><body>quota exceeded</body></html>")
+    elif damage == "label: wrong size":
+        cv2.imwrite(str(label), np.zeros((129, 128), np.uint8))
+    elif damage == "image: EXIF rotation":
+        with Image.open(image) as im:
+            exif = im.getexif()
+            exif[0x0112] = 6
+            im.save(image, exif=exif)
+    return image
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ("image: 20 bytes cut off", r"images/val_0003\.png: truncated \(the PNG ends before its IEND chunk\)"),
+    ("image: half cut off", r"images/val_0003\.png: truncated \(the PNG ends before its IEND chunk\)"),
+    ("label: 20 bytes cut off", r"labels/val_0003\.png: truncated"),
+    ("image: not an image", r"images/val_0003\.png: not an image \(40 bytes starting b'<html><b'\)"),
+    ("label: wrong size", r"images/val_0003\.png: size \(128, 128\) differs from its label's \(129, 128\)"),
+    ("image: EXIF rotation", r"images/val_0003\.png: EXIF orientation 6"),
+])
+def test_verify_decodes_every_file_as_training_reads_it(prepared, tmp_path, damage, reason):
+    """verify-data decodes every image and label completely with OpenCV, as the loader does: a file training
+    would fail on (or train on wrongly) fails verification first, named with the real reason and what to do."""
+    copy = _broken_copy(prepared, tmp_path)
+    bad = _damage(copy, damage)
+    with pytest.raises(PreparedDataError, match=reason) as err:
+        verify_prepared("demo", copy, workers=2)
+    assert str(bad) in str(err.value)
+    if "cut off" in damage or "not an image" in damage:
+        assert "Prepare the dataset again" in str(err.value)
+        ds = _loader(copy)  # what training would have met, later
+        with pytest.raises(FileNotFoundError, match=rf"{bad.name}: unreadable or missing"):
+            ds.read(ds.ids.index("val_0003"))
+
+
 def test_a_modified_archive_is_rejected(archive_dir, tmp_path):
     copy = tmp_path / "demo.tar"
     data = bytearray((archive_dir / "demo.tar").read_bytes())

@@ -291,6 +291,29 @@ def test_verify_names_the_file_with_a_bad_label_or_size(server, tmp_path):
         verify_prepared(spec, out, expected=mini.splits)
 
 
+@pytest.mark.parametrize("cut", [20, "half"])
+def test_verify_names_a_truncated_jpeg_that_opencv_decodes_only_partly(tmp_path, cut):
+    """OpenCV decodes a truncated JPEG without an error (the missing rows grey, a warning on stderr), so training
+    would use it: verification decodes JPEGs with PIL too, which fails on it, and names the file."""
+    h, w = 48, 64
+    members = {"ADEChallengeData2016/images/training/ADE_train_00000001.jpg": jpg(1, h, w),
+               "ADEChallengeData2016/images/validation/ADE_val_00000001.jpg": jpg(2, h, w),
+               "ADEChallengeData2016/annotations/training/ADE_train_00000001.png": png_gray(np.ones((h, w))),
+               "ADEChallengeData2016/annotations/validation/ADE_val_00000001.png": png_gray(np.ones((h, w)))}
+    data = zip_bytes(members)
+    spec = with_checksums(get_spec("ade20k"), {"ADEChallengeData2016.zip": sha256(data)})
+    place(tmp_path / "dl", {"ADEChallengeData2016.zip": data})
+    out = prepare(spec, tmp_path / "dl", tmp_path / "ade20k", workers=1)
+    verify_prepared(spec, out, expected={"train": 1, "val": 1})
+    bad = out / "images" / "ADE_val_00000001.jpg"
+    image = bad.read_bytes()
+    bad.write_bytes(image[:-20] if cut == 20 else image[: len(image) // 2])
+    assert cv2.imread(str(bad), cv2.IMREAD_COLOR).shape == (h, w, 3)  # what the loader would train on
+    with pytest.raises(PreparedDataError, match=r"ADE_val_00000001\.jpg: truncated or corrupt \(image file is "
+                                                r"truncated.*OpenCV decodes it only partly"):
+        verify_prepared(spec, out, expected={"train": 1, "val": 1})
+
+
 def test_a_label_value_outside_the_encoding_stops_prepare_naming_the_file(tmp_path):
     members = {"ADEChallengeData2016/images/training/ADE_train_00000001.jpg": jpg(1),
                "ADEChallengeData2016/images/validation/ADE_val_00000001.jpg": jpg(2),

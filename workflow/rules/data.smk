@@ -6,6 +6,8 @@
 # verify_data reruns whenever the prepared files differ from those it verified (mcibi.data.fingerprint), and a
 # failed verification leaves no verified.json, so nothing downstream starts. dvc_commit then commits data/ to the
 # DVC cache (linked, not copied), so `dvc status data.dvc` is clean and `dvc push` works after the chain.
+# data/{dataset}.checksums.json (DVC-tracked, no rule's output) keeps the sha256 of archives without a published
+# checksum as first verified: download and verify_archives refuse a different file (mcibi.data.download.FirstSeen).
 
 
 rule download:
@@ -15,12 +17,14 @@ rule download:
         "logs/download/{dataset}.log",
     params:
         dest=dataset_downloads,
+        checksums=lambda wc: f"{DATA}/{wc.dataset}.checksums.json",
     resources:
         downloads=1,
     conda:
         "../envs/mcibi.yaml"
     shell:
-        "mcibi download {wildcards.dataset} --dest {params.dest} --record {output.record} > {log} 2>&1"
+        "mcibi download {wildcards.dataset} --dest {params.dest} --record {output.record}"
+        " --checksums {params.checksums} > {log} 2>&1"
 
 
 rule verify_archives:
