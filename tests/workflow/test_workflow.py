@@ -25,9 +25,27 @@ def _snakemake(cwd: Path, *args: str, env: dict | None = None) -> subprocess.Com
 
 
 def test_lint_is_clean(tmp_path):
+    """`snakemake --lint` exits 1 on any lint (a rule without log or conda, an absolute path, a param hard-coding
+    a file prefix, ...) and says so."""
     repo = copy_repo(tmp_path / "repo")
     proc = _snakemake(repo, "--lint")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Lints for" not in out, out
+    assert "Congratulations, your workflow is in a good condition!" in out
+
+
+def _smk_files() -> list[Path]:
+    return [ROOT / "Snakefile", *sorted((ROOT / "workflow" / "rules").glob("*.smk"))]
+
+
+def test_snakefmt_leaves_the_rules_as_they_are():
+    """The Snakefile and every rule file are snakefmt-formatted (pyproject.toml [tool.snakefmt]: ruff's line length;
+    shell strings formatted with the bundled shfmt, which sits beside this Python)."""
+    bindir = Path(sys.executable).parent
+    env = dict(os.environ, PATH=str(bindir) + os.pathsep + os.environ.get("PATH", ""))
+    proc = subprocess.run([str(bindir / "snakefmt"), "--check", "--diff", *map(str, _smk_files())], cwd=ROOT,
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
 
 def test_dry_run_plans_the_whole_chain(tmp_path):

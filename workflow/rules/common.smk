@@ -12,7 +12,6 @@ from mcibi.data.fingerprint import change_stamp
 from mcibi.spec.params import PROTOCOL_NAMES, Untracked, experiment_files, load_params, protocol_hash, trajectory_hash
 from mcibi.spec.runs import job_threads, launcher, seed_runs, with_seed
 
-
 validate(config, "../schemas/config.schema.yaml")
 
 
@@ -230,5 +229,8 @@ def protocol_of(wildcards):
 
 def data_change_stamp(wildcards):
     """A stamp rewritten at DAG-build time when data/<dataset>/ changed since verify_data checked it."""
-    return change_stamp(f"{DATA}/{wildcards.dataset}", f"{DATA}/{wildcards.dataset}/verified.json",
-                        f"logs/verify_data/{wildcards.dataset}.changed")
+    return change_stamp(
+        f"{DATA}/{wildcards.dataset}",
+        f"{DATA}/{wildcards.dataset}/verified.json",
+        f"logs/verify_data/{wildcards.dataset}.changed",
+    )

@@ -18,14 +18,14 @@ if CUSTOM_DATASETS:
             lambda wc: source_files(wc.dataset),  # the description and every image and mask
         output:
             f"{DATA}/{{dataset}}/manifest.json",
-        wildcard_constraints:
-            dataset="|".join(CUSTOM_DATASETS),
         log:
             "logs/prepare/{dataset}.log",
+        wildcard_constraints:
+            dataset="|".join(CUSTOM_DATASETS),
+        conda:
+            "../envs/mcibi.yaml"
         params:
             description=lambda wc: description_path(wc.dataset),
             out=lambda wc: f"{DATA}/{wc.dataset}",
-        conda:
-            "../envs/mcibi.yaml"
         shell:
             "mcibi prepare-custom {params.description} --out {params.out} > {log} 2>&1"

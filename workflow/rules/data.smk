@@ -13,12 +13,12 @@ rule download:
         record=f"{DOWNLOADS}/{{dataset}}/downloaded.json",
     log:
         "logs/download/{dataset}.log",
-    params:
-        dest=dataset_downloads,
-    resources:
-        downloads=1,
     conda:
         "../envs/mcibi.yaml"
+    resources:
+        downloads=1,
+    params:
+        dest=dataset_downloads,
     shell:
         "mcibi download {wildcards.dataset} --dest {params.dest} --record {output.record} > {log} 2>&1"
 
@@ -30,10 +30,10 @@ rule verify_archives:
         f"{DATA}/{{dataset}}.archives.json",
     log:
         "logs/verify_archives/{dataset}.log",
-    params:
-        dest=dataset_downloads,
     conda:
         "../envs/mcibi.yaml"
+    params:
+        dest=dataset_downloads,
     shell:
         "mcibi verify-archives {wildcards.dataset} --dest {params.dest} --report {output} > {log} 2>&1"
 
@@ -45,14 +45,14 @@ rule prepare:
         f"{DATA}/{{dataset}}/manifest.json",
     log:
         "logs/prepare/{dataset}.log",
-    params:
-        archives=dataset_downloads,
-        out=dataset_data,
+    conda:
+        "../envs/mcibi.yaml"
     threads: 8
     resources:
         mem_mb=8000,
-    conda:
-        "../envs/mcibi.yaml"
+    params:
+        archives=dataset_downloads,
+        out=dataset_data,
     shell:
         "mcibi prepare {wildcards.dataset} --archives {params.archives} --out {params.out}"
         " --archive-record {input} --workers {threads} > {log} 2>&1"
@@ -66,10 +66,10 @@ rule verify_data:
         f"{DATA}/{{dataset}}/verified.json",
     log:
         "logs/verify_data/{dataset}.log",
-    params:
-        data=dataset_data,
     conda:
         "../envs/mcibi.yaml"
+    params:
+        data=dataset_data,
     shell:
         "mcibi verify-data {wildcards.dataset} --data {params.data} --report {output} > {log} 2>&1"
 

@@ -17,8 +17,10 @@ rule evaluate:
         samples=f"{RUNS}/{{dataset}}/{{experiment}}/eval/{{protocol}}_samples.npz",  # the figures' overlays
     log:
         "logs/evaluate/{dataset}/{experiment}/{protocol}.log",
-    threads: eval_threads
     priority: eval_priority
+    conda:
+        "../envs/mcibi.yaml"
+    threads: eval_threads
     resources:
         mem_mb=eval_mem_mb,
         runtime=eval_runtime,
@@ -32,8 +34,6 @@ rule evaluate:
         file=params_file,
         protocol=protocol_of,
         images=config["overlay_images"],
-    conda:
-        "../envs/mcibi.yaml"
     shell:
         "{params.launcher} evaluate {params.file} --checkpoint {input.checkpoint} --protocol {wildcards.protocol}"
         " --data-root {params.data} --out-json {output.metrics} --out-csv {output.per_class}"
@@ -51,6 +51,8 @@ rule export_test:
         directory(f"{RUNS}/{{dataset}}/{{experiment}}/test_{{protocol}}"),
     log:
         "logs/export_test/{dataset}/{experiment}/{protocol}.log",
+    conda:
+        "../envs/mcibi.yaml"
     threads: eval_threads
     resources:
         mem_mb=eval_mem_mb,
@@ -63,8 +65,6 @@ rule export_test:
         torch_threads=eval_torch_threads,
         file=params_file,
         protocol=protocol_of,
-    conda:
-        "../envs/mcibi.yaml"
     shell:
         "{params.launcher} export {params.file} --checkpoint {input.checkpoint} --protocol {wildcards.protocol}"
         " --split test --data-root {params.data} --out {output} --threads {params.torch_threads} > {log} 2>&1"

@@ -14,10 +14,10 @@ rule official_download:
         f"{OFFICIAL}/release/release.json",
     log:
         "logs/official/{dataset}/{experiment}/download.log",
-    resources:
-        downloads=1,
     conda:
         "../envs/mcibi.yaml"
+    resources:
+        downloads=1,
     shell:
         "mcibi released download {wildcards.dataset}/{wildcards.experiment}"
         " --release-dir $(dirname {output}) > {log} 2>&1"
@@ -63,6 +63,8 @@ rule official_evaluate:
         per_class=f"{OFFICIAL}/eval/{{protocol}}_per_class.csv",
     log:
         "logs/official/{dataset}/{experiment}/evaluate_{protocol}.log",
+    conda:
+        "../envs/mcibi.yaml"
     threads: lambda wc: job_threads(release_params(PARAMS, wc.dataset, wc.experiment).evaluate.resources)
     resources:
         mem_mb=lambda wc: release_params(PARAMS, wc.dataset, wc.experiment).evaluate.resources.mem_mb,
@@ -73,8 +75,6 @@ rule official_evaluate:
         data=lambda wc, input: os.path.dirname(os.path.dirname(input.data[0])),
         launcher=lambda wc: launcher(release_params(PARAMS, wc.dataset, wc.experiment).evaluate.resources),
         torch_threads=lambda wc: release_params(PARAMS, wc.dataset, wc.experiment).evaluate.resources.cpus_per_gpu,
-    conda:
-        "../envs/mcibi.yaml"
     shell:
         "{params.launcher} evaluate {input.params[0]} --checkpoint {input.checkpoint} --protocol {wildcards.protocol}"
         " --data-root {params.data} --out-json {output.metrics} --out-csv {output.per_class}"
@@ -90,6 +90,8 @@ rule official_export:
         directory(f"{OFFICIAL}/test_{{protocol}}"),
     log:
         "logs/official/{dataset}/{experiment}/export_{protocol}.log",
+    conda:
+        "../envs/mcibi.yaml"
     threads: lambda wc: job_threads(release_params(PARAMS, wc.dataset, wc.experiment).evaluate.resources)
     resources:
         mem_mb=lambda wc: release_params(PARAMS, wc.dataset, wc.experiment).evaluate.resources.mem_mb,
@@ -99,8 +101,6 @@ rule official_export:
         data=lambda wc, input: os.path.dirname(os.path.dirname(input.data[0])),
         launcher=lambda wc: launcher(release_params(PARAMS, wc.dataset, wc.experiment).evaluate.resources),
         torch_threads=lambda wc: release_params(PARAMS, wc.dataset, wc.experiment).evaluate.resources.cpus_per_gpu,
-    conda:
-        "../envs/mcibi.yaml"
     shell:
         "{params.launcher} export {input.params[0]} --checkpoint {input.checkpoint} --protocol {wildcards.protocol}"
         " --split test --data-root {params.data} --out {output} --threads {params.torch_threads} > {log} 2>&1"
@@ -114,13 +114,13 @@ rule official_table:
         directory("results/{dataset}/official"),
     log:
         "logs/official/{dataset}/table.log",
+    conda:
+        "../envs/mcibi.yaml"
     params:
         params_root=PARAMS,
         runs=RUNS,
         experiments=lambda wc: " ".join(released_rows(PARAMS, wc.dataset)),
         ui=config["mlflow_ui"],
-    conda:
-        "../envs/mcibi.yaml"
     shell:
         "mcibi table {wildcards.dataset} --params-root {params.params_root} --runs {params.runs} --out {output}"
         " --experiments {params.experiments} --mlflow-ui {params.ui} --experiment-id-file {input.experiment_id}"

@@ -19,6 +19,8 @@ rule figures:
         ),
     log:
         "logs/figures/{dataset}/{experiment}.log",
+    conda:
+        "../envs/mcibi.yaml"
     threads: 1  # files only: no model, no GPU (the overlays come from the evaluations' samples)
     resources:
         mem_mb=eval_mem_mb,
@@ -31,8 +33,6 @@ rule figures:
         seed=run_seed,
         images=config["overlay_images"],
         file=params_file,  # the run's params file: its protocols reach the figures through the evaluations
-    conda:
-        "../envs/mcibi.yaml"
     shell:
         "mcibi figures {params.file} --run-dir {params.run_dir} --data-root {params.data} --seed {params.seed}"
         " --images {params.images} --out {output} > {log} 2>&1"
@@ -53,14 +53,14 @@ rule report:
         ),
     log:
         "logs/report/{dataset}.log",
+    conda:
+        "../envs/mcibi.yaml"
     params:
         params_root=PARAMS,
         runs=RUNS,
         experiments=report_experiments,
         seeds=report_seeds,
         ui=config["mlflow_ui"],
-    conda:
-        "../envs/mcibi.yaml"
     shell:
         "mcibi table {wildcards.dataset} --params-root {params.params_root} --runs {params.runs}"
         " --out {output} --experiments {params.experiments} --seeds {params.seeds} --mlflow-ui {params.ui}"

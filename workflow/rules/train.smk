@@ -31,6 +31,8 @@ rule train:
         run=f"{RUNS}/{{dataset}}/{{experiment}}/run.json",
     log:
         "logs/train/{dataset}/{experiment}.log",
+    conda:
+        "../envs/mcibi.yaml"
     threads: train_threads
     resources:
         mem_mb=train_mem_mb,
@@ -45,8 +47,6 @@ rule train:
         seed=run_seed,
         file=params_file,
         trajectory=trajectory_of,
-    conda:
-        "../envs/mcibi.yaml"
     shell:
         "{params.launcher} train {params.file} --data-root {params.data} --out {params.out}"
         " --threads {params.torch_threads} --seed {params.seed} >> {log} 2>&1"
