@@ -48,6 +48,23 @@ def test_snakefmt_leaves_the_rules_as_they_are():
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
 
+def test_dvc_stages_run_each_dataset_target(tmp_path, monkeypatch):
+    """dvc.yaml, as DVC resolves it: one stage per dataset target, results@<dataset> (one foreach stage), running
+    its Snakemake target on the workflow, the package and the dataset's params, with persistent outputs."""
+    from dvc.repo import Repo
+
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+    stages = {s.name: s for s in Repo.init(tmp_path, no_scm=True).index.stages}
+    assert list(stages) == [f"results@{d}" for d in ("demo", *DATASETS)]
+    for dataset in ("demo", *DATASETS):
+        stage = stages[f"results@{dataset}"]
+        assert stage.cmd == f"python -m snakemake --cores all results/{dataset}"
+        assert [d.def_path for d in stage.deps] == ["Snakefile", "workflow", "mcibi", f"params/{dataset}"]
+        assert [(o.def_path, o.persist) for o in stage.outs] == [(f"runs/{dataset}", True),
+                                                                  (f"results/{dataset}", True)]
+
+
 def test_dry_run_plans_the_whole_chain(tmp_path):
     repo = copy_repo(tmp_path / "repo")
     proc = _snakemake(repo, "-n", "--cores", "1", "results/demo")
