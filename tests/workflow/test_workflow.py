@@ -154,6 +154,24 @@ def test_selection_and_seeds_from_the_config(repo_copy):
     assert bad.returncode != 0 and "experiments.lip names ['upernet_r18']" in bad.stdout + bad.stderr
 
 
+def test_unknown_experiment_in_a_target_names_the_experiments_there_are(repo_copy):
+    """A typo in a target's experiment stops the DAG build with the dataset's runs and the params folder, not a bare
+    KeyError; so does a params file that the config does not select."""
+    proc = _snakemake(repo_copy, "-n", "--cores", "1", "runs/demo/upernet_baselin/model.pt")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "KeyError" not in out
+    assert ("unknown experiment 'upernet_baselin' of dataset 'demo' (no params/demo/upernet_baselin.yaml). The "
+            "experiments of demo (params files in params/demo/ selected by workflow/config.yaml, 1 seed(s) each): "
+            "upernet_baseline, upernet_mcibipp.") in " ".join(out.split()), out[-3000:]
+    proc = _snakemake(repo_copy, "-n", "--cores", "1", "runs/lip/upernet_r50_baseline/eval/ss.json", "--config",
+                      "experiments={lip: sota}")
+    out = " ".join((proc.stdout + proc.stderr).split())
+    assert proc.returncode != 0
+    assert ("unknown experiment 'upernet_r50_baseline' of dataset 'lip' (params/lip/upernet_r50_baseline.yaml exists "
+            "but workflow/config.yaml experiments.lip does not select it)") in out, out[-3000:]
+    assert "upernet_r101_mcibipp" in out and "upernet_r101_baseline" not in out  # the SOTA rows only
+
+
 def test_invalid_params_fail_at_dag_build(tmp_path):
     repo = copy_repo(tmp_path / "repo")
     bad = repo / "params" / "demo" / "broken.yaml"

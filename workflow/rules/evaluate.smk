@@ -20,16 +20,13 @@ rule evaluate:
     priority: eval_priority
     conda:
         "../envs/mcibi.yaml"
-    threads: eval_threads
+    threads: EVAL_JOB.threads
     resources:
-        mem_mb=eval_mem_mb,
-        runtime=eval_runtime,
-        gpu=eval_gpus,
-        cpus_per_task=eval_threads,
+        **EVAL_JOB.resources,
     params:
         data=data_root,
-        launcher=eval_launcher,
-        torch_threads=eval_torch_threads,
+        launcher=EVAL_JOB.launcher,
+        torch_threads=EVAL_JOB.torch_threads,
         seed=run_seed,
         file=params_file,
         protocol=protocol_of,
@@ -53,16 +50,13 @@ rule export_test:
         "logs/export_test/{dataset}/{experiment}/{protocol}.log",
     conda:
         "../envs/mcibi.yaml"
-    threads: eval_threads
+    threads: EVAL_JOB.threads
     resources:
-        mem_mb=eval_mem_mb,
-        runtime=eval_runtime,
-        gpu=eval_gpus,
-        cpus_per_task=eval_threads,
+        **EVAL_JOB.resources,
     params:
         data=data_root,
-        launcher=eval_launcher,
-        torch_threads=eval_torch_threads,
+        launcher=EVAL_JOB.launcher,
+        torch_threads=EVAL_JOB.torch_threads,
         file=params_file,
         protocol=protocol_of,
     shell:

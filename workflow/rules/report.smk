@@ -23,10 +23,7 @@ rule figures:
         "../envs/mcibi.yaml"
     threads: 1  # files only: no model, no GPU (the overlays come from the evaluations' samples)
     resources:
-        mem_mb=eval_mem_mb,
-        runtime=30,
-        gpu=0,
-        cpus_per_task=1,
+        **FIGURES_JOB.resources,
     params:
         data=data_root,
         run_dir=checkpoint_run_dir,

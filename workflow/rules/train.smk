@@ -33,17 +33,14 @@ rule train:
         "logs/train/{dataset}/{experiment}.log",
     conda:
         "../envs/mcibi.yaml"
-    threads: train_threads
+    threads: TRAIN_JOB.threads
     resources:
-        mem_mb=train_mem_mb,
-        runtime=train_runtime,
-        gpu=train_gpus,
-        cpus_per_task=train_threads,
+        **TRAIN_JOB.resources,
     params:
         data=data_root,
         out=train_run_dir,
-        launcher=train_launcher,
-        torch_threads=train_torch_threads,
+        launcher=TRAIN_JOB.launcher,
+        torch_threads=TRAIN_JOB.torch_threads,
         seed=run_seed,
         file=params_file,
         trajectory=trajectory_of,
