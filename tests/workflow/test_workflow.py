@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -46,6 +47,21 @@ def test_snakefmt_leaves_the_rules_as_they_are():
     proc = subprocess.run([str(bindir / "snakefmt"), "--check", "--diff", *map(str, _smk_files())], cwd=ROOT,
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+# placeholders of a shell command that are not paths: a command prefix (torchrun ...), numbers, wildcards
+_UNQUOTED = {"params.launcher", "params.torch_threads", "params.seed", "params.seeds", "params.images", "threads",
+             "wildcards.dataset", "wildcards.experiment", "wildcards.protocol"}
+
+
+def test_every_path_in_a_shell_command_is_quoted():
+    """Each {input}, {output}, {log} and path-valued {params.x} of every rule is shell-quoted ({...:q})."""
+    unquoted = []
+    for file in _smk_files():
+        for name, spec in re.findall(r"\{([a-z_]+(?:\.[a-z_]+)?(?:\[\d+\])?)(:[^}]*)?\}", file.read_text()):
+            if name.split(".")[0] in ("input", "output", "log", "params") and name not in _UNQUOTED and spec != ":q":
+                unquoted.append(f"{file.name}: {{{name}{spec}}}")
+    assert not unquoted, unquoted
 
 
 def test_dvc_stages_run_each_dataset_target(tmp_path, monkeypatch):
@@ -172,6 +188,39 @@ def test_unknown_experiment_in_a_target_names_the_experiments_there_are(repo_cop
     assert "upernet_r101_mcibipp" in out and "upernet_r101_baseline" not in out  # the SOTA rows only
 
 
+def _spaced_roots(repo: Path) -> list[str]:
+    """--config with every root absolute inside ``repo`` (whose path holds a space and a non-ASCII character)."""
+    return ["--config", *(f"{key}_root={repo / folder}" for key, folder in
+                          (("data", "data"), ("downloads", "downloads"), ("params", "params"), ("runs", "runs")))]
+
+
+def test_commands_quote_absolute_roots_with_spaces(tmp_path):
+    """Roots with a space and an accent: every command of the demo chain, of the released weights (lip) and of the
+    test-set exports (CityScapes) takes each path as one argument; then the data rules run for real there."""
+    repo = copy_repo(tmp_path / "proj é")
+    targets = ["results/demo", "results/lip/official", "results/cityscapes/official",
+               str(repo / "runs" / "cityscapes" / "deeplabv3_hr48_mcibipp" / "test_msflip")]
+    proc = _snakemake(repo, "-n", "-p", "--cores", "1", *targets, *_spaced_roots(repo))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    quoted = set()
+    for rule, command in re.findall(r"^(?:local)?rule (\w+):\n.*?^Shell command: (.*?)$", proc.stdout, re.M | re.S):
+        args = shlex.split(command)
+        assert command.count(str(repo)) == sum(str(repo) in arg for arg in args), command  # one argument each
+        assert not any(arg.endswith("proj") or arg.startswith("é/") for arg in args), command
+        if str(repo) in command:
+            quoted.add(rule)
+    assert quoted == {"download", "verify_archives", "prepare", "verify_data", "train", "evaluate", "figures",
+                      "report", "export_test", "official_download", "official_convert", "official_log",
+                      "official_evaluate", "official_export", "official_table"}
+
+    data = repo / "data" / "demo" / "verified.json"
+    proc = _snakemake(repo, "--cores", "2", str(data), *_spaced_roots(repo))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert data.is_file() and (repo / "data" / "demo" / "splits" / "val.txt").is_file()
+    again = _snakemake(repo, "-n", "--cores", "2", str(data), *_spaced_roots(repo))
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+
+
 def test_invalid_params_fail_at_dag_build(tmp_path):
     repo = copy_repo(tmp_path / "repo")
     bad = repo / "params" / "demo" / "broken.yaml"
@@ -252,13 +301,15 @@ def test_reduced_demo_table_check_tells_exact_from_tolerance():
 @pytest.mark.slow
 @pytest.mark.workflow
 def test_reduced_demo_chain_runs_end_to_end(tmp_path):
-    repo = copy_repo(tmp_path / "repo")
+    """Every rule, in a folder whose path holds a space and an accent, every root absolute there."""
+    repo = copy_repo(tmp_path / "proj é")
+    roots = _spaced_roots(repo)
     defaults = repo / "params" / "demo" / "defaults.yaml"
     data = yaml.safe_load(defaults.read_text())
     data["train"]["epochs"] = 1  # 30 iterations instead of the demo's full schedule
     defaults.write_text(yaml.safe_dump(data))
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    proc = _snakemake(repo, "--cores", "2", "results/demo", env=env)
+    proc = _snakemake(repo, "--cores", "2", "results/demo", *roots, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
     table = (repo / "results" / "demo" / "table.md").read_text()
@@ -292,10 +343,10 @@ def test_reduced_demo_chain_runs_end_to_end(tmp_path):
         assert r.data.params["model.framework"] == "upernet"
         assert len(client.get_metric_history(r.info.run_id, "loss_total")) >= 2
 
-    again = _snakemake(repo, "-n", "--cores", "2", "results/demo", env=env)
+    again = _snakemake(repo, "-n", "--cores", "2", "results/demo", *roots, env=env)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
 
-    report = _snakemake(repo, "--report", "report.html", "results/demo", env=env)  # the demo's Snakemake report
+    report = _snakemake(repo, "--report", "report.html", "results/demo", *roots, env=env)  # the Snakemake report
     assert report.returncode == 0, report.stderr[-3000:]
     categories = re.search(r"categories = (\{.*?\});", (repo / "report.html").read_text()).group(1)
     assert all(n in categories for n in ('"demo"', '"results table"', '"upernet_mcibipp"', "confusion_msflip.png"))
@@ -308,19 +359,21 @@ def test_reduced_demo_chain_runs_end_to_end(tmp_path):
     data["evaluate"]["window_batch"] += 1
     defaults.write_text(yaml.safe_dump(data))
     exp.write_text(text.replace("description:", "description: Edited.", 1))
-    assert _jobs(_snakemake(repo, "-n", "--cores", "2", "results/demo", env=env)) == {}
+    def plan() -> dict[str, int]:
+        return _jobs(_snakemake(repo, "-n", "--cores", "2", "results/demo", *roots, env=env))
+
+    assert plan() == {}
     # a changed protocol re-evaluates that protocol only (then the figures and the table); no training
     data["evaluate"]["protocols"]["msflip"]["scales"] = [0.75, 1.0]
     defaults.write_text(yaml.safe_dump(data))
-    assert _jobs(_snakemake(repo, "-n", "--cores", "2", "results/demo", env=env)) == {"evaluate": 2, "figures": 2,
-                                                                                       "report": 1}
+    assert plan() == {"evaluate": 2, "figures": 2, "report": 1}
     # prepared files that changed since they were verified are verified again, and a failure stops everything
     label = sorted((repo / "data" / "demo" / "labels").glob("train_*.png"))[0]
     values = cv2.imread(str(label), cv2.IMREAD_UNCHANGED)
     values[:2, :2] = 42
     cv2.imwrite(str(label), values)
-    assert _jobs(_snakemake(repo, "-n", "--cores", "2", "results/demo", env=env))["verify_data"] == 1
-    proc = _snakemake(repo, "--cores", "2", "results/demo", env=env)
+    assert plan()["verify_data"] == 1
+    proc = _snakemake(repo, "--cores", "2", "results/demo", *roots, env=env)
     assert proc.returncode != 0 and "verify_data" in proc.stdout + proc.stderr
     assert not (repo / "data" / "demo" / "verified.json").exists()
     assert f"{label.name}: label values [42]" in (repo / "logs" / "verify_data" / "demo.log").read_text()

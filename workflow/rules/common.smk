@@ -1,7 +1,7 @@
 # Parse-time setup: validate the workflow config and every selected params file before any job starts, and the
 # named functions the rules use (inputs, paths, resources). The parse step imports neither torch nor pandas
 # (tests/workflow/test_workflow.py). Every path a shell command takes comes from the rule's files or from these
-# functions.
+# functions, and every one is quoted there ({input:q}, {params.x:q}): roots may be absolute, with spaces.
 import os
 import sys
 from pathlib import Path

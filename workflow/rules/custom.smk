@@ -24,4 +24,4 @@ if CUSTOM_DATASETS:
             description=lambda wc: description_path(wc.dataset),
             out=dataset_data,
         shell:
-            "mcibi prepare-custom {params.description} --out {params.out} > {log} 2>&1"
+            "mcibi prepare-custom {params.description:q} --out {params.out:q} > {log:q} 2>&1"

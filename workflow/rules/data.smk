@@ -20,7 +20,7 @@ rule download:
     params:
         dest=dataset_downloads,
     shell:
-        "mcibi download {wildcards.dataset} --dest {params.dest} --record {output.record} > {log} 2>&1"
+        "mcibi download {wildcards.dataset} --dest {params.dest:q} --record {output.record:q} > {log:q} 2>&1"
 
 
 rule verify_archives:
@@ -35,7 +35,7 @@ rule verify_archives:
     params:
         dest=dataset_downloads,
     shell:
-        "mcibi verify-archives {wildcards.dataset} --dest {params.dest} --report {output} > {log} 2>&1"
+        "mcibi verify-archives {wildcards.dataset} --dest {params.dest:q} --report {output:q} > {log:q} 2>&1"
 
 
 rule prepare:
@@ -54,8 +54,8 @@ rule prepare:
         archives=dataset_downloads,
         out=dataset_data,
     shell:
-        "mcibi prepare {wildcards.dataset} --archives {params.archives} --out {params.out}"
-        " --archive-record {input} --workers {threads} > {log} 2>&1"
+        "mcibi prepare {wildcards.dataset} --archives {params.archives:q} --out {params.out:q}"
+        " --archive-record {input:q} --workers {threads} > {log:q} 2>&1"
 
 
 rule verify_data:
@@ -71,7 +71,7 @@ rule verify_data:
     params:
         data=dataset_data,
     shell:
-        "mcibi verify-data {wildcards.dataset} --data {params.data} --report {output} > {log} 2>&1"
+        "mcibi verify-data {wildcards.dataset} --data {params.data:q} --report {output:q} > {log:q} 2>&1"
 
 
 localrules:
@@ -88,4 +88,4 @@ rule dvc_commit:
     conda:
         "../envs/mcibi.yaml"
     shell:
-        "mcibi dvc-commit --record {output} > {log} 2>&1"
+        "mcibi dvc-commit --record {output:q} > {log:q} 2>&1"

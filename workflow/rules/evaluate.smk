@@ -32,10 +32,10 @@ rule evaluate:
         protocol=protocol_of,
         images=config["overlay_images"],
     shell:
-        "{params.launcher} evaluate {params.file} --checkpoint {input.checkpoint} --protocol {wildcards.protocol}"
-        " --data-root {params.data} --out-json {output.metrics} --out-csv {output.per_class}"
-        " --samples-out {output.samples} --samples {params.images}"
-        " --threads {params.torch_threads} --seed {params.seed} --no-mlflow > {log} 2>&1"
+        "{params.launcher} evaluate {params.file:q} --checkpoint {input.checkpoint:q} --protocol {wildcards.protocol}"
+        " --data-root {params.data:q} --out-json {output.metrics:q} --out-csv {output.per_class:q}"
+        " --samples-out {output.samples:q} --samples {params.images}"
+        " --threads {params.torch_threads} --seed {params.seed} --no-mlflow > {log:q} 2>&1"
 
 
 # Test-set predictions for an evaluation server (CityScapes: labelIds PNGs), built only on request, e.g.
@@ -60,5 +60,5 @@ rule export_test:
         file=params_file,
         protocol=protocol_of,
     shell:
-        "{params.launcher} export {params.file} --checkpoint {input.checkpoint} --protocol {wildcards.protocol}"
-        " --split test --data-root {params.data} --out {output} --threads {params.torch_threads} > {log} 2>&1"
+        "{params.launcher} export {params.file:q} --checkpoint {input.checkpoint:q} --protocol {wildcards.protocol}"
+        " --split test --data-root {params.data:q} --out {output:q} --threads {params.torch_threads} > {log:q} 2>&1"

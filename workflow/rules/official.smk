@@ -22,7 +22,7 @@ rule official_download:
         release_dir=release_dir_out,
     shell:
         "mcibi released download {wildcards.dataset}/{wildcards.experiment}"
-        " --release-dir {params.release_dir} > {log} 2>&1"
+        " --release-dir {params.release_dir:q} > {log:q} 2>&1"
 
 
 rule official_convert:
@@ -38,7 +38,7 @@ rule official_convert:
     params:
         release_dir=release_dir,
     shell:
-        "mcibi released convert {input.params[0]} --release-dir {params.release_dir} --out {output} > {log} 2>&1"
+        "mcibi released convert {input.params[0]:q} --release-dir {params.release_dir:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule official_log:
@@ -55,7 +55,7 @@ rule official_log:
     params:
         release_dir=release_dir,
     shell:
-        "mcibi released log {input.params[0]} --release-dir {params.release_dir} --out {output} > {log} 2>&1"
+        "mcibi released log {input.params[0]:q} --release-dir {params.release_dir:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule official_evaluate:
@@ -79,9 +79,9 @@ rule official_evaluate:
         launcher=OFFICIAL_EVAL_JOB.launcher,
         torch_threads=OFFICIAL_EVAL_JOB.torch_threads,
     shell:
-        "{params.launcher} evaluate {input.params[0]} --checkpoint {input.checkpoint}"
-        " --protocol {wildcards.protocol} --data-root {params.data} --out-json {output.metrics}"
-        " --out-csv {output.per_class} --threads {params.torch_threads} > {log} 2>&1"
+        "{params.launcher} evaluate {input.params[0]:q} --checkpoint {input.checkpoint:q}"
+        " --protocol {wildcards.protocol} --data-root {params.data:q} --out-json {output.metrics:q}"
+        " --out-csv {output.per_class:q} --threads {params.torch_threads} > {log:q} 2>&1"
 
 
 rule official_export:
@@ -103,9 +103,9 @@ rule official_export:
         launcher=OFFICIAL_EVAL_JOB.launcher,
         torch_threads=OFFICIAL_EVAL_JOB.torch_threads,
     shell:
-        "{params.launcher} export {input.params[0]} --checkpoint {input.checkpoint}"
-        " --protocol {wildcards.protocol} --split test --data-root {params.data} --out {output}"
-        " --threads {params.torch_threads} > {log} 2>&1"
+        "{params.launcher} export {input.params[0]:q} --checkpoint {input.checkpoint:q}"
+        " --protocol {wildcards.protocol} --split test --data-root {params.data:q} --out {output:q}"
+        " --threads {params.torch_threads} > {log:q} 2>&1"
 
 
 rule official_table:
@@ -124,6 +124,6 @@ rule official_table:
         experiments=official_experiments,
         ui=config["mlflow_ui"],
     shell:
-        "mcibi table {wildcards.dataset} --params-root {params.params_root} --runs {params.runs} --out {output}"
-        " --experiments {params.experiments} --mlflow-ui {params.ui}"
-        " --experiment-id-file {input.experiment_id} > {log} 2>&1"
+        "mcibi table {wildcards.dataset} --params-root {params.params_root:q} --runs {params.runs:q} --out {output:q}"
+        " --experiments {params.experiments:q} --mlflow-ui {params.ui:q}"
+        " --experiment-id-file {input.experiment_id:q} > {log:q} 2>&1"

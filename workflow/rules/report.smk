@@ -31,8 +31,8 @@ rule figures:
         images=config["overlay_images"],
         file=params_file,  # the run's params file: its protocols reach the figures through the evaluations
     shell:
-        "mcibi figures {params.file} --run-dir {params.run_dir} --data-root {params.data} --seed {params.seed}"
-        " --images {params.images} --out {output} > {log} 2>&1"
+        "mcibi figures {params.file:q} --run-dir {params.run_dir:q} --data-root {params.data:q} --seed {params.seed}"
+        " --images {params.images} --out {output:q} > {log:q} 2>&1"
 
 
 rule report:
@@ -59,6 +59,6 @@ rule report:
         seeds=report_seeds,
         ui=config["mlflow_ui"],
     shell:
-        "mcibi table {wildcards.dataset} --params-root {params.params_root} --runs {params.runs}"
-        " --out {output} --experiments {params.experiments} --seeds {params.seeds} --mlflow-ui {params.ui}"
-        " --experiment-id-file {input.experiment_id} > {log} 2>&1"
+        "mcibi table {wildcards.dataset} --params-root {params.params_root:q} --runs {params.runs:q}"
+        " --out {output:q} --experiments {params.experiments:q} --seeds {params.seeds} --mlflow-ui {params.ui:q}"
+        " --experiment-id-file {input.experiment_id:q} > {log:q} 2>&1"

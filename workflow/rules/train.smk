@@ -17,7 +17,7 @@ rule mlflow_experiment:
     conda:
         "../envs/mcibi.yaml"
     shell:
-        "mcibi mlflow-init {wildcards.dataset} --out {output} > {log} 2>&1"
+        "mcibi mlflow-init {wildcards.dataset} --out {output:q} > {log:q} 2>&1"
 
 
 rule train:
@@ -45,5 +45,5 @@ rule train:
         file=params_file,
         trajectory=trajectory_of,
     shell:
-        "{params.launcher} train {params.file} --data-root {params.data} --out {params.out}"
-        " --threads {params.torch_threads} --seed {params.seed} >> {log} 2>&1"
+        "{params.launcher} train {params.file:q} --data-root {params.data:q} --out {params.out:q}"
+        " --threads {params.torch_threads} --seed {params.seed} >> {log:q} 2>&1"
