@@ -217,6 +217,10 @@ def test_commands_quote_absolute_roots_with_spaces(tmp_path):
     proc = _snakemake(repo, "--cores", "2", str(data), *_spaced_roots(repo))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert data.is_file() and (repo / "data" / "demo" / "splits" / "val.txt").is_file()
+    # the prepare job's benchmark (wall time, memory): beside the logs, not an output anything waits for
+    bench = (repo / "benchmarks" / "prepare" / "demo.tsv").read_text().splitlines()
+    assert bench[0].startswith("s\th:m:s\tmax_rss") and len(bench) == 2
+    (repo / "benchmarks" / "prepare" / "demo.tsv").unlink()
     again = _snakemake(repo, "-n", "--cores", "2", str(data), *_spaced_roots(repo))
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
 
@@ -311,6 +315,9 @@ def test_reduced_demo_chain_runs_end_to_end(tmp_path):
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
     proc = _snakemake(repo, "--cores", "2", "results/demo", *roots, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+    for job in ("train/demo/upernet_mcibipp.tsv", "evaluate/demo/upernet_baseline/msflip.tsv", "prepare/demo.tsv"):
+        assert (repo / "benchmarks" / job).is_file(), job  # wall time and memory of each job
 
     table = (repo / "results" / "demo" / "table.md").read_text()
     assert "| UperNet | MCIBI++ |" in table and "| UperNet | - |" in table

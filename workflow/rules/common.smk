@@ -34,6 +34,7 @@ DATA = config["data_root"]
 DOWNLOADS = config["downloads_root"]
 PARAMS = config["params_root"]
 RUNS = config["runs_root"]
+BENCHMARKS = "benchmarks"  # per-job wall time, memory and CPU of train, evaluate and prepare (Snakemake benchmark:)
 # Custom datasets: every description registered as datasets/<name>.yaml (`mcibi new-dataset`; custom.smk).
 CUSTOM_DATASETS = registered_datasets()
 

@@ -16,6 +16,8 @@ if CUSTOM_DATASETS:
             f"{DATA}/{{dataset}}/manifest.json",
         log:
             "logs/prepare/{dataset}.log",
+        benchmark:
+            f"{BENCHMARKS}/prepare/{{dataset}}.tsv"
         wildcard_constraints:
             dataset="|".join(CUSTOM_DATASETS),
         conda:

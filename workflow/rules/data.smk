@@ -45,6 +45,8 @@ rule prepare:
         f"{DATA}/{{dataset}}/manifest.json",
     log:
         "logs/prepare/{dataset}.log",
+    benchmark:
+        f"{BENCHMARKS}/prepare/{{dataset}}.tsv"
     conda:
         "../envs/mcibi.yaml"
     threads: 8

@@ -17,6 +17,8 @@ rule evaluate:
         samples=f"{RUNS}/{{dataset}}/{{experiment}}/eval/{{protocol}}_samples.npz",  # the figures' overlays
     log:
         "logs/evaluate/{dataset}/{experiment}/{protocol}.log",
+    benchmark:
+        f"{BENCHMARKS}/evaluate/{{dataset}}/{{experiment}}/{{protocol}}.tsv"
     priority: eval_priority
     conda:
         "../envs/mcibi.yaml"

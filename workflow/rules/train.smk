@@ -31,6 +31,8 @@ rule train:
         run=f"{RUNS}/{{dataset}}/{{experiment}}/run.json",
     log:
         "logs/train/{dataset}/{experiment}.log",
+    benchmark:
+        f"{BENCHMARKS}/train/{{dataset}}/{{experiment}}.tsv"
     conda:
         "../envs/mcibi.yaml"
     threads: TRAIN_JOB.threads
