@@ -22,6 +22,6 @@ include: "workflow/rules/official.smk"
 
 
 rule all:
+    default_target: True
     input:
         expand("results/{dataset}", dataset=config["default_datasets"]),
-    default_target: True

@@ -7,8 +7,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 # top-level names a copy leaves out: run outputs, caches, local data and tracking stores (mcibi/data is code)
-SKIP_TOP = {".git", ".venv", ".snakemake", "runs", "results", "data", "downloads", "logs", "mlflow.db", "mlruns",
-            ".pytest_cache", ".ruff_cache", "datasets", ".dvc"}
+SKIP_TOP = {".git", ".venv", ".snakemake", "runs", "results", "data", "downloads", "logs", "benchmarks", "mlflow.db",
+            "mlruns", ".pytest_cache", ".ruff_cache", "datasets", ".dvc"}
 
 
 def copy_repo(dest: Path) -> Path:

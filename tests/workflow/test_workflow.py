@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -25,9 +26,59 @@ def _snakemake(cwd: Path, *args: str, env: dict | None = None) -> subprocess.Com
 
 
 def test_lint_is_clean(tmp_path):
+    """`snakemake --lint` exits 1 on any lint (a rule without log or conda, an absolute path, a param hard-coding
+    a file prefix, ...) and says so."""
     repo = copy_repo(tmp_path / "repo")
     proc = _snakemake(repo, "--lint")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Lints for" not in out, out
+    assert "Congratulations, your workflow is in a good condition!" in out
+
+
+def _smk_files() -> list[Path]:
+    return [ROOT / "Snakefile", *sorted((ROOT / "workflow" / "rules").glob("*.smk"))]
+
+
+def test_snakefmt_leaves_the_rules_as_they_are():
+    """The Snakefile and every rule file are snakefmt-formatted (pyproject.toml [tool.snakefmt]: ruff's line length;
+    shell strings formatted with the bundled shfmt, which sits beside this Python)."""
+    bindir = Path(sys.executable).parent
+    env = dict(os.environ, PATH=str(bindir) + os.pathsep + os.environ.get("PATH", ""))
+    proc = subprocess.run([str(bindir / "snakefmt"), "--check", "--diff", *map(str, _smk_files())], cwd=ROOT,
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+# placeholders of a shell command that are not paths: a command prefix (torchrun ...), numbers, wildcards
+_UNQUOTED = {"params.launcher", "params.torch_threads", "params.seed", "params.seeds", "params.images", "threads",
+             "wildcards.dataset", "wildcards.experiment", "wildcards.protocol"}
+
+
+def test_every_path_in_a_shell_command_is_quoted():
+    """Each {input}, {output}, {log} and path-valued {params.x} of every rule is shell-quoted ({...:q})."""
+    unquoted = []
+    for file in _smk_files():
+        for name, spec in re.findall(r"\{([a-z_]+(?:\.[a-z_]+)?(?:\[\d+\])?)(:[^}]*)?\}", file.read_text()):
+            if name.split(".")[0] in ("input", "output", "log", "params") and name not in _UNQUOTED and spec != ":q":
+                unquoted.append(f"{file.name}: {{{name}{spec}}}")
+    assert not unquoted, unquoted
+
+
+def test_dvc_stages_run_each_dataset_target(tmp_path, monkeypatch):
+    """dvc.yaml, as DVC resolves it: one stage per dataset target, results@<dataset> (one foreach stage), running
+    its Snakemake target on the workflow, the package and the dataset's params, with persistent outputs."""
+    from dvc.repo import Repo
+
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+    stages = {s.name: s for s in Repo.init(tmp_path, no_scm=True).index.stages}
+    assert list(stages) == [f"results@{d}" for d in ("demo", *DATASETS)]
+    for dataset in ("demo", *DATASETS):
+        stage = stages[f"results@{dataset}"]
+        assert stage.cmd == f"python -m snakemake --cores all results/{dataset}"
+        assert [d.def_path for d in stage.deps] == ["Snakefile", "workflow", "mcibi", f"params/{dataset}"]
+        assert [(o.def_path, o.persist) for o in stage.outs] == [(f"runs/{dataset}", True),
+                                                                  (f"results/{dataset}", True)]
 
 
 def test_dry_run_plans_the_whole_chain(tmp_path):
@@ -119,6 +170,61 @@ def test_selection_and_seeds_from_the_config(repo_copy):
     assert bad.returncode != 0 and "experiments.lip names ['upernet_r18']" in bad.stdout + bad.stderr
 
 
+def test_unknown_experiment_in_a_target_names_the_experiments_there_are(repo_copy):
+    """A typo in a target's experiment stops the DAG build with the dataset's runs and the params folder, not a bare
+    KeyError; so does a params file that the config does not select."""
+    proc = _snakemake(repo_copy, "-n", "--cores", "1", "runs/demo/upernet_baselin/model.pt")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "KeyError" not in out
+    assert ("unknown experiment 'upernet_baselin' of dataset 'demo' (no params/demo/upernet_baselin.yaml). The "
+            "experiments of demo (params files in params/demo/ selected by workflow/config.yaml, 1 seed(s) each): "
+            "upernet_baseline, upernet_mcibipp.") in " ".join(out.split()), out[-3000:]
+    proc = _snakemake(repo_copy, "-n", "--cores", "1", "runs/lip/upernet_r50_baseline/eval/ss.json", "--config",
+                      "experiments={lip: sota}")
+    out = " ".join((proc.stdout + proc.stderr).split())
+    assert proc.returncode != 0
+    assert ("unknown experiment 'upernet_r50_baseline' of dataset 'lip' (params/lip/upernet_r50_baseline.yaml exists "
+            "but workflow/config.yaml experiments.lip does not select it)") in out, out[-3000:]
+    assert "upernet_r101_mcibipp" in out and "upernet_r101_baseline" not in out  # the SOTA rows only
+
+
+def _spaced_roots(repo: Path) -> list[str]:
+    """--config with every root absolute inside ``repo`` (whose path holds a space and a non-ASCII character)."""
+    return ["--config", *(f"{key}_root={repo / folder}" for key, folder in
+                          (("data", "data"), ("downloads", "downloads"), ("params", "params"), ("runs", "runs")))]
+
+
+def test_commands_quote_absolute_roots_with_spaces(tmp_path):
+    """Roots with a space and an accent: every command of the demo chain, of the released weights (lip) and of the
+    test-set exports (CityScapes) takes each path as one argument; then the data rules run for real there."""
+    repo = copy_repo(tmp_path / "proj é")
+    targets = ["results/demo", "results/lip/official", "results/cityscapes/official",
+               str(repo / "runs" / "cityscapes" / "deeplabv3_hr48_mcibipp" / "test_msflip")]
+    proc = _snakemake(repo, "-n", "-p", "--cores", "1", *targets, *_spaced_roots(repo))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    quoted = set()
+    for rule, command in re.findall(r"^(?:local)?rule (\w+):\n.*?^Shell command: (.*?)$", proc.stdout, re.M | re.S):
+        args = shlex.split(command)
+        assert command.count(str(repo)) == sum(str(repo) in arg for arg in args), command  # one argument each
+        assert not any(arg.endswith("proj") or arg.startswith("é/") for arg in args), command
+        if str(repo) in command:
+            quoted.add(rule)
+    assert quoted == {"download", "verify_archives", "prepare", "verify_data", "train", "evaluate", "figures",
+                      "report", "export_test", "official_download", "official_convert", "official_log",
+                      "official_evaluate", "official_export", "official_table"}
+
+    data = repo / "data" / "demo" / "verified.json"
+    proc = _snakemake(repo, "--cores", "2", str(data), *_spaced_roots(repo))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert data.is_file() and (repo / "data" / "demo" / "splits" / "val.txt").is_file()
+    # the prepare job's benchmark (wall time, memory): beside the logs, not an output anything waits for
+    bench = (repo / "benchmarks" / "prepare" / "demo.tsv").read_text().splitlines()
+    assert bench[0].startswith("s\th:m:s\tmax_rss") and len(bench) == 2
+    (repo / "benchmarks" / "prepare" / "demo.tsv").unlink()
+    again = _snakemake(repo, "-n", "--cores", "2", str(data), *_spaced_roots(repo))
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+
+
 def test_invalid_params_fail_at_dag_build(tmp_path):
     repo = copy_repo(tmp_path / "repo")
     bad = repo / "params" / "demo" / "broken.yaml"
@@ -199,14 +305,19 @@ def test_reduced_demo_table_check_tells_exact_from_tolerance():
 @pytest.mark.slow
 @pytest.mark.workflow
 def test_reduced_demo_chain_runs_end_to_end(tmp_path):
-    repo = copy_repo(tmp_path / "repo")
+    """Every rule, in a folder whose path holds a space and an accent, every root absolute there."""
+    repo = copy_repo(tmp_path / "proj é")
+    roots = _spaced_roots(repo)
     defaults = repo / "params" / "demo" / "defaults.yaml"
     data = yaml.safe_load(defaults.read_text())
     data["train"]["epochs"] = 1  # 30 iterations instead of the demo's full schedule
     defaults.write_text(yaml.safe_dump(data))
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    proc = _snakemake(repo, "--cores", "2", "results/demo", env=env)
+    proc = _snakemake(repo, "--cores", "2", "results/demo", *roots, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+    for job in ("train/demo/upernet_mcibipp.tsv", "evaluate/demo/upernet_baseline/msflip.tsv", "prepare/demo.tsv"):
+        assert (repo / "benchmarks" / job).is_file(), job  # wall time and memory of each job
 
     table = (repo / "results" / "demo" / "table.md").read_text()
     assert "| UperNet | MCIBI++ |" in table and "| UperNet | - |" in table
@@ -239,10 +350,10 @@ def test_reduced_demo_chain_runs_end_to_end(tmp_path):
         assert r.data.params["model.framework"] == "upernet"
         assert len(client.get_metric_history(r.info.run_id, "loss_total")) >= 2
 
-    again = _snakemake(repo, "-n", "--cores", "2", "results/demo", env=env)
+    again = _snakemake(repo, "-n", "--cores", "2", "results/demo", *roots, env=env)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
 
-    report = _snakemake(repo, "--report", "report.html", "results/demo", env=env)  # the demo's Snakemake report
+    report = _snakemake(repo, "--report", "report.html", "results/demo", *roots, env=env)  # the Snakemake report
     assert report.returncode == 0, report.stderr[-3000:]
     categories = re.search(r"categories = (\{.*?\});", (repo / "report.html").read_text()).group(1)
     assert all(n in categories for n in ('"demo"', '"results table"', '"upernet_mcibipp"', "confusion_msflip.png"))
@@ -255,19 +366,21 @@ def test_reduced_demo_chain_runs_end_to_end(tmp_path):
     data["evaluate"]["window_batch"] += 1
     defaults.write_text(yaml.safe_dump(data))
     exp.write_text(text.replace("description:", "description: Edited.", 1))
-    assert _jobs(_snakemake(repo, "-n", "--cores", "2", "results/demo", env=env)) == {}
+    def plan() -> dict[str, int]:
+        return _jobs(_snakemake(repo, "-n", "--cores", "2", "results/demo", *roots, env=env))
+
+    assert plan() == {}
     # a changed protocol re-evaluates that protocol only (then the figures and the table); no training
     data["evaluate"]["protocols"]["msflip"]["scales"] = [0.75, 1.0]
     defaults.write_text(yaml.safe_dump(data))
-    assert _jobs(_snakemake(repo, "-n", "--cores", "2", "results/demo", env=env)) == {"evaluate": 2, "figures": 2,
-                                                                                       "report": 1}
+    assert plan() == {"evaluate": 2, "figures": 2, "report": 1}
     # prepared files that changed since they were verified are verified again, and a failure stops everything
     label = sorted((repo / "data" / "demo" / "labels").glob("train_*.png"))[0]
     values = cv2.imread(str(label), cv2.IMREAD_UNCHANGED)
     values[:2, :2] = 42
     cv2.imwrite(str(label), values)
-    assert _jobs(_snakemake(repo, "-n", "--cores", "2", "results/demo", env=env))["verify_data"] == 1
-    proc = _snakemake(repo, "--cores", "2", "results/demo", env=env)
+    assert plan()["verify_data"] == 1
+    proc = _snakemake(repo, "--cores", "2", "results/demo", *roots, env=env)
     assert proc.returncode != 0 and "verify_data" in proc.stdout + proc.stderr
     assert not (repo / "data" / "demo" / "verified.json").exists()
     assert f"{label.name}: label values [42]" in (repo / "logs" / "verify_data" / "demo.log").read_text()

@@ -1,17 +1,21 @@
 # Parse-time setup: validate the workflow config and every selected params file before any job starts, and the
-# named input functions the rules use. The parse step imports neither torch nor pandas (tests/workflow/test_workflow.py).
+# named functions the rules use (inputs, paths, resources). The parse step imports neither torch nor pandas
+# (tests/workflow/test_workflow.py). Every path a shell command takes comes from the rule's files or from these
+# functions, and every one is quoted there ({input:q}, {params.x:q}): roots may be absolute, with spaces.
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 from snakemake.utils import validate
 
 from mcibi.catalogue.rows import select
-from mcibi.data.lookup import get_spec
+from mcibi.data.custom import registered_datasets
 from mcibi.data.fingerprint import change_stamp
+from mcibi.data.lookup import get_spec
+from mcibi.official.released import release_params, release_params_files, released_outputs, released_rows
 from mcibi.spec.params import PROTOCOL_NAMES, Untracked, experiment_files, load_params, protocol_hash, trajectory_hash
 from mcibi.spec.runs import job_threads, launcher, seed_runs, with_seed
-
 
 validate(config, "../schemas/config.schema.yaml")
 
@@ -30,6 +34,9 @@ DATA = config["data_root"]
 DOWNLOADS = config["downloads_root"]
 PARAMS = config["params_root"]
 RUNS = config["runs_root"]
+BENCHMARKS = "benchmarks"  # per-job wall time, memory and CPU of train, evaluate and prepare (Snakemake benchmark:)
+# Custom datasets: every description registered as datasets/<name>.yaml (`mcibi new-dataset`; custom.smk).
+CUSTOM_DATASETS = registered_datasets()
 
 
 wildcard_constraints:
@@ -58,8 +65,15 @@ def _selected(dataset):
     return runs
 
 
-# Every params file of every configured dataset is loaded and strictly validated here, at DAG-build time.
-EXPERIMENTS = {ds: _selected(ds) for ds in sorted(set(config["experiments"]) | set(config["default_datasets"]))}
+def selected_runs():
+    """Dataset -> run name -> validated params, for the datasets workflow/config.yaml names (experiments,
+    default_datasets) and every registered custom dataset. Every params file is loaded and strictly validated here,
+    at DAG-build time."""
+    datasets = set(config["experiments"]) | set(config["default_datasets"]) | set(CUSTOM_DATASETS)
+    return {dataset: _selected(dataset) for dataset in sorted(datasets)}
+
+
+EXPERIMENTS = selected_runs()
 
 
 def _runs(dataset):
@@ -69,9 +83,28 @@ def _runs(dataset):
     return runs
 
 
+def params_of_run(dataset, run):
+    """The validated params of one run; a run that is not selected (a typo in a target) is an error that names the
+    runs there are."""
+    runs = _runs(dataset)
+    if run not in runs:
+        stem = Path(PARAMS) / dataset / f"{run}.yaml"
+        why = (
+            f"{stem} exists but workflow/config.yaml experiments.{dataset} does not select it"
+            if stem.is_file()
+            else f"no {stem}"
+        )
+        raise ValueError(
+            f"{RUNS}/{dataset}/{run}/: unknown experiment '{run}' of dataset '{dataset}' ({why}). The experiments "
+            f"of {dataset} (params files in {PARAMS}/{dataset}/ selected by workflow/config.yaml, "
+            f"{seeds_of(dataset)} seed(s) each): {', '.join(sorted(runs))}."
+        )
+    return runs[run]
+
+
 def experiment_stem_of(dataset, run):
     """The params file stem of a run (``<stem>`` or ``<stem>-seed<k>``)."""
-    return Path(_runs(dataset)[run].path).stem
+    return Path(params_of_run(dataset, run).path).stem
 
 
 # Folders the shell commands take, derived from the rule's files (so that they follow the files' paths).
@@ -96,9 +129,28 @@ def checkpoint_run_dir(wildcards, input):
     return os.path.dirname(input.checkpoint)
 
 
+def release_dir_out(wildcards, output):
+    """The folder of a released row's download record (its .pth and .log beside it)."""
+    return os.path.dirname(output.record)
+
+
+def release_dir(wildcards, input):
+    return os.path.dirname(input.record)
+
+
 def run_params(wildcards):
     """The validated params of one run (``{dataset}``, ``{experiment}``)."""
-    return _runs(wildcards.dataset)[wildcards.experiment]
+    return params_of_run(wildcards.dataset, wildcards.experiment)
+
+
+def official_params(wildcards):
+    """The validated params of one released row (``{dataset}``, ``{experiment}``: runs/<dataset>/official/...)."""
+    return release_params(PARAMS, wildcards.dataset, wildcards.experiment)
+
+
+def official_params_files(wildcards):
+    """A released row's params file and its dataset's defaults layer (inputs: editing them reruns its jobs)."""
+    return release_params_files(PARAMS, wildcards.dataset, wildcards.experiment)
 
 
 def experiment_stem(wildcards):
@@ -109,35 +161,45 @@ def run_seed(wildcards):
     return run_params(wildcards).train.seed
 
 
-# What a training job asks for: its params' train.resources.
-def train_threads(wildcards):
-    return job_threads(run_params(wildcards).train.resources)
+# ------------------------------------------------------------------------------------------------------ resources
+def job_resources(step, params_of=run_params, **fixed):
+    """What a job of ``step`` ("train" or "evaluate") asks for, from its params' ``<step>.resources`` (gpus,
+    cpus_per_gpu, mem_mb, runtime), as functions of the job's wildcards:
+
+    - ``threads``: gpus x cpus_per_gpu (cpus_per_gpu for a CPU job);
+    - ``resources``: mem_mb, runtime, gpu and cpus_per_task (= threads), for ``resources: **job.resources``;
+      ``fixed`` values replace some of them;
+    - ``launcher`` (``mcibi``, or ``torchrun --standalone --nproc_per_node=<gpus> -m mcibi``) and
+      ``torch_threads`` (per process: cpus_per_gpu), for ``params:``; they say how a job runs, not what it
+      computes, so editing them reruns nothing (Untracked).
+
+    ``params_of``: wildcards -> the job's params (a run's, or a released row's: official_params).
+    """
+
+    def requested(wildcards):
+        return getattr(params_of(wildcards), step).resources
+
+    def threads(wildcards):
+        return job_threads(requested(wildcards))
+
+    resources = {
+        "mem_mb": lambda wildcards: requested(wildcards).mem_mb,
+        "runtime": lambda wildcards: requested(wildcards).runtime,
+        "gpu": lambda wildcards: requested(wildcards).gpus,
+        "cpus_per_task": threads,
+    }
+    return SimpleNamespace(
+        threads=threads,
+        resources=resources | fixed,
+        launcher=lambda wildcards: Untracked(launcher(requested(wildcards))),
+        torch_threads=lambda wildcards: Untracked(requested(wildcards).cpus_per_gpu),
+    )
 
 
-def train_mem_mb(wildcards):
-    return run_params(wildcards).train.resources.mem_mb
-
-
-def train_runtime(wildcards):
-    return run_params(wildcards).train.resources.runtime
-
-
-def train_gpus(wildcards):
-    return run_params(wildcards).train.resources.gpus
-
-
-def train_launcher(wildcards):
-    return Untracked(launcher(run_params(wildcards).train.resources))
-
-
-def train_torch_threads(wildcards):
-    """Torch threads per process: cpus_per_gpu."""
-    return Untracked(run_params(wildcards).train.resources.cpus_per_gpu)
-
-
-# What an evaluation (or export, figures) job asks for: its params' evaluate.resources.
-def eval_threads(wildcards):
-    return job_threads(run_params(wildcards).evaluate.resources)
+TRAIN_JOB = job_resources("train")
+EVAL_JOB = job_resources("evaluate")  # evaluations, test-set exports
+OFFICIAL_EVAL_JOB = job_resources("evaluate", official_params)  # the released rows' evaluations and exports
+FIGURES_JOB = job_resources("evaluate", runtime=30, gpu=0, cpus_per_task=1)  # files only: no model, no GPU
 
 
 def eval_priority(wildcards):
@@ -147,26 +209,7 @@ def eval_priority(wildcards):
     return len(protocol.scales) * (2 if protocol.flip else 1)
 
 
-def eval_mem_mb(wildcards):
-    return run_params(wildcards).evaluate.resources.mem_mb
-
-
-def eval_runtime(wildcards):
-    return run_params(wildcards).evaluate.resources.runtime
-
-
-def eval_gpus(wildcards):
-    return run_params(wildcards).evaluate.resources.gpus
-
-
-def eval_launcher(wildcards):
-    return Untracked(launcher(run_params(wildcards).evaluate.resources))
-
-
-def eval_torch_threads(wildcards):
-    return Untracked(run_params(wildcards).evaluate.resources.cpus_per_gpu)
-
-
+# ---------------------------------------------------------------------------------------------- files of a dataset
 def experiment_params(wildcards):
     """The params file of one run plus its dataset's defaults layer (both trigger reruns when edited)."""
     files = [f"{PARAMS}/{wildcards.dataset}/{experiment_stem(wildcards)}.yaml"]
@@ -200,12 +243,22 @@ def evaluations(wildcards):
 
 
 def report_experiments(wildcards):
-    """The params file stems of the dataset's selected runs (``mcibi table --experiments``)."""
-    return " ".join(sorted({experiment_stem_of(wildcards.dataset, run) for run in _runs(wildcards.dataset)}))
+    """The params file stems of the dataset's selected runs (``mcibi table --experiments``, one argument each)."""
+    return sorted({experiment_stem_of(wildcards.dataset, run) for run in _runs(wildcards.dataset)})
 
 
 def report_seeds(wildcards):
     return seeds_of(wildcards.dataset)
+
+
+def official_outputs(wildcards):
+    """What results/<dataset>/official needs: each released row's evaluations (or exports) and MLflow run record."""
+    return released_outputs(RUNS, PARAMS, wildcards.dataset)
+
+
+def official_experiments(wildcards):
+    """The dataset's released rows (``mcibi table --experiments``, one argument each)."""
+    return released_rows(PARAMS, wildcards.dataset)
 
 
 # ------------------------------------------------------------------------------------------------- rerun triggers
@@ -220,15 +273,18 @@ def params_file(wildcards):
 
 def trajectory_of(wildcards):
     """Hash of the params that change a run's weights (mcibi.params.trajectory_hash)."""
-    return trajectory_hash(_runs(wildcards.dataset)[wildcards.experiment])
+    return trajectory_hash(run_params(wildcards))
 
 
 def protocol_of(wildcards):
     """Hash of what evaluating this protocol reads besides the checkpoint (mcibi.params.protocol_hash)."""
-    return protocol_hash(_runs(wildcards.dataset)[wildcards.experiment], wildcards.protocol)
+    return protocol_hash(run_params(wildcards), wildcards.protocol)
 
 
 def data_change_stamp(wildcards):
     """A stamp rewritten at DAG-build time when data/<dataset>/ changed since verify_data checked it."""
-    return change_stamp(f"{DATA}/{wildcards.dataset}", f"{DATA}/{wildcards.dataset}/verified.json",
-                        f"logs/verify_data/{wildcards.dataset}.changed")
+    return change_stamp(
+        f"{DATA}/{wildcards.dataset}",
+        f"{DATA}/{wildcards.dataset}/verified.json",
+        f"logs/verify_data/{wildcards.dataset}.changed",
+    )

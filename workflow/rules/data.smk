@@ -15,16 +15,16 @@ rule download:
         record=f"{DOWNLOADS}/{{dataset}}/downloaded.json",
     log:
         "logs/download/{dataset}.log",
+    conda:
+        "../envs/mcibi.yaml"
+    resources:
+        downloads=1,
     params:
         dest=dataset_downloads,
         checksums=lambda wc: f"{DATA}/{wc.dataset}.checksums.json",
-    resources:
-        downloads=1,
-    conda:
-        "../envs/mcibi.yaml"
     shell:
-        "mcibi download {wildcards.dataset} --dest {params.dest} --record {output.record}"
-        " --checksums {params.checksums} > {log} 2>&1"
+        "mcibi download {wildcards.dataset} --dest {params.dest:q} --record {output.record:q}"
+        " --checksums {params.checksums:q} > {log:q} 2>&1"
 
 
 rule verify_archives:
@@ -34,12 +34,12 @@ rule verify_archives:
         f"{DATA}/{{dataset}}.archives.json",
     log:
         "logs/verify_archives/{dataset}.log",
-    params:
-        dest=dataset_downloads,
     conda:
         "../envs/mcibi.yaml"
+    params:
+        dest=dataset_downloads,
     shell:
-        "mcibi verify-archives {wildcards.dataset} --dest {params.dest} --report {output} > {log} 2>&1"
+        "mcibi verify-archives {wildcards.dataset} --dest {params.dest:q} --report {output:q} > {log:q} 2>&1"
 
 
 rule prepare:
@@ -49,17 +49,19 @@ rule prepare:
         f"{DATA}/{{dataset}}/manifest.json",
     log:
         "logs/prepare/{dataset}.log",
-    params:
-        archives=dataset_downloads,
-        out=dataset_data,
+    benchmark:
+        f"{BENCHMARKS}/prepare/{{dataset}}.tsv"
+    conda:
+        "../envs/mcibi.yaml"
     threads: 8
     resources:
         mem_mb=8000,
-    conda:
-        "../envs/mcibi.yaml"
+    params:
+        archives=dataset_downloads,
+        out=dataset_data,
     shell:
-        "mcibi prepare {wildcards.dataset} --archives {params.archives} --out {params.out}"
-        " --archive-record {input} --workers {threads} > {log} 2>&1"
+        "mcibi prepare {wildcards.dataset} --archives {params.archives:q} --out {params.out:q}"
+        " --archive-record {input:q} --workers {threads} > {log:q} 2>&1"
 
 
 rule verify_data:
@@ -70,12 +72,12 @@ rule verify_data:
         f"{DATA}/{{dataset}}/verified.json",
     log:
         "logs/verify_data/{dataset}.log",
-    params:
-        data=dataset_data,
     conda:
         "../envs/mcibi.yaml"
+    params:
+        data=dataset_data,
     shell:
-        "mcibi verify-data {wildcards.dataset} --data {params.data} --report {output} > {log} 2>&1"
+        "mcibi verify-data {wildcards.dataset} --data {params.data:q} --report {output:q} > {log:q} 2>&1"
 
 
 localrules:
@@ -92,4 +94,4 @@ rule dvc_commit:
     conda:
         "../envs/mcibi.yaml"
     shell:
-        "mcibi dvc-commit --record {output} > {log} 2>&1"
+        "mcibi dvc-commit --record {output:q} > {log:q} 2>&1"

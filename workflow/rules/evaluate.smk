@@ -17,28 +17,27 @@ rule evaluate:
         samples=f"{RUNS}/{{dataset}}/{{experiment}}/eval/{{protocol}}_samples.npz",  # the figures' overlays
     log:
         "logs/evaluate/{dataset}/{experiment}/{protocol}.log",
-    threads: eval_threads
+    benchmark:
+        f"{BENCHMARKS}/evaluate/{{dataset}}/{{experiment}}/{{protocol}}.tsv"
     priority: eval_priority
+    conda:
+        "../envs/mcibi.yaml"
+    threads: EVAL_JOB.threads
     resources:
-        mem_mb=eval_mem_mb,
-        runtime=eval_runtime,
-        gpu=eval_gpus,
-        cpus_per_task=eval_threads,
+        **EVAL_JOB.resources,
     params:
         data=data_root,
-        launcher=eval_launcher,
-        torch_threads=eval_torch_threads,
+        launcher=EVAL_JOB.launcher,
+        torch_threads=EVAL_JOB.torch_threads,
         seed=run_seed,
         file=params_file,
         protocol=protocol_of,
         images=config["overlay_images"],
-    conda:
-        "../envs/mcibi.yaml"
     shell:
-        "{params.launcher} evaluate {params.file} --checkpoint {input.checkpoint} --protocol {wildcards.protocol}"
-        " --data-root {params.data} --out-json {output.metrics} --out-csv {output.per_class}"
-        " --samples-out {output.samples} --samples {params.images}"
-        " --threads {params.torch_threads} --seed {params.seed} --no-mlflow > {log} 2>&1"
+        "{params.launcher} evaluate {params.file:q} --checkpoint {input.checkpoint:q} --protocol {wildcards.protocol}"
+        " --data-root {params.data:q} --out-json {output.metrics:q} --out-csv {output.per_class:q}"
+        " --samples-out {output.samples:q} --samples {params.images}"
+        " --threads {params.torch_threads} --seed {params.seed} --no-mlflow > {log:q} 2>&1"
 
 
 # Test-set predictions for an evaluation server (CityScapes: labelIds PNGs), built only on request, e.g.
@@ -51,20 +50,17 @@ rule export_test:
         directory(f"{RUNS}/{{dataset}}/{{experiment}}/test_{{protocol}}"),
     log:
         "logs/export_test/{dataset}/{experiment}/{protocol}.log",
-    threads: eval_threads
-    resources:
-        mem_mb=eval_mem_mb,
-        runtime=eval_runtime,
-        gpu=eval_gpus,
-        cpus_per_task=eval_threads,
-    params:
-        data=data_root,
-        launcher=eval_launcher,
-        torch_threads=eval_torch_threads,
-        file=params_file,
-        protocol=protocol_of,
     conda:
         "../envs/mcibi.yaml"
+    threads: EVAL_JOB.threads
+    resources:
+        **EVAL_JOB.resources,
+    params:
+        data=data_root,
+        launcher=EVAL_JOB.launcher,
+        torch_threads=EVAL_JOB.torch_threads,
+        file=params_file,
+        protocol=protocol_of,
     shell:
-        "{params.launcher} export {params.file} --checkpoint {input.checkpoint} --protocol {wildcards.protocol}"
-        " --split test --data-root {params.data} --out {output} --threads {params.torch_threads} > {log} 2>&1"
+        "{params.launcher} export {params.file:q} --checkpoint {input.checkpoint:q} --protocol {wildcards.protocol}"
+        " --split test --data-root {params.data:q} --out {output:q} --threads {params.torch_threads} > {log:q} 2>&1"

@@ -4,43 +4,47 @@
 # it under the row's protocols on the prepared data (CityScapes test rows: exported for the server), turns the log
 # into an MLflow run (tag source=official) whose child runs hold the evaluations, and writes the dataset's table
 # with the column "Official weights (our evaluation)". Everything lives under runs/<dataset>/official/<experiment>/.
-from mcibi.official.released import release_params, release_params_files, released_outputs, released_rows
+# Evaluations and exports ask for the row's evaluate.resources (OFFICIAL_EVAL_JOB, common.smk).
 
 OFFICIAL = f"{RUNS}/{{dataset}}/official/{{experiment}}"
 
 
 rule official_download:
     output:
-        f"{OFFICIAL}/release/release.json",
+        record=f"{OFFICIAL}/release/release.json",
     log:
         "logs/official/{dataset}/{experiment}/download.log",
-    resources:
-        downloads=1,
     conda:
         "../envs/mcibi.yaml"
+    resources:
+        downloads=1,
+    params:
+        release_dir=release_dir_out,
     shell:
         "mcibi released download {wildcards.dataset}/{wildcards.experiment}"
-        " --release-dir $(dirname {output}) > {log} 2>&1"
+        " --release-dir {params.release_dir:q} > {log:q} 2>&1"
 
 
 rule official_convert:
     input:
-        record=rules.official_download.output,
-        params=lambda wc: release_params_files(PARAMS, wc.dataset, wc.experiment),
+        record=rules.official_download.output.record,
+        params=official_params_files,
     output:
         f"{OFFICIAL}/model.pt",
     log:
         "logs/official/{dataset}/{experiment}/convert.log",
     conda:
         "../envs/mcibi.yaml"
+    params:
+        release_dir=release_dir,
     shell:
-        "mcibi released convert {input.params[0]} --release-dir $(dirname {input.record}) --out {output} > {log} 2>&1"
+        "mcibi released convert {input.params[0]:q} --release-dir {params.release_dir:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule official_log:
     input:
-        record=rules.official_download.output,
-        params=lambda wc: release_params_files(PARAMS, wc.dataset, wc.experiment),
+        record=rules.official_download.output.record,
+        params=official_params_files,
         mlflow=ancient(rules.mlflow_experiment.output),
     output:
         f"{OFFICIAL}/run.json",
@@ -48,8 +52,10 @@ rule official_log:
         "logs/official/{dataset}/{experiment}/log.log",
     conda:
         "../envs/mcibi.yaml"
+    params:
+        release_dir=release_dir,
     shell:
-        "mcibi released log {input.params[0]} --release-dir $(dirname {input.record}) --out {output} > {log} 2>&1"
+        "mcibi released log {input.params[0]:q} --release-dir {params.release_dir:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule official_evaluate:
@@ -57,71 +63,67 @@ rule official_evaluate:
         data=rules.verify_data.output,
         checkpoint=rules.official_convert.output,
         run=rules.official_log.output,
-        params=lambda wc: release_params_files(PARAMS, wc.dataset, wc.experiment),
+        params=official_params_files,
     output:
         metrics=f"{OFFICIAL}/eval/{{protocol}}.json",
         per_class=f"{OFFICIAL}/eval/{{protocol}}_per_class.csv",
     log:
         "logs/official/{dataset}/{experiment}/evaluate_{protocol}.log",
-    threads: lambda wc: job_threads(release_params(PARAMS, wc.dataset, wc.experiment).evaluate.resources)
-    resources:
-        mem_mb=lambda wc: release_params(PARAMS, wc.dataset, wc.experiment).evaluate.resources.mem_mb,
-        runtime=lambda wc: release_params(PARAMS, wc.dataset, wc.experiment).evaluate.resources.runtime,
-        gpu=lambda wc: release_params(PARAMS, wc.dataset, wc.experiment).evaluate.resources.gpus,
-        cpus_per_task=lambda wc: job_threads(release_params(PARAMS, wc.dataset, wc.experiment).evaluate.resources),
-    params:
-        data=lambda wc, input: os.path.dirname(os.path.dirname(input.data[0])),
-        launcher=lambda wc: launcher(release_params(PARAMS, wc.dataset, wc.experiment).evaluate.resources),
-        torch_threads=lambda wc: release_params(PARAMS, wc.dataset, wc.experiment).evaluate.resources.cpus_per_gpu,
     conda:
         "../envs/mcibi.yaml"
+    threads: OFFICIAL_EVAL_JOB.threads
+    resources:
+        **OFFICIAL_EVAL_JOB.resources,
+    params:
+        data=data_root,
+        launcher=OFFICIAL_EVAL_JOB.launcher,
+        torch_threads=OFFICIAL_EVAL_JOB.torch_threads,
     shell:
-        "{params.launcher} evaluate {input.params[0]} --checkpoint {input.checkpoint} --protocol {wildcards.protocol}"
-        " --data-root {params.data} --out-json {output.metrics} --out-csv {output.per_class}"
-        " --threads {params.torch_threads} > {log} 2>&1"
+        "{params.launcher} evaluate {input.params[0]:q} --checkpoint {input.checkpoint:q}"
+        " --protocol {wildcards.protocol} --data-root {params.data:q} --out-json {output.metrics:q}"
+        " --out-csv {output.per_class:q} --threads {params.torch_threads} > {log:q} 2>&1"
 
 
 rule official_export:
     input:
         data=rules.verify_data.output,
         checkpoint=rules.official_convert.output,
-        params=lambda wc: release_params_files(PARAMS, wc.dataset, wc.experiment),
+        params=official_params_files,
     output:
         directory(f"{OFFICIAL}/test_{{protocol}}"),
     log:
         "logs/official/{dataset}/{experiment}/export_{protocol}.log",
-    threads: lambda wc: job_threads(release_params(PARAMS, wc.dataset, wc.experiment).evaluate.resources)
-    resources:
-        mem_mb=lambda wc: release_params(PARAMS, wc.dataset, wc.experiment).evaluate.resources.mem_mb,
-        runtime=lambda wc: release_params(PARAMS, wc.dataset, wc.experiment).evaluate.resources.runtime,
-        gpu=lambda wc: release_params(PARAMS, wc.dataset, wc.experiment).evaluate.resources.gpus,
-    params:
-        data=lambda wc, input: os.path.dirname(os.path.dirname(input.data[0])),
-        launcher=lambda wc: launcher(release_params(PARAMS, wc.dataset, wc.experiment).evaluate.resources),
-        torch_threads=lambda wc: release_params(PARAMS, wc.dataset, wc.experiment).evaluate.resources.cpus_per_gpu,
     conda:
         "../envs/mcibi.yaml"
+    threads: OFFICIAL_EVAL_JOB.threads
+    resources:
+        **OFFICIAL_EVAL_JOB.resources,
+    params:
+        data=data_root,
+        launcher=OFFICIAL_EVAL_JOB.launcher,
+        torch_threads=OFFICIAL_EVAL_JOB.torch_threads,
     shell:
-        "{params.launcher} export {input.params[0]} --checkpoint {input.checkpoint} --protocol {wildcards.protocol}"
-        " --split test --data-root {params.data} --out {output} --threads {params.torch_threads} > {log} 2>&1"
+        "{params.launcher} export {input.params[0]:q} --checkpoint {input.checkpoint:q}"
+        " --protocol {wildcards.protocol} --split test --data-root {params.data:q} --out {output:q}"
+        " --threads {params.torch_threads} > {log:q} 2>&1"
 
 
 rule official_table:
     input:
-        lambda wc: released_outputs(RUNS, PARAMS, wc.dataset),
+        official_outputs,
         experiment_id=ancient(rules.mlflow_experiment.output),
     output:
         directory("results/{dataset}/official"),
     log:
         "logs/official/{dataset}/table.log",
+    conda:
+        "../envs/mcibi.yaml"
     params:
         params_root=PARAMS,
         runs=RUNS,
-        experiments=lambda wc: " ".join(released_rows(PARAMS, wc.dataset)),
+        experiments=official_experiments,
         ui=config["mlflow_ui"],
-    conda:
-        "../envs/mcibi.yaml"
     shell:
-        "mcibi table {wildcards.dataset} --params-root {params.params_root} --runs {params.runs} --out {output}"
-        " --experiments {params.experiments} --mlflow-ui {params.ui} --experiment-id-file {input.experiment_id}"
-        " > {log} 2>&1"
+        "mcibi table {wildcards.dataset} --params-root {params.params_root:q} --runs {params.runs:q} --out {output:q}"
+        " --experiments {params.experiments:q} --mlflow-ui {params.ui:q}"
+        " --experiment-id-file {input.experiment_id:q} > {log:q} 2>&1"

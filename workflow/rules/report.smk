@@ -19,23 +19,20 @@ rule figures:
         ),
     log:
         "logs/figures/{dataset}/{experiment}.log",
+    conda:
+        "../envs/mcibi.yaml"
     threads: 1  # files only: no model, no GPU (the overlays come from the evaluations' samples)
     resources:
-        mem_mb=eval_mem_mb,
-        runtime=30,
-        gpu=0,
-        cpus_per_task=1,
+        **FIGURES_JOB.resources,
     params:
         data=data_root,
         run_dir=checkpoint_run_dir,
         seed=run_seed,
         images=config["overlay_images"],
         file=params_file,  # the run's params file: its protocols reach the figures through the evaluations
-    conda:
-        "../envs/mcibi.yaml"
     shell:
-        "mcibi figures {params.file} --run-dir {params.run_dir} --data-root {params.data} --seed {params.seed}"
-        " --images {params.images} --out {output} > {log} 2>&1"
+        "mcibi figures {params.file:q} --run-dir {params.run_dir:q} --data-root {params.data:q} --seed {params.seed}"
+        " --images {params.images} --out {output:q} > {log:q} 2>&1"
 
 
 rule report:
@@ -53,15 +50,15 @@ rule report:
         ),
     log:
         "logs/report/{dataset}.log",
+    conda:
+        "../envs/mcibi.yaml"
     params:
         params_root=PARAMS,
         runs=RUNS,
         experiments=report_experiments,
         seeds=report_seeds,
         ui=config["mlflow_ui"],
-    conda:
-        "../envs/mcibi.yaml"
     shell:
-        "mcibi table {wildcards.dataset} --params-root {params.params_root} --runs {params.runs}"
-        " --out {output} --experiments {params.experiments} --seeds {params.seeds} --mlflow-ui {params.ui}"
-        " --experiment-id-file {input.experiment_id} > {log} 2>&1"
+        "mcibi table {wildcards.dataset} --params-root {params.params_root:q} --runs {params.runs:q}"
+        " --out {output:q} --experiments {params.experiments:q} --seeds {params.seeds} --mlflow-ui {params.ui:q}"
+        " --experiment-id-file {input.experiment_id:q} > {log:q} 2>&1"

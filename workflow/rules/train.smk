@@ -17,7 +17,7 @@ rule mlflow_experiment:
     conda:
         "../envs/mcibi.yaml"
     shell:
-        "mcibi mlflow-init {wildcards.dataset} --out {output} > {log} 2>&1"
+        "mcibi mlflow-init {wildcards.dataset} --out {output:q} > {log:q} 2>&1"
 
 
 rule train:
@@ -31,22 +31,21 @@ rule train:
         run=f"{RUNS}/{{dataset}}/{{experiment}}/run.json",
     log:
         "logs/train/{dataset}/{experiment}.log",
-    threads: train_threads
+    benchmark:
+        f"{BENCHMARKS}/train/{{dataset}}/{{experiment}}.tsv"
+    conda:
+        "../envs/mcibi.yaml"
+    threads: TRAIN_JOB.threads
     resources:
-        mem_mb=train_mem_mb,
-        runtime=train_runtime,
-        gpu=train_gpus,
-        cpus_per_task=train_threads,
+        **TRAIN_JOB.resources,
     params:
         data=data_root,
         out=train_run_dir,
-        launcher=train_launcher,
-        torch_threads=train_torch_threads,
+        launcher=TRAIN_JOB.launcher,
+        torch_threads=TRAIN_JOB.torch_threads,
         seed=run_seed,
         file=params_file,
         trajectory=trajectory_of,
-    conda:
-        "../envs/mcibi.yaml"
     shell:
-        "{params.launcher} train {params.file} --data-root {params.data} --out {params.out}"
-        " --threads {params.torch_threads} --seed {params.seed} >> {log} 2>&1"
+        "{params.launcher} train {params.file:q} --data-root {params.data:q} --out {params.out:q}"
+        " --threads {params.torch_threads} --seed {params.seed} >> {log:q} 2>&1"
