@@ -54,7 +54,7 @@ def test_pages_speak_of_the_product(page):
 # model-zoo page"). Files another change is renaming are left out for now; the check covers them once they are.
 CODE_DIRS = ("mcibi", "workflow", "bench", "tests")
 CODE_SUFFIXES = {".py", ".smk", ".rst", ".yaml", ".yml", ".csv", ".sh", ".md", ".txt"}
-NOT_YET_CHECKED = ("workflow/",)
+NOT_YET_CHECKED: tuple[str, ...] = ()
 MAKING_WORDS = re.compile(r"\bseed[ ](?:rows?|pages?|tables?|schedule|batch|crop|lr|model zoo)\b|\bseed's\b|"
                           r"\bsource=seed\b", re.IGNORECASE)
 
