@@ -252,7 +252,7 @@ def _cmd_new_dataset(a: argparse.Namespace) -> None:
 
 
 def _cmd_prepare_custom(a: argparse.Namespace) -> None:
-    from mcibi.data.custom import prepare_custom
+    from mcibi.data.prepare import prepare_custom
 
     log.info("prepared %s", prepare_custom(a.description, a.out))
 
