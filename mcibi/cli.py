@@ -199,7 +199,7 @@ def _cmd_convert(a: argparse.Namespace) -> None:
     import torch
 
     from mcibi.models import build_for_weights
-    from mcibi.models.checkpoint import save_checkpoint
+    from mcibi.models.build import save_checkpoint
     from mcibi.official.checkpoints import convert_official_checkpoint, load_official_file
     from mcibi.spec.params import load_params
 
@@ -263,9 +263,7 @@ def _cmd_released(a: argparse.Namespace) -> None:
 
     if a.action == "download":
         dataset, experiment = a.target.split("/", 1)
-        mirror = os.environ.get(released.MIRROR_ENV)
-        url_map = None if not mirror else (lambda url: released.mirrored(url, mirror))
-        released.download_release(released.release_of(dataset, experiment), a.release_dir, url_map)
+        released.download_release(released.release_of(dataset, experiment), a.release_dir)
         return
     from mcibi.spec.params import load_params
 
