@@ -23,7 +23,7 @@ from mcibi.models.blocks import ASPP, PPM, ConvBNReLU, SelfAttention, resize_bil
 from mcibi.models.memory import ClassMemory, DistributionMemory, VectorMemory
 
 MEMORY_KINDS: dict[str, type[ClassMemory]] = {"mcibi++": DistributionMemory, "mcibi": VectorMemory}
-CONTEXT_MODULES = ("none", "ppm", "aspp")  # context within the image on the top stage: none (FCN), PPM or ASPP
+CONTEXT_MODULE_KINDS = ("none", "ppm", "aspp")  # context within the image on the top stage: none (FCN), PPM or ASPP
 
 
 @dataclass
@@ -108,8 +108,8 @@ class MemorySegmentor(nn.Module):
     ) -> None:
         super().__init__()
         ch, k = channels, num_classes
-        if context_module not in CONTEXT_MODULES:
-            raise ValueError(f"context module '{context_module}' is not one of {CONTEXT_MODULES}.")
+        if context_module not in CONTEXT_MODULE_KINDS:
+            raise ValueError(f"context module '{context_module}' is not one of {CONTEXT_MODULE_KINDS}.")
         if memory is not None and memory.kind not in MEMORY_KINDS:
             raise ValueError(f"memory kind '{memory.kind}' is not one of {tuple(MEMORY_KINDS)}.")
         self.num_classes = num_classes
