@@ -26,7 +26,8 @@ from torch import nn
 
 from mcibi.engine.step import build_optimizer, train_step
 from mcibi.models import build_segmentor
-from mcibi.models.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from mcibi.models.build import save_checkpoint
+from mcibi.models.checkpoint import load_checkpoint, load_weights
 from mcibi.spec.params import load_params
 
 

@@ -24,10 +24,11 @@ __version__ = "0.1.0"
 
 
 def build_segmentor(model_params: ModelParams) -> MemorySegmentor:
-    """Build the segmentor described by the ``model`` section of an experiment's params."""
-    from mcibi.models import build_segmentor as _build
+    """Build the segmentor described by the ``model`` section of an experiment's params, its backbone initialised
+    as ``backbone.pretrained`` says (the official ImageNet file for ``official``)."""
+    from mcibi.official.pretrained import build_pretrained_segmentor
 
-    return _build(model_params)
+    return build_pretrained_segmentor(model_params)
 
 
 def convert_official_checkpoint(

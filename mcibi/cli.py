@@ -263,7 +263,7 @@ def _cmd_convert(a: argparse.Namespace) -> None:
     import torch
 
     from mcibi.models import build_for_weights
-    from mcibi.models.checkpoint import save_checkpoint
+    from mcibi.models.build import save_checkpoint
     from mcibi.official.checkpoints import convert_official_checkpoint, load_official_file
     from mcibi.spec.params import load_params
 
@@ -320,7 +320,7 @@ def _cmd_new_dataset(a: argparse.Namespace) -> None:
 
 
 def _cmd_prepare_custom(a: argparse.Namespace) -> None:
-    from mcibi.data.custom import prepare_custom
+    from mcibi.data.prepare import prepare_custom
 
     log.info("prepared %s", prepare_custom(a.description, a.out))
 
@@ -331,9 +331,7 @@ def _cmd_released(a: argparse.Namespace) -> None:
 
     if a.action == "download":
         dataset, experiment = a.target.split("/", 1)
-        mirror = os.environ.get(released.MIRROR_ENV)
-        url_map = None if not mirror else (lambda url: released.mirrored(url, mirror))
-        released.download_release(released.release_of(dataset, experiment), a.release_dir, url_map)
+        released.download_release(released.release_of(dataset, experiment), a.release_dir)
         return
     from mcibi.spec.params import load_params
 

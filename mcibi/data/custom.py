@@ -16,16 +16,16 @@ A dataset description file (YAML, registered as ``datasets/<name>.yaml``; relati
 
 :func:`load_description` checks the file strictly (unknown keys are errors), :func:`scan` pairs images with
 masks, :func:`validate` reads every pair (unreadable files, sizes that disagree, label values outside the
-classes; errors name the files), :func:`prepare_custom` writes the prepared format of :mod:`mcibi.data.specs`
-and :func:`new_dataset` registers the description and generates ``params/<name>/`` from a model-zoo row. The
-module imports neither torch nor pandas: the workflow's parse step reads custom specs through it.
+classes; errors name the files); :func:`mcibi.data.prepare.prepare_custom` writes the prepared format of
+:mod:`mcibi.data.specs` and :func:`mcibi.catalogue.custom.new_dataset` registers the description and generates
+``params/<name>/`` from a model-zoo row. The module imports neither torch, pandas nor OpenCV (the import contract in
+pyproject.toml): the workflow's parse step reads custom specs through it.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -290,7 +290,7 @@ def validate(desc: Description, show_progress: bool = True) -> dict[str, Any]:
     return {"splits": splits, "median_size": med, "images": len(images)}
 
 
-def _image_ext(images: dict[str, Path]) -> str:
+def image_ext(images: dict[str, Path]) -> str:
     suffixes = {p.suffix.lower() for p in images.values()}
     if suffixes <= {".jpg", ".jpeg"}:
         return ".jpg"
@@ -319,7 +319,7 @@ def _spec(path: str, mtime: float) -> CustomDatasetSpec:
 
     return CustomDatasetSpec(
         name=desc.name, classes=desc.classes, flip_pairs=desc.flip_pairs,
-        splits={k: len(v) for k, v in splits.items()}, image_ext=_image_ext(images),
+        splits={k: len(v) for k, v in splits.items()}, image_ext=image_ext(images),
         sources=(Source("local", "generated", (), note=f"images {desc.images}, masks {desc.masks}"),),
         label_conversion=(f"{desc.mask_format} masks -> class ids" + (f", {desc.ignore_value} -> 255"
                                                                        if desc.ignore_value is not None else "")),
@@ -340,45 +340,3 @@ def source_files(name: str) -> list[str]:
     desc = load_description(description_path(name))
     images, masks, _ = scan(desc)
     return [str(description_path(name))] + [str(p) for p in (*images.values(), *masks.values())]
-
-
-# ------------------------------------------------------------------------------------------------- prepare
-def prepare_custom(description: str | Path, out_dir: str | Path, show_progress: bool = True) -> Path:
-    """Validate and convert a custom dataset into the prepared format (built beside ``out_dir``, renamed into
-    place): images copied (or converted to PNG), masks as uint8 class ids with 255 ignored, split lists, manifest."""
-    import cv2
-    from tqdm import tqdm
-
-    from mcibi.files import atomic_folder, write_json
-
-    desc = load_description(description)
-    checked = validate(desc, show_progress)
-    images, masks, splits = scan(desc)
-    ext = _image_ext(images)
-    out = Path(out_dir)
-    with atomic_folder(out) as tmp:
-        for image_id in tqdm(sorted(images), desc=f"prepare {desc.name}", unit="img", disable=not show_progress,
-                             mininterval=2.0):
-            target = tmp / "images" / f"{image_id}{ext}"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            src = images[image_id]
-            if src.suffix.lower() in ((".jpg", ".jpeg") if ext == ".jpg" else (".png",)):
-                shutil.copyfile(src, target)
-            else:
-                bgr = cv2.imread(str(src), cv2.IMREAD_COLOR)
-                if bgr is None or not cv2.imwrite(str(target), bgr):
-                    raise CustomDatasetError(f"{src}: could not convert to {ext}.")
-            label_file = tmp / "labels" / f"{image_id}.png"
-            label_file.parent.mkdir(parents=True, exist_ok=True)
-            if not cv2.imwrite(str(label_file), to_train_ids(desc, masks[image_id])):
-                raise CustomDatasetError(f"{label_file}: could not write.")
-        (tmp / "splits").mkdir()
-        for split, ids in splits.items():
-            (tmp / "splits" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
-        write_json(tmp / "manifest.json", {
-            "name": desc.name, "classes": list(desc.classes), "num_classes": len(desc.classes),
-            "ignore_index": IGNORE_INDEX, "flip_pairs": [list(p) for p in desc.flip_pairs], "image_ext": ext,
-            "splits": {s: len(v) for s, v in splits.items()}, "palette": [list(c) for c in desc.palette],
-            "label_conversion": f"{desc.mask_format} masks", "median_size": list(checked["median_size"]),
-            "description": desc.text})
-    return out

@@ -5,6 +5,7 @@ check of a prepared dataset.
 the output, lets the dataset's converter (:mod:`mcibi.data.converters`) say which image and which raw label
 make each sample, converts every label to train ids in parallel, writes the split lists and the manifest, and
 renames the result into place. :func:`verify_prepared` checks the result against the documented split sizes.
+:func:`prepare_custom` does the same for a user's own folders (:mod:`mcibi.data.custom`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tqdm import tqdm
 
 from mcibi.data.archives import PreparedDataError, extract
 from mcibi.data.converters import CONVERTERS
+from mcibi.data.custom import CustomDatasetError, image_ext, load_description, scan, to_train_ids, validate
 from mcibi.data.lookup import resolve
 from mcibi.data.specs import IGNORE_INDEX, DatasetSpec
 from mcibi.files import atomic_folder, write_json
@@ -281,3 +283,40 @@ def verify_prepared(dataset: str | DatasetSpec, data_dir: str | Path, expected: 
             if spec.count_unit == "video":
                 summary["splits"][split]["videos"] = count
     return summary
+
+
+def prepare_custom(description: str | Path, out_dir: str | Path, show_progress: bool = True) -> Path:
+    """Validate and convert a custom dataset (:mod:`mcibi.data.custom`) into the prepared format (built beside
+    ``out_dir``, renamed into place): images copied (or converted to PNG), masks as uint8 class ids with 255 ignored,
+    split lists, manifest."""
+    desc = load_description(description)
+    checked = validate(desc, show_progress)
+    images, masks, splits = scan(desc)
+    ext = image_ext(images)
+    out = Path(out_dir)
+    with atomic_folder(out) as tmp:
+        for image_id in tqdm(sorted(images), desc=f"prepare {desc.name}", unit="img", disable=not show_progress,
+                             mininterval=2.0):
+            target = tmp / "images" / f"{image_id}{ext}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            src = images[image_id]
+            if src.suffix.lower() in ((".jpg", ".jpeg") if ext == ".jpg" else (".png",)):
+                shutil.copyfile(src, target)
+            else:
+                bgr = cv2.imread(str(src), cv2.IMREAD_COLOR)
+                if bgr is None or not cv2.imwrite(str(target), bgr):
+                    raise CustomDatasetError(f"{src}: could not convert to {ext}.")
+            label_file = tmp / "labels" / f"{image_id}.png"
+            label_file.parent.mkdir(parents=True, exist_ok=True)
+            if not cv2.imwrite(str(label_file), to_train_ids(desc, masks[image_id])):
+                raise CustomDatasetError(f"{label_file}: could not write.")
+        (tmp / "splits").mkdir()
+        for split, ids in splits.items():
+            (tmp / "splits" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
+        write_json(tmp / "manifest.json", {
+            "name": desc.name, "classes": list(desc.classes), "num_classes": len(desc.classes),
+            "ignore_index": IGNORE_INDEX, "flip_pairs": [list(p) for p in desc.flip_pairs], "image_ext": ext,
+            "splits": {s: len(v) for s, v in splits.items()}, "palette": [list(c) for c in desc.palette],
+            "label_conversion": f"{desc.mask_format} masks", "median_size": list(checked["median_size"]),
+            "description": desc.text})
+    return out

@@ -7,13 +7,57 @@ per sample whatever the number of data-loader workers.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import cv2
 import numpy as np
 import torch
 
 from mcibi.data.specs import IGNORE_INDEX
-from mcibi.spec.params import DataParams, ResizeParams
+
+
+# What the transforms read of an experiment's ``data`` section: mcibi.spec.params' DataParams, ResizeParams and
+# RotationParams have these fields. The spec sits above mcibi.data in the import layers (it checks params against the
+# dataset facts), so the fields are described here instead of imported.
+class ResizeSettings(Protocol):
+    """A resize of the whole image: to ``size`` (h, w), inside it with ``keep_ratio``, randomly scaled by a factor
+    in ``ratio_range`` (training)."""
+
+    @property
+    def size(self) -> tuple[int, int]: ...
+    @property
+    def keep_ratio(self) -> bool: ...
+    @property
+    def ratio_range(self) -> tuple[float, float] | None: ...
+
+
+class RotationSettings(Protocol):
+    """The random rotation: its probability and largest angle."""
+
+    @property
+    def prob(self) -> float: ...
+    @property
+    def max_degrees(self) -> float: ...
+
+
+class PipelineSettings(Protocol):
+    """The training and test pipelines' settings."""
+
+    @property
+    def crop_size(self) -> tuple[int, int]: ...
+    @property
+    def train_resize(self) -> ResizeSettings: ...
+    @property
+    def cat_max_ratio(self) -> float: ...
+    @property
+    def flip_prob(self) -> float: ...
+    @property
+    def rotation(self) -> RotationSettings: ...
+    @property
+    def photometric(self) -> bool: ...
+    @property
+    def test_resize(self) -> ResizeSettings: ...
+
 
 MEAN = np.array([123.675, 116.28, 103.53], np.float32)  # ImageNet RGB statistics, as every official config
 STD = np.array([58.395, 57.12, 57.375], np.float32)
@@ -68,7 +112,7 @@ def resize(image: np.ndarray, label: np.ndarray | None, size: tuple[int, int]) -
     return image, label
 
 
-def random_resize(image, label, params: ResizeParams, rng: np.random.Generator):
+def random_resize(image, label, params: ResizeSettings, rng: np.random.Generator):
     """Resize with a random factor from ``ratio_range`` applied to the target size."""
     th, tw = params.size
     if params.ratio_range is not None:
@@ -195,7 +239,7 @@ def pad_to(image: torch.Tensor, label: torch.Tensor, size: tuple[int, int]) -> t
     return image, label
 
 
-def build_train_transform(params: DataParams, flip_pairs: Sequence[tuple[int, int]]) -> Transform:
+def build_train_transform(params: PipelineSettings, flip_pairs: Sequence[tuple[int, int]]) -> Transform:
     """Resize (random ratio) → crop (cat-max-ratio) → flip (pairs) → rotation → photometric → normalise → pad."""
 
     def apply(image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
@@ -212,7 +256,7 @@ def build_train_transform(params: DataParams, flip_pairs: Sequence[tuple[int, in
     return apply
 
 
-def test_image(image: np.ndarray, params: DataParams, test_resize: ResizeParams | None = None) -> torch.Tensor:
+def test_image(image: np.ndarray, params: PipelineSettings, test_resize: ResizeSettings | None = None) -> torch.Tensor:
     """The test-time input of an RGB image: resized as ``test_resize`` says (by default ``params.test_resize``: a
     protocol may have its own), normalised (CHW float32)."""
     test_resize = test_resize or params.test_resize
@@ -220,7 +264,7 @@ def test_image(image: np.ndarray, params: DataParams, test_resize: ResizeParams 
     return normalize(image)
 
 
-def build_test_transform(params: DataParams, test_resize: ResizeParams | None = None) -> Transform:
+def build_test_transform(params: PipelineSettings, test_resize: ResizeSettings | None = None) -> Transform:
     """:func:`test_image` on the image only; the label stays at its original size, where predictions are scored."""
 
     def apply(image: np.ndarray, label: np.ndarray, rng: np.random.Generator):

@@ -10,7 +10,8 @@ from typing import Any
 
 from torch import nn
 
-from mcibi.models.checkpoint import CheckpointError, load_checkpoint, non_finite_tensors, save_checkpoint
+from mcibi.models.build import save_checkpoint
+from mcibi.models.checkpoint import CheckpointError, load_checkpoint, non_finite_tensors
 from mcibi.spec.params import (
     ExperimentParams,
     params_from_dict,

@@ -32,8 +32,10 @@ from mcibi.engine.order import epoch_batches, rng_state, seed_everything, set_rn
 from mcibi.engine.resume import CHECKPOINT_DIR, CHECKPOINT_NAME, archive_checkpoints, find_resume_state, save_resumable
 from mcibi.engine.step import DivergedError, NonFiniteLossError, build_optimizer, memory_metrics, train_step
 from mcibi.files import WriteError, atomic_open, write_json
-from mcibi.models import build_for_weights, build_segmentor
-from mcibi.models.checkpoint import load_checkpoint, load_weights, non_finite_tensors, save_checkpoint
+from mcibi.models import build_for_weights
+from mcibi.models.build import save_checkpoint
+from mcibi.models.checkpoint import load_checkpoint, load_weights, non_finite_tensors
+from mcibi.official.pretrained import build_pretrained_segmentor
 from mcibi.spec.params import (
     ExperimentParams,
     flatten,
@@ -214,7 +216,7 @@ def _build(params: ExperimentParams, data_root: str | Path, out: Path, env: Dist
         core = build_for_weights(params.model)
         initialise_from(core, params.model.init_from, params.model)
     else:
-        core = build_segmentor(params.model)
+        core = build_pretrained_segmentor(params.model)  # the ImageNet init: random, timm's or official
     core = core.to(dev).to(memory_format=layout)
     if env.distributed and tp.sync_batchnorm:
         if dev.type == "cuda":

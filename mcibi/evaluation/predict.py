@@ -76,7 +76,8 @@ class Segmenter:
         """Load ``checkpoint`` (a ``model.pt``); ``params`` defaults to the params stored in it (a given file must
         describe the same model), ``info`` (classes, flip pairs, palette) to the dataset's."""
         from mcibi.evaluation.protocols import load_model
-        from mcibi.models.checkpoint import checkpoint_params, load_checkpoint
+        from mcibi.models.build import checkpoint_params
+        from mcibi.models.checkpoint import load_checkpoint
 
         state = load_checkpoint(checkpoint)
         if params is None:

@@ -30,7 +30,8 @@ from mcibi.evaluation.metrics import ConfusionMatrix
 from mcibi.evaluation.samples import write_samples
 from mcibi.files import atomic_open, atomic_path, write_json
 from mcibi.models import build_for_weights
-from mcibi.models.checkpoint import checkpoint_params, load_checkpoint, load_weights
+from mcibi.models.build import checkpoint_params
+from mcibi.models.checkpoint import load_checkpoint, load_weights
 from mcibi.models.folding import fold_batchnorm
 from mcibi.spec.params import PROTOCOL_TITLES, ExperimentParams, ProtocolParams, to_dict
 

@@ -85,7 +85,8 @@ class _Flavours:
         import mcibi
         from mcibi.evaluation.predict import DATASET_INFO
         from mcibi.models import build_for_weights
-        from mcibi.models.checkpoint import checkpoint_params, load_checkpoint, load_weights
+        from mcibi.models.build import checkpoint_params
+        from mcibi.models.checkpoint import load_checkpoint, load_weights
 
         with tempfile.TemporaryDirectory() as tmp:
             info_file = Path(tmp) / DATASET_INFO

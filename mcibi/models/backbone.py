@@ -74,18 +74,21 @@ def _official_window_attention(block: nn.Module, x: torch.Tensor) -> torch.Tenso
 class Backbone(nn.Module):
     """timm backbone returning four maps (CNN strides 4, 8, 8, 8 at output stride 8).
 
-    ``channels`` lists their widths, from timm's ``feature_info``, so heads size themselves.
+    ``channels`` lists their widths, from timm's ``feature_info``, so heads size themselves. ``pretrained``: timm's
+    ImageNet weights for ``name`` (true) or a random start (false). The official toolbox's ImageNet files are not
+    loaded here: :func:`mcibi.official.pretrained.load_official_backbone` loads one into ``body`` once built.
     """
 
-    def __init__(self, name: str, pretrained: bool | str, output_stride: int = 8, align_corners: bool = False,
+    def __init__(self, name: str, pretrained: bool, output_stride: int = 8, align_corners: bool = False,
                  drop_path_rate: float = 0.0, stem_first_relu: bool = True) -> None:
         super().__init__()
         self.name = name
         self.align_corners = align_corners
         self.hrnet = _is_hrnet(name)
-        if pretrained not in (False, True, "official"):
-            raise ValueError(f"backbone '{name}': pretrained must be false, true (timm's weights) or 'official'.")
-        # "official": the file the official toolbox starts from, loaded below (mcibi.official.pretrained)
+        if pretrained not in (False, True):
+            raise ValueError(f"backbone '{name}': pretrained must be false or true (timm's weights), got "
+                             f"{pretrained!r}. The official ImageNet files load through mcibi.official.pretrained "
+                             "(build_pretrained_segmentor, load_official_backbone).")
         kwargs: dict = {"features_only": True, "pretrained": pretrained is True}
         if drop_path_rate > 0:
             kwargs["drop_path_rate"] = drop_path_rate  # stochastic depth (Swin-L: 0.3 in the official configs)
@@ -108,10 +111,6 @@ class Backbone(nn.Module):
             self.body = timm.create_model(name, **kwargs)
         except (RuntimeError, TypeError, ValueError) as exc:
             raise ValueError(f"backbone '{name}' cannot be built by timm with {kwargs}: {exc}") from exc
-        if pretrained == "official":
-            from mcibi.official.pretrained import load_official_backbone
-
-            load_official_backbone(self.body, name)
         if output_stride < 32 and name.startswith("resnest"):
             self._undo_dilated_shortcut_pooling()
         if _is_swin(name):

@@ -1,4 +1,9 @@
-"""Checkpoints: atomic save, safe (``weights_only``) and strict load."""
+"""Checkpoint files: atomic write, safe (``weights_only``) and strict load.
+
+A checkpoint holds the weights and buffers (the memory included), the experiment's params as plain data and
+whatever the writer adds (iteration, optimiser state, ...). :func:`mcibi.models.build.save_checkpoint` and
+:func:`mcibi.models.build.checkpoint_params` convert the params from and to :class:`mcibi.spec.params.ExperimentParams`.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,6 @@ import torch
 from torch import nn
 
 from mcibi.files import atomic_path
-from mcibi.spec.params import ExperimentParams, params_from_dict, to_dict
 
 FORMAT_VERSION = 1
 
@@ -18,11 +22,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable or does not match the params it is used with."""
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, params: ExperimentParams, **extra: Any) -> None:
-    """Write model weights and buffers (memory included), the params and ``extra`` (plain data) atomically."""
+def write_checkpoint(path: str | Path, model: nn.Module, params: dict[str, Any], **extra: Any) -> None:
+    """Write model weights and buffers (memory included), the params (a plain dict) and ``extra`` (plain data)
+    atomically."""
     state = {
         "format_version": FORMAT_VERSION,
-        "params": to_dict(params),
+        "params": params,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         **extra,
     }
@@ -65,11 +70,6 @@ def _tensors(tree: Any, prefix: str):
     elif isinstance(tree, list | tuple):
         for i, v in enumerate(tree):
             yield from _tensors(v, f"{prefix}[{i}]")
-
-
-def checkpoint_params(state: dict[str, Any], path: str | Path) -> ExperimentParams:
-    """The params a checkpoint was trained with."""
-    return params_from_dict(state["params"], path)
 
 
 def load_weights(model: nn.Module, state: dict[str, Any], path: str | Path) -> None:

@@ -2,15 +2,16 @@
 
 ``forward`` only computes and returns a :class:`SegmentorOutput` of feature-resolution logits (callers
 upsample: the training step for the losses, inference per protocol) plus the pixel representations the
-training step updates the memory from. ``memory.kind == "none"`` builds the plain framework (the baseline):
-FCN, PSPNet, UperNet or DeepLabV3 without the memory branch and its extra classifiers; ``"mcibi++"`` the
-distribution memory; ``"mcibi"`` the v1 vector memory in the same place (an ablation of the memory kind).
+training step updates the memory from. ``memory=None`` builds the plain framework (the baseline): FCN, PSPNet,
+UperNet or DeepLabV3 without the memory branch and its extra classifiers; ``MemoryOptions("mcibi++")`` the
+distribution memory; ``MemoryOptions("mcibi")`` the v1 vector memory in the same place (an ablation of the memory
+kind). Every argument is a plain value; :mod:`mcibi.models.build` maps an experiment's ``model`` params to them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,9 +21,9 @@ from torch import nn
 from mcibi.models.backbone import Backbone
 from mcibi.models.blocks import ASPP, PPM, ConvBNReLU, SelfAttention, resize_bilinear
 from mcibi.models.memory import ClassMemory, DistributionMemory, VectorMemory
-from mcibi.spec.params import CONTEXT_MODULES, ModelParams
 
 MEMORY_KINDS: dict[str, type[ClassMemory]] = {"mcibi++": DistributionMemory, "mcibi": VectorMemory}
+CONTEXT_MODULE_KINDS = ("none", "ppm", "aspp")  # context within the image on the top stage: none (FCN), PPM or ASPP
 
 
 @dataclass
@@ -59,30 +60,74 @@ def onehot_gather_logits(labels: torch.Tensor, size: tuple[int, int], num_classe
     return onehot * valid[:, None]
 
 
-class MemorySegmentor(nn.Module):
-    """One of FCN / PSNet / UperNet / DeepLabV3, with or without a class memory (MCIBI++ or MCIBI v1)."""
+@dataclass(frozen=True)
+class HeadChannels:
+    """Widths of the head (the official values: feats 512, transform 256, decoder 512, aux 512)."""
 
-    def __init__(self, params: ModelParams) -> None:
+    feats: int  # C: pixel representations, context-within-image output, memory output
+    transform: int  # T: self-attention key/query/value width (the memory's)
+    decoder: int  # hidden width of the classifiers and of the FPN outputs
+    aux: int  # hidden width of the auxiliary head
+
+
+@dataclass(frozen=True)
+class MemoryOptions:
+    """The class memory of a memory model and how it is read."""
+
+    kind: str  # a key of MEMORY_KINDS: "mcibi++" (distribution memory) or "mcibi" (v1 vector memory)
+    hard_aggregate: bool = False  # gather the memory by the argmax class instead of the softmax weights
+    downsample_before_sa: bool = False  # the memory's self-attention on stride-2 maps
+    force_use_preds_pr: bool = False  # gather by the pixel-representation logits even when a CWI classifier exists
+
+
+class MemorySegmentor(nn.Module):
+    """One of FCN / PSNet / UperNet / DeepLabV3, with or without a class memory (MCIBI++ or MCIBI v1).
+
+    The framework is the pair (``context_module``, ``fpn``): FCN none, PSNet PPM, DeepLabV3 ASPP, UperNet the FPN with
+    PPM or ASPP on the top stage. ``memory=None`` builds the plain framework (the baseline).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        *,
+        num_classes: int,
+        context_module: str,
+        fpn: bool,
+        channels: HeadChannels,
+        memory: MemoryOptions | None,
+        pool_scales: Sequence[int],
+        dilations: Sequence[int],
+        use_self_attention: bool,
+        fuse_memory_cwi_before_fpn: bool,
+        aux_head: bool,
+        classifier_kernel: int,
+        cwi_classifier_kernel: int,
+        dropout: float,
+        align_corners: bool,
+    ) -> None:
         super().__init__()
-        self.params = params
-        p, ch, k = params, params.channels, params.num_classes
-        self.align_corners = p.align_corners
-        self.backbone = Backbone(p.backbone.name, p.backbone.pretrained, p.backbone.output_stride, p.align_corners,
-                                 drop_path_rate=p.backbone.drop_path_rate, stem_first_relu=p.backbone.stem_first_relu)
+        ch, k = channels, num_classes
+        if context_module not in CONTEXT_MODULE_KINDS:
+            raise ValueError(f"context module '{context_module}' is not one of {CONTEXT_MODULE_KINDS}.")
+        if memory is not None and memory.kind not in MEMORY_KINDS:
+            raise ValueError(f"memory kind '{memory.kind}' is not one of {tuple(MEMORY_KINDS)}.")
+        self.num_classes = num_classes
+        self.align_corners = align_corners
+        self.fuse_memory_cwi_before_fpn = fuse_memory_cwi_before_fpn
+        self.force_use_preds_pr = memory is not None and memory.force_use_preds_pr
+        self.backbone = backbone
         stage_ch = self.backbone.channels
         top_ch = stage_ch[-1]
-        self.with_memory = p.memory.kind != "none"
-        self.is_fpn = p.framework == "upernet"
+        self.with_memory = memory is not None
+        self.is_fpn = fpn
 
-        if p.context_module not in CONTEXT_MODULES[p.framework]:
-            raise ValueError(f"framework '{p.framework}' cannot use context module '{p.context_module}' "
-                             f"(valid: {CONTEXT_MODULES[p.framework]})")
-        cwi = p.context_module
+        cwi = context_module
         self.context_within_image_module: nn.Module | None = None
         if cwi == "ppm":
-            self.context_within_image_module = PPM(top_ch, ch.feats, p.pool_scales, p.align_corners)
+            self.context_within_image_module = PPM(top_ch, ch.feats, pool_scales, align_corners)
         elif cwi == "aspp":
-            self.context_within_image_module = ASPP(top_ch, ch.feats, p.dilations, p.align_corners)
+            self.context_within_image_module = ASPP(top_ch, ch.feats, dilations, align_corners)
 
         self.bottleneck: nn.Module | None = None
         self.memory_module: ClassMemory | None = None
@@ -91,19 +136,19 @@ class MemorySegmentor(nn.Module):
         self.self_attention: nn.Module | None = None
         if self.with_memory or cwi == "none":
             self.bottleneck = ConvBNReLU(top_ch, ch.feats, 3)  # pixel representations R (FCN: its conv)
-        if self.with_memory:
-            self.decoder_pr = classifier(ch.feats, ch.decoder, k, p.dropout)
+        if memory is not None:
+            self.decoder_pr = classifier(ch.feats, ch.decoder, k, dropout)
             if self.has_cwi:
-                self.decoder_cwi = classifier(ch.feats, ch.decoder, k, p.dropout, kernel_size=p.cwi_classifier_kernel)
-            self.memory_module = MEMORY_KINDS[p.memory.kind](k, ch.feats, ch.transform, p.memory.hard_aggregate,
-                                                             p.memory.downsample_before_sa, p.align_corners)
-            if self.has_cwi and p.use_self_attention:  # the official code applies it with the FPN too
+                self.decoder_cwi = classifier(ch.feats, ch.decoder, k, dropout, kernel_size=cwi_classifier_kernel)
+            self.memory_module = MEMORY_KINDS[memory.kind](k, ch.feats, ch.transform, memory.hard_aggregate,
+                                                           memory.downsample_before_sa, align_corners)
+            if self.has_cwi and use_self_attention:  # the official code applies it with the FPN too
                 self.self_attention = SelfAttention(ch.feats, ch.feats, ch.feats // 2, ch.feats)
 
         # width of what reaches the classifier (or the FPN top level)
         if not self.has_cwi:
             fused_ch = ch.feats
-        elif self.with_memory and (not self.is_fpn or p.fuse_memory_cwi_before_fpn):
+        elif self.with_memory and (not self.is_fpn or fuse_memory_cwi_before_fpn):
             fused_ch = 2 * ch.feats
         else:
             fused_ch = ch.feats
@@ -111,13 +156,13 @@ class MemorySegmentor(nn.Module):
             self.lateral_convs = nn.ModuleList(ConvBNReLU(c, fused_ch, 1) for c in stage_ch[:-1])
             self.fpn_convs = nn.ModuleList(ConvBNReLU(fused_ch, ch.decoder, 3) for _ in stage_ch[:-1])
             cls_in = ch.decoder * (len(stage_ch) - 1) + fused_ch
-            if self.with_memory and not p.fuse_memory_cwi_before_fpn:
+            if self.with_memory and not fuse_memory_cwi_before_fpn:
                 cls_in += ch.feats
-            self.decoder_cls = classifier(cls_in, ch.decoder, k, p.dropout, kernel_size=p.classifier_kernel)
+            self.decoder_cls = classifier(cls_in, ch.decoder, k, dropout, kernel_size=classifier_kernel)
         else:
-            self.decoder_cls = classifier(fused_ch, ch.decoder, k, p.dropout, kernel_size=p.classifier_kernel)
-        self.auxiliary_decoder = (classifier(stage_ch[-2], ch.aux, k, p.dropout, kernel_size=3, named=False)
-                                  if p.aux_head else None)
+            self.decoder_cls = classifier(fused_ch, ch.decoder, k, dropout, kernel_size=classifier_kernel)
+        self.auxiliary_decoder = (classifier(stage_ch[-2], ch.aux, k, dropout, kernel_size=3, named=False)
+                                  if aux_head else None)
 
     @property
     def has_cwi(self) -> bool:
@@ -162,10 +207,10 @@ class MemorySegmentor(nn.Module):
         out.logits_pr = self.decoder_pr(reps)
         if self.decoder_cwi is not None:
             out.logits_cwi = self.decoder_cwi(feats_cwi)
-        use_pr = self.params.memory.force_use_preds_pr or out.logits_cwi is None
+        use_pr = self.force_use_preds_pr or out.logits_cwi is None
         gather = out.logits_pr if use_pr else out.logits_cwi
         if gather_labels is not None:
-            gather = onehot_gather_logits(gather_labels, gather.shape[2:], self.params.num_classes)
+            gather = onehot_gather_logits(gather_labels, gather.shape[2:], self.num_classes)
         memory_out = self.memory_module(reps, gather)
         if classify_memory:
             vectors = self.memory_module.class_representations()
@@ -181,7 +226,7 @@ class MemorySegmentor(nn.Module):
             return feats_cwi if feats_cwi is not None else self.bottleneck(x)
         if feats_cwi is None:
             return memory_out
-        if self.is_fpn and not self.params.fuse_memory_cwi_before_fpn:
+        if self.is_fpn and not self.fuse_memory_cwi_before_fpn:
             return feats_cwi
         return torch.cat([memory_out, feats_cwi], dim=1)
 
@@ -194,18 +239,7 @@ class MemorySegmentor(nn.Module):
         levels = [conv(lat) for conv, lat in zip(self.fpn_convs, laterals[:-1], strict=True)] + [laterals[-1]]
         size = levels[0].shape[2:]
         levels = [levels[0]] + [self._up(lv, size) for lv in levels[1:]]
-        if memory_out is not None and not self.params.fuse_memory_cwi_before_fpn:
+        if memory_out is not None and not self.fuse_memory_cwi_before_fpn:
             levels.append(self._up(memory_out, size))
         return torch.cat(levels, dim=1)
 
-
-def build_segmentor(params: ModelParams) -> MemorySegmentor:
-    """The segmentor that ``params`` (the ``model`` section of an experiment file) describes."""
-    return MemorySegmentor(params)
-
-
-def build_for_weights(params: ModelParams) -> MemorySegmentor:
-    """The architecture of ``params`` to load a checkpoint's weights into: no ImageNet download (``pretrained``) and
-    no ``init_from``, since every weight is replaced (evaluating or converting must never fetch a file)."""
-    return MemorySegmentor(dataclasses.replace(params, init_from=None,
-                                               backbone=dataclasses.replace(params.backbone, pretrained=False)))

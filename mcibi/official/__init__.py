@@ -1,1 +1,2 @@
-"""The official toolbox's files: released MCIBI++ checkpoints, ImageNet backbones, and their parameter names."""
+"""The official toolbox's files: released MCIBI++ checkpoints, ImageNet backbones, their parameter names, and where
+they come from (mirrors) and how they are read."""

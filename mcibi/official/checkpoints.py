@@ -1,31 +1,20 @@
-"""Official MCIBI++ checkpoints: read them safely and convert them to our parameter names."""
+"""Official files read safely (released MCIBI++ checkpoints and ImageNet files: the one reader), and official
+MCIBI++ checkpoints converted to our parameter names."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from mcibi.models.checkpoint import CheckpointError
+from mcibi.official.keys import official_key_to_ours, official_swin_to_ours
 
-# ------------------------------------------------------------------------------ official checkpoint conversion
-# The official toolbox names our modules the same way except the backbone (its ResNetV1c deep stem is
-# ``stem.{0,1,3,4,6,7}``; timm's resnet*c is ``conv1.{0,1,3,4,6}`` + ``bn1``) and the fixed memory noise, which
-# it redraws on every forward instead of storing.
-_STEM = {"stem.0.": "conv1.0.", "stem.1.": "conv1.1.", "stem.3.": "conv1.3.", "stem.4.": "conv1.4.",
-         "stem.6.": "conv1.6.", "stem.7.": "bn1."}
-
-
-def official_key_to_ours(key: str) -> str:
-    """Our parameter name for an official MCIBI++ tensor name."""
-    if key.startswith("backbone_net."):
-        rest = key[len("backbone_net."):]
-        for old, new in _STEM.items():
-            if rest.startswith(old):
-                rest = new + rest[len(old):]
-                break
-        return "backbone.body." + rest
-    return key
+# An official MCIBI++ checkpoint names our modules the same way except the backbone (mcibi.official.keys) and the
+# fixed memory noise, which the official code redraws on every forward instead of storing.
+_RESAVE = ("It may hold pickled objects besides tensors; re-save only its 'model' state dict in a trusted "
+           "environment.")
 
 
 def convert_official_checkpoint(state_dict: dict[str, torch.Tensor], model_params) -> dict[str, torch.Tensor]:
@@ -43,8 +32,6 @@ def convert_official_checkpoint(state_dict: dict[str, torch.Tensor], model_param
     model = build_for_weights(model_params)
     ours = model.state_dict()
     if model_params.backbone.name.startswith("swin"):
-        from mcibi.official.keys import official_swin_to_ours
-
         state_dict = official_swin_to_ours(state_dict)
     converted = {official_key_to_ours(k): v for k, v in state_dict.items()}
     derived = [k for k in ours if k.endswith("memory_module.noise")]
@@ -65,8 +52,11 @@ def convert_official_checkpoint(state_dict: dict[str, torch.Tensor], model_param
     return {k: v.to(ours[k].dtype) if v.is_floating_point() else v for k, v in converted.items()}
 
 
-def load_official_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read an official ``.pth`` safely (``weights_only=True``: no pickled code runs) and return its tensors."""
+def load_official_file(path: str | Path, *, error: type[Exception] = CheckpointError,
+                       advice: str = _RESAVE) -> dict[str, Any]:
+    """Read an official ``.pth`` (a released MCIBI++ checkpoint or an ImageNet file) safely: ``weights_only=True``, so
+    no pickled code runs; return its top-level dict. A file that cannot be read, or holds no dict, raises ``error``
+    (``advice`` ends the message of an unreadable one)."""
     file = Path(path)
     if not file.is_file():
         raise CheckpointError(f"{file}: no such file. Give the path of the official .pth (`mcibi released download` "
@@ -74,10 +64,7 @@ def load_official_file(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(
-            f"{file}: cannot be read with weights_only=True ({exc}). It may hold pickled objects besides tensors; "
-            "re-save only its 'model' state dict in a trusted environment."
-        ) from exc
+        raise error(f"{file}: cannot be read with weights_only=True ({exc}). {advice}") from exc
     if not isinstance(state, dict):
-        raise CheckpointError(f"{file}: not a state dict.")
+        raise error(f"{file}: not a state dict.")
     return state

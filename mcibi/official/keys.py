@@ -1,10 +1,33 @@
-"""Official parameter names and layouts to ours: the MCIBI++ segmentor's backbone stem and Swin's stages."""
+"""Official parameter names and layouts to ours, for the released MCIBI++ checkpoints and the official ImageNet
+files alike: the ResNet deep stem, Swin's stages and patch merging, the ImageNet files' unused tensors."""
 
 from __future__ import annotations
 
 import re
 
 import torch
+
+# The official ResNetV1c / ResNeSt deep stem is ``stem.{0,1,3,4,6,7}``, timm's resnet*c / resnest ``conv1.{0,1,3,4,6}``
+# + ``bn1`` (under ``backbone_net.`` in the MCIBI++ checkpoints, at the top of the ImageNet files).
+RESNET_STEM = {"stem.0.": "conv1.0.", "stem.1.": "conv1.1.", "stem.3.": "conv1.3.", "stem.4.": "conv1.4.",
+               "stem.6.": "conv1.6.", "stem.7.": "bn1."}
+
+
+def resnet_stem_key(key: str) -> str:
+    """``key`` of an official ResNet backbone with its deep-stem prefix renamed to timm's (others unchanged)."""
+    for old, new in RESNET_STEM.items():
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def official_key_to_ours(key: str) -> str:
+    """Our parameter name for an official MCIBI++ tensor name: ours except the backbone (``backbone_net.`` ->
+    ``backbone.body.``, deep stem renamed); Swin checkpoints go through :func:`official_swin_to_ours` first."""
+    if key.startswith("backbone_net."):
+        return "backbone.body." + resnet_stem_key(key[len("backbone_net."):])
+    return key
+
 
 _SWIN_RENAMES = (("patch_embed.projection.", "body.patch_embed.proj."), ("patch_embed.norm.", "body.patch_embed.norm."),
                  (".attn.w_msa.", ".attn."), (".ffn.layers.0.0.", ".mlp.fc1."), (".ffn.layers.1.", ".mlp.fc2."))
@@ -56,3 +79,28 @@ def official_swin_to_ours(state_dict: dict[str, torch.Tensor]) -> dict[str, torc
             rest = rest.replace(old, new)
         out["backbone." + rest] = value
     return out
+
+
+# ------------------------------------------------------------------------------------------------ ImageNet files
+# tensors of the official ImageNet files that a segmentation backbone does not use: the classifiers and, in the
+# original Swin release, constant buffers timm rebuilds
+IMAGENET_UNUSED = {
+    "resnet": re.compile(r"^fc\.(weight|bias)$"),
+    "hrnet": re.compile(r"^(incre_modules|downsamp_modules|final_layer|classifier)\."),
+    "swin": re.compile(r"^(head\.(weight|bias)|norm\.(weight|bias)|.*\.relative_position_index|.*\.attn_mask)$"),
+}
+_SWIN_LAYER = re.compile(r"^layers\.(\d+)\.(blocks|downsample)\.")
+
+
+def swin_release_key(key: str) -> str:
+    """Original Swin release name -> timm's: a stage's patch merging is timm's next stage's ``downsample`` (the
+    2x2 concatenation order is the same in both), ``layers.i`` -> ``layers_i``."""
+    m = _SWIN_LAYER.match(key)
+    if not m:
+        return key
+    stage = int(m[1]) + (1 if m[2] == "downsample" else 0)
+    return f"layers_{stage}.{m[2]}." + key[m.end():]
+
+
+# per family of ImageNet file: its tensor name -> the name in our timm ``body``
+IMAGENET_KEY = {"resnet": resnet_stem_key, "hrnet": lambda key: key, "swin": swin_release_key}

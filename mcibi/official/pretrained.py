@@ -6,25 +6,37 @@ The official code loads these files with ``load_state_dict(strict=False)``; here
 come from the file (the Swin output norms excepted: the official ones are not in the file either and start as
 identities) and every tensor of the file must be used or be one of the listed ImageNet-classifier/constant
 tensors, so a wrong file or a renamed layer is an error instead of a silently random backbone.
+
+:func:`build_pretrained_segmentor` is the caller-level builder: the architecture (:mod:`mcibi.models.build`, which
+never loads these files), then the official file loaded into its backbone.
 """
 
 from __future__ import annotations
 
-import fcntl
+import dataclasses
 import json
 import logging
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from mcibi.models.build import build_segmentor
+from mcibi.official.checkpoints import load_official_file
+from mcibi.official.keys import IMAGENET_KEY, IMAGENET_UNUSED
+from mcibi.official.mirrors import PRETRAINED_MIRROR_ENV, fetch_first, machine_lock, mirror_from_env
+
+if TYPE_CHECKING:
+    from mcibi.models.segmentor import MemorySegmentor
+    from mcibi.spec.params import ModelParams
+
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "MCIBI_PRETRAINED_DIR"  # where the files are cached (default ~/.cache/mcibi/official/pretrained)
-MIRROR_ENV = "MCIBI_PRETRAINED_MIRROR"  # a base URL serving the files under /<host>/<path> (mirrors, tests)
+CACHE_ENV = "MCIBI_PRETRAINED_DIR"  # where the files are cached (default ~/.cache/mcibi/pretrained)
 
 
 @dataclass(frozen=True)
@@ -65,17 +77,6 @@ OFFICIAL_WEIGHTS: dict[str, OfficialWeights] = {
         "swin"),
 }
 
-# tensors of the ImageNet files that a segmentation backbone does not use: the classifiers and, in the original
-# Swin release, constant buffers timm rebuilds
-_UNUSED = {
-    "resnet": re.compile(r"^fc\.(weight|bias)$"),
-    "hrnet": re.compile(r"^(incre_modules|downsamp_modules|final_layer|classifier)\."),
-    "swin": re.compile(r"^(head\.(weight|bias)|norm\.(weight|bias)|.*\.relative_position_index|.*\.attn_mask)$"),
-}
-_STEM = {"stem.0.": "conv1.0.", "stem.1.": "conv1.1.", "stem.3.": "conv1.3.", "stem.4.": "conv1.4.",
-         "stem.6.": "conv1.6.", "stem.7.": "bn1."}
-_SWIN_LAYER = re.compile(r"^layers\.(\d+)\.(blocks|downsample)\.")
-
 
 class PretrainedError(RuntimeError):
     """An official ImageNet file is missing, corrupt or does not fit the backbone."""
@@ -95,16 +96,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mcibi" / "pretrained")
 
 
-def _mirrored(url: str) -> str:
-    mirror = os.environ.get(MIRROR_ENV)
-    if not mirror:
-        return url
-    from urllib.parse import urlsplit
-
-    u = urlsplit(url)
-    return f"{mirror.rstrip('/')}/{u.netloc}{u.path}"
-
-
 def fetch_official_weights(weights: OfficialWeights, dest: str | Path | None = None) -> Path:
     """The cached official file, downloaded first if needed (``.part`` + HTTP Range resume, then checked).
 
@@ -113,20 +104,18 @@ def fetch_official_weights(weights: OfficialWeights, dest: str | Path | None = N
     """
     folder = Path(dest) if dest is not None else cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    # one download per machine: the processes of a multi-GPU run wait for the first one (then find the file)
-    with open(folder / f".{weights.filename}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with machine_lock(folder, weights.filename):
         return _fetch_locked(weights, folder)
 
 
 def _fetch_locked(weights: OfficialWeights, folder: Path) -> Path:
-    from mcibi.data.download import ArchiveError, checksums, fetch
+    from mcibi.data.download import ArchiveError, checksums
 
     final = folder / weights.filename
     record = folder / f"{weights.filename}.sha256.json"
     if not final.is_file():
         try:
-            part = fetch(_mirrored(weights.url), final)
+            _, part = fetch_first([weights.url], final, mirror_from_env(PRETRAINED_MIRROR_ENV))
         except ArchiveError as exc:
             raise PretrainedError(f"{exc}. Or place {weights.filename} (from {weights.url}) in {folder}/.") from exc
         sha = checksums(part)["sha256"]
@@ -151,36 +140,15 @@ def _fetch_locked(weights: OfficialWeights, folder: Path) -> Path:
 
 
 def read_official_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of an official ImageNet file, read with ``weights_only=True``, unwrapped from 'state_dict' or
-    'model' and stripped of 'module.'/'backbone.' prefixes as the official loader does."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise PretrainedError(f"{path}: cannot be read with weights_only=True ({exc}). Delete it, run again.") from exc
+    """The tensors of an official ImageNet file, read safely (:func:`mcibi.official.checkpoints.load_official_file`),
+    unwrapped from 'state_dict' or 'model' and stripped of 'module.'/'backbone.' prefixes as the official loader
+    does."""
+    state = load_official_file(path, error=PretrainedError, advice="Delete it, run again.")
     for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
+        if isinstance(state.get(key), dict):
             state = state[key]
             break
-    if not isinstance(state, dict):
-        raise PretrainedError(f"{path}: not a state dict.")
     return {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
-
-
-def _resnet_key(key: str) -> str:
-    for old, new in _STEM.items():
-        if key.startswith(old):
-            return new + key[len(old):]
-    return key
-
-
-def _swin_key(key: str) -> str:
-    """Original Swin release name -> timm's: a stage's patch merging is timm's next stage's ``downsample`` (the
-    2x2 concatenation order is the same in both), ``layers.i`` -> ``layers_i``."""
-    m = _SWIN_LAYER.match(key)
-    if not m:
-        return key
-    stage = int(m[1]) + (1 if m[2] == "downsample" else 0)
-    return f"layers_{stage}.{m[2]}." + key[m.end():]
 
 
 def official_backbone_to_ours(state: dict[str, torch.Tensor], family: str,
@@ -190,11 +158,11 @@ def official_backbone_to_ours(state: dict[str, torch.Tensor], family: str,
     Strict: every tensor of ``ours`` must be provided with the same shape and every file tensor must map to one
     of ours or be one of the family's unused tensors; errors list the offenders.
     """
-    rename = {"resnet": _resnet_key, "hrnet": lambda k: k, "swin": _swin_key}[family]
+    rename = IMAGENET_KEY[family]
     converted: dict[str, torch.Tensor] = {}
     unused, unknown = [], []
     for key, value in state.items():
-        if _UNUSED[family].match(key):
+        if IMAGENET_UNUSED[family].match(key):
             unused.append(key)
             continue
         new = rename(key)
@@ -219,3 +187,16 @@ def load_official_backbone(body: nn.Module, name: str, path: str | Path | None =
     file = Path(path) if path is not None else fetch_official_weights(weights)
     ours = body.state_dict()
     body.load_state_dict(official_backbone_to_ours(read_official_file(file), weights.family, ours), strict=True)
+
+
+def build_pretrained_segmentor(params: ModelParams) -> MemorySegmentor:
+    """The segmentor of ``params`` (the ``model`` section of an experiment file) with its backbone's ImageNet
+    initialisation: random (``pretrained: false``), timm's weights (``true``) or the official file (``official``),
+    downloaded once into the cache and loaded strictly into the built backbone. Loading draws no random numbers, so
+    every other tensor is initialised exactly as in a model built without it."""
+    if params.backbone.pretrained != "official":
+        return build_segmentor(params)
+    model = build_segmentor(dataclasses.replace(params, backbone=dataclasses.replace(params.backbone,
+                                                                                     pretrained=False)))
+    load_official_backbone(model.backbone.body, params.backbone.name)
+    return model

@@ -2,9 +2,10 @@
 
 For each SOTA row, the trained ``.pth`` and the training ``.log`` are downloaded (resumable; no checksum is
 published, so the sha256 of each file is recorded at download and verified at every later use), the checkpoint is
-converted to ours (:func:`mcibi.checkpoint.convert_official_checkpoint`) and evaluated under the row's protocols,
-and the log becomes an MLflow run (tag ``source=official``) with the authors' loss curves, lr and reported mIoU.
-``model.init_from`` fine-tunes from a released (or any mcibi) checkpoint.
+converted to ours (:func:`mcibi.official.checkpoints.convert_official_checkpoint`) and evaluated under the row's
+protocols, and the log becomes an MLflow run (tag ``source=official``) with the authors' loss curves, lr and reported
+mIoU. ``model.init_from`` fine-tunes from a released (or any mcibi) checkpoint. The files come through
+:mod:`mcibi.official.mirrors` (``$MCIBI_RELEASE_MIRROR``).
 
 Sources, tried in order: the official model zoo's file for the config our params translate
 (``ssseg_mcibiplusplus/<official config>.{pth,log}``, sssegmentation 1.7.0's docs), then the model-zoo page's
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mcibi.files import write_json
+from mcibi.official.mirrors import RELEASE_MIRROR_ENV, fetch_first, mirror_from_env
 from mcibi.spec.params import (
     DEFAULTS_FILE,
     ExperimentParams,
@@ -38,7 +40,6 @@ if TYPE_CHECKING:  # the workflow's parse step imports this module: no torch at 
 
 log = logging.getLogger(__name__)
 
-MIRROR_ENV = "MCIBI_RELEASE_MIRROR"  # a base URL serving the files under /<host>/<path> (mirrors, tests)
 STORE = "https://github.com/SegmentationBLWX/modelstore/releases/download"
 RECORD = "release.json"
 # model-zoo rows whose model-zoo page links ssseg_memorynetv2 files; the page's two wrong links (VOC R-101 'log' ->
@@ -68,14 +69,6 @@ class Release:
     official_name: str  # the official config (mcibiplusplus_<layout>_<dataset>)
     checkpoint_urls: tuple[str, ...]
     log_urls: tuple[str, ...]  # empty: no log was released
-
-
-def mirrored(url: str, mirror: str) -> str:
-    """``url`` as served by a mirror at ``<mirror>/<host>/<path>``."""
-    from urllib.parse import urlsplit
-
-    u = urlsplit(url)
-    return f"{mirror.rstrip('/')}/{u.netloc}{u.path}"
 
 
 def _urls(official_name: str, ext: str) -> tuple[str, ...]:
@@ -143,32 +136,29 @@ def released_outputs(runs_root: str, params_root: str, dataset: str) -> list[str
 # ---------------------------------------------------------------------------------------------------- download
 def _get(urls: tuple[str, ...], target: Path, url_map) -> str:
     """Fetch ``target`` from the first URL that delivers it; return that URL."""
-    from mcibi.data.download import ArchiveError, fetch
+    from mcibi.data.download import ArchiveError
 
-    errors = []
-    for url in urls:
-        try:
-            part = fetch(url_map(url), target)
-            part.replace(target)
-            return url
-        except ArchiveError as exc:
-            errors.append(str(exc))
-            log.warning("%s", exc)
-    raise ReleaseError(f"{target.name}: no source delivered it ({'; '.join(errors)}). Place the file in "
-                       f"{target.parent}/ by hand and run again.")
+    try:
+        url, part = fetch_first(urls, target, url_map)
+    except ArchiveError as exc:
+        raise ReleaseError(f"{target.name}: no source delivered it ({exc}). Place the file in {target.parent}/ by "
+                           "hand and run again.") from exc
+    part.replace(target)
+    return url
 
 
 def download_release(release: Release, dest: str | Path, url_map=None) -> dict[str, Any]:
     """Make the row's checkpoint (and log, if released) present in ``dest``; record and verify their sha256.
 
     A file already recorded is checked against its record; a file present without a record (placed by hand) is
-    recorded. The record ``release.json`` says which URL each file came from.
+    recorded. The record ``release.json`` says which URL each file came from. ``url_map`` (default: through the
+    mirror ``$MCIBI_RELEASE_MIRROR`` names, if set) gives the URL each file is fetched from.
     """
     from mcibi.data.download import checksums
 
     folder = Path(dest)
     folder.mkdir(parents=True, exist_ok=True)
-    url_map = url_map or (lambda u: u)
+    url_map = url_map or mirror_from_env(RELEASE_MIRROR_ENV)
     record_file = folder / RECORD
     old = json.loads(record_file.read_text()).get("files", {}) if record_file.is_file() else {}
     files = {}
@@ -217,7 +207,7 @@ def released_file(folder: str | Path, kind: str) -> Path | None:
 def convert_release(checkpoint: str | Path, params: ExperimentParams, out: str | Path, **extra: Any) -> None:
     """An official checkpoint as an mcibi checkpoint of ``params`` (strict conversion, then saved atomically)."""
     from mcibi.models import build_for_weights
-    from mcibi.models.checkpoint import save_checkpoint
+    from mcibi.models.build import save_checkpoint
     from mcibi.official.checkpoints import convert_official_checkpoint, load_official_file
 
     model = build_for_weights(params.model)
@@ -228,13 +218,8 @@ def convert_release(checkpoint: str | Path, params: ExperimentParams, out: str |
 def initialise_from(model: nn.Module, path: str | Path, model_params: ModelParams) -> None:
     """``model.init_from``: load every weight (memory included) from an mcibi checkpoint or an official ``.pth``
     (converted), strictly. Only the weights: the optimiser and schedule start afresh (fine-tuning)."""
-    from mcibi.models.checkpoint import (
-        CheckpointError,
-        convert_official_checkpoint,
-        load_checkpoint,
-        load_official_file,
-        load_weights,
-    )
+    from mcibi.models.checkpoint import CheckpointError, load_checkpoint, load_weights
+    from mcibi.official.checkpoints import convert_official_checkpoint, load_official_file
 
     file = Path(path)
     if not file.is_file():

@@ -56,7 +56,7 @@ def test_new_dataset_writes_params_and_registers(workdir):
     assert mem.evaluate.protocols["msflip"].crop == (64, 64)  # the row's 96 window, scaled by 64/96
     assert mem.train.total_batch_size == 8 and dataclasses.replace(mem.model, memory=base.model.memory) == base.model
 
-    from mcibi.data.custom import prepare_custom
+    from mcibi.data.prepare import prepare_custom
 
     out = prepare_custom("datasets/shapes.yaml", tmp / "data" / "shapes", show_progress=False)
     label = np.asarray(Image.open(out / "labels" / "img000.png"))

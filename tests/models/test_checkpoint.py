@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from mcibi.files import atomic_path
-from mcibi.models.checkpoint import CheckpointError, checkpoint_params, load_checkpoint, load_weights, save_checkpoint
+from mcibi.models.build import checkpoint_params, save_checkpoint
+from mcibi.models.checkpoint import CheckpointError, load_checkpoint, load_weights
 from mcibi.spec.params import load_params
 
 PARAMS = Path(__file__).resolve().parents[2] / "params" / "demo" / "upernet_mcibipp.yaml"

@@ -10,7 +10,7 @@ import torch
 import mcibi
 from mcibi.models import build_segmentor
 from mcibi.models.checkpoint import CheckpointError
-from mcibi.official.checkpoints import official_key_to_ours
+from mcibi.official.keys import official_key_to_ours
 from mcibi.spec.params import ChannelParams, load_params
 
 KEYS = Path(__file__).resolve().parents[1] / "fixtures" / "official_keys"  # the official checkpoints' tensor names

@@ -15,6 +15,7 @@ from mcibi.official.pretrained import (
     OfficialWeights,
     PretrainedError,
     fetch_official_weights,
+    load_official_backbone,
     official_backbone_to_ours,
     read_official_file,
 )
@@ -76,9 +77,10 @@ def test_resnet50_v1c_official_file_served_cached_and_converted(tmp_path, monkey
         server.truncate_once.add(local_path(url))
         monkeypatch.setenv("MCIBI_PRETRAINED_MIRROR", f"http://127.0.0.1:{server.port}")
         monkeypatch.setenv("MCIBI_PRETRAINED_DIR", str(tmp_path / "cache"))
-        ours = Backbone("resnet50c", pretrained="official", output_stride=8)
+        ours = Backbone("resnet50c", pretrained=False, output_stride=8)
+        load_official_backbone(ours.body, "resnet50c")
         assert [r[2] for r in server.requests_for(url.rsplit("/", 1)[1])] == [None, f"bytes={len(data) // 2}-"]
-        Backbone("resnet50c", pretrained="official", output_stride=8)  # from the cache: no request
+        load_official_backbone(Backbone("resnet50c", pretrained=False, output_stride=8).body, "resnet50c")  # cached
         assert len(server.requests_for(url.rsplit("/", 1)[1])) == 2
     finally:
         server.stop()
@@ -165,3 +167,44 @@ def test_a_file_for_another_backbone_is_an_error(tmp_path):
     with pytest.raises(PretrainedError, match="unexpected"):
         official_backbone_to_ours({"stem.0.weight": torch.zeros(1), "extra.weight": torch.zeros(1)}, "resnet",
                                   ours.body.state_dict())
+
+
+def test_official_init_is_loaded_around_the_models_builder(tmp_path, monkeypatch):
+    """``pretrained: official``: mcibi.models builds the architecture (and refuses to build it silently random), the
+    caller-level builder loads the file into its backbone; every other tensor and the RNG stream are those of the
+    same model built without the file."""
+    import dataclasses
+
+    from mcibi.models import build_segmentor
+    from mcibi.official.keys import RESNET_STEM
+    from mcibi.official.pretrained import build_pretrained_segmentor
+    from mcibi.spec.params import load_params
+
+    params = load_params("params/demo/upernet_mcibipp.yaml").model  # resnet10t: the official deep-stem names
+    official = dataclasses.replace(params, backbone=dataclasses.replace(params.backbone, pretrained="official"))
+    random = dataclasses.replace(params, backbone=dataclasses.replace(params.backbone, pretrained=False))
+    ours_to_official = {new: old for old, new in RESNET_STEM.items()}
+    body = Backbone("resnet10t", pretrained=False).body
+    state = dict(_randomised(body))
+    file_state = {next((ours_to_official[p] + k[len(p):] for p in ours_to_official if k.startswith(p)), k): v
+                  for k, v in state.items()}
+    file = tmp_path / "resnet10t_official.pth"
+    torch.save({"state_dict": file_state | {"fc.weight": torch.randn(10, 512), "fc.bias": torch.randn(10)}}, file)
+    url = f"https://download.example/resnet10t_v1c-{sha256(file.read_bytes())[:8]}.pth"
+    (tmp_path / "cache").mkdir()
+    file.rename(tmp_path / "cache" / url.rsplit("/", 1)[1])
+    monkeypatch.setitem(OFFICIAL_WEIGHTS, "resnet10t", OfficialWeights("resnet10t", url, "resnet"))
+    monkeypatch.setenv("MCIBI_PRETRAINED_DIR", str(tmp_path / "cache"))
+
+    with pytest.raises(ValueError, match="build_pretrained_segmentor"):
+        build_segmentor(official)
+    torch.manual_seed(3)
+    loaded = build_pretrained_segmentor(official).state_dict()
+    rng_loaded = torch.get_rng_state()
+    torch.manual_seed(3)
+    plain = build_segmentor(random).state_dict()
+    assert torch.equal(torch.get_rng_state(), rng_loaded)
+    assert list(loaded) == list(plain)
+    for key, value in loaded.items():
+        expected = state[key.removeprefix("backbone.body.")] if key.startswith("backbone.body.") else plain[key]
+        assert torch.equal(value, expected), key

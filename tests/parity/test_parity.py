@@ -37,12 +37,13 @@ def test_converted_official_model_gives_the_same_logits(name, monkeypatch):
     cfg["backbone"]["pretrained"] = False
     cfg["norm_cfg"] = {"type": "BatchNorm2d"}  # single process
     # built before the official constructor, which edits cfg in place
-    ours = build_segmentor(model_params_from_official(name, cfg)).eval()
+    model_params = model_params_from_official(name, cfg)
+    ours = build_segmentor(model_params).eval()
     torch.manual_seed(0)
     official = MCIBIPlusPlus(cfg, mode="TEST")
     randomise_state(official)
     official.eval()
-    ours.load_state_dict(convert_official_checkpoint(official.state_dict(), ours.params), strict=True)
+    ours.load_state_dict(convert_official_checkpoint(official.state_dict(), model_params), strict=True)
     images = torch.randn(1, 3, 65, 81)  # odd sizes: padding and rounding paths too
     with torch.no_grad():
         expected = official(SSSegInputStructure(images=images, mode="TEST")).seg_logits

@@ -43,7 +43,7 @@ from mcibi.data.transforms import build_test_transform
 from mcibi.evaluation.inference import slide_windows
 from mcibi.evaluation.protocols import cityscapes_train_to_label_ids, export_predictions, load_model, protocol_scores
 from mcibi.models import build_segmentor
-from mcibi.models.checkpoint import save_checkpoint
+from mcibi.models.build import save_checkpoint
 from mcibi.official.checkpoints import convert_official_checkpoint
 from mcibi.spec.params import load_params
 

@@ -220,7 +220,8 @@ def _copy_official_state(official, official_optimizer, ours, optimizer, model_pa
     and step) into ours. A second step is compared from one state: this random-weight network is so
     ill-conditioned that a 1e-7 relative change of its weights (one step's float32 rounding) moves some
     gradients by 7% (ReLUs at 5x5 resolution change side), even in float64."""
-    from mcibi.official.checkpoints import convert_official_checkpoint, official_key_to_ours
+    from mcibi.official.checkpoints import convert_official_checkpoint
+    from mcibi.official.keys import official_key_to_ours
 
     ours.load_state_dict(convert_official_checkpoint(official.state_dict(), model_params), strict=True)
     names = {id(p): n for n, p in official.named_parameters()}
@@ -255,7 +256,8 @@ def test_training_step_equals_the_official(optimiser, monkeypatch):
     from mcibi.engine.optim import scheduled_lr
     from mcibi.engine.step import build_optimizer, train_step
     from mcibi.models import build_segmentor
-    from mcibi.official.checkpoints import convert_official_checkpoint, official_key_to_ours
+    from mcibi.official.checkpoints import convert_official_checkpoint
+    from mcibi.official.keys import official_key_to_ours
 
     stem, opt_config = OPTIMISERS[optimiser]
     cfg = official_config(STEP_MODEL)
