@@ -226,7 +226,8 @@ def _cmd_predict(a: argparse.Namespace) -> None:
         import torch
 
         torch.set_num_threads(a.threads)
-    written, errors = predict_inputs(seg, a.inputs, a.out, batch_size=a.batch, overlays=not a.no_overlay)
+    written, errors = predict_inputs(seg, a.inputs, a.out, batch_size=a.batch, overlays=not a.no_overlay,
+                                     max_memory_mb=a.max_memory_mb)
     log.info("wrote %d predictions (class-index PNGs%s) to %s", written, " + overlays" if not a.no_overlay else "",
              a.out)
     if errors:
@@ -434,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     s.add_argument("--threads", type=int, help="torch intra-op threads")
     s.add_argument("--no-overlay", action="store_true", help="class-index PNGs only")
+    s.add_argument("--max-memory-mb", type=int, help="memory budget per image (default: half the available memory): "
+                   "larger images are predicted in tiles, those that cannot fit are refused before decoding")
     s.set_defaults(func=_cmd_predict)
 
     s = sub.add_parser("new-dataset", help="check a custom dataset's description file and every image/mask, register "
