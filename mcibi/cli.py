@@ -293,7 +293,8 @@ def _cmd_predict(a: argparse.Namespace) -> None:
         import torch
 
         torch.set_num_threads(a.threads)
-    written, errors = predict_inputs(seg, a.inputs, a.out, batch_size=a.batch, overlays=not a.no_overlay)
+    written, errors = predict_inputs(seg, a.inputs, a.out, batch_size=a.batch, overlays=not a.no_overlay,
+                                     max_memory_mb=a.max_memory_mb)
     log.info("wrote %d predictions (class-index PNGs%s) to %s", written, " + overlays" if not a.no_overlay else "",
              a.out)
     if errors:
@@ -410,6 +411,8 @@ def _train_evaluate_predict(sub) -> None:
     s.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     s.add_argument("--threads", type=int, help="torch intra-op threads")
     s.add_argument("--no-overlay", action="store_true", help="class-index PNGs only")
+    s.add_argument("--max-memory-mb", type=int, help="memory budget per image (default: half the available memory): "
+                   "larger images are predicted in tiles, those that cannot fit are refused before decoding")
 
     s = _command(sub, "export", _cmd_export, "write test-set predictions as PNGs for an evaluation server",
                  "Write test-set predictions as PNGs for an evaluation server (CityScapes: labelIds); under "

@@ -26,7 +26,8 @@ def log_finished_run(run_dir: str | Path, tracking_uri: str, data_root: str | Pa
     """Log the finished run in ``run_dir`` to the store at ``tracking_uri``; returns (MLflow run id, whether the
     run was created now). A run whose ``run.json`` already names a run of that store is not logged again: only
     its evaluations are (idempotent, see :func:`mcibi.tracking.runs.log_evaluation`)."""
-    from mcibi.models.checkpoint import checkpoint_params, load_checkpoint
+    from mcibi.models.build import checkpoint_params
+    from mcibi.models.checkpoint import load_checkpoint
     from mcibi.tracking.runs import run_exists
 
     folder = Path(run_dir)

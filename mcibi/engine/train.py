@@ -3,7 +3,8 @@
 The model only computes (``forward``); this module owns losses, the memory update (under ``no_grad``, in fp32,
 with the configured momentum, every iteration) and the learning-rate schedule. A run is resumable: every
 ``train.checkpoint_every`` iterations it writes a checkpoint (weights, memory, optimiser, scaler, RNG states,
-iteration) atomically under ``<out>/checkpoints/``, and a rerun continues from the newest one bit-exactly.
+iteration, the data version) atomically under ``<out>/checkpoints/``, and a rerun continues from the newest one
+bit-exactly, unless the params that change the weights or the training data changed since (a conflict).
 """
 
 from __future__ import annotations
@@ -29,7 +30,15 @@ from mcibi.distributed import BatchPlan, DistEnv, barrier, batch_plan, setup, te
 from mcibi.engine.layout import nhwc_trains_fast, train_channels_last
 from mcibi.engine.optim import load_optimizer_state, scheduled_lr
 from mcibi.engine.order import epoch_batches, rng_state, seed_everything, set_rng_state
-from mcibi.engine.resume import CHECKPOINT_DIR, CHECKPOINT_NAME, archive_checkpoints, find_resume_state, save_resumable
+from mcibi.engine.resume import (
+    CHECKPOINT_DIR,
+    CHECKPOINT_NAME,
+    archive_checkpoints,
+    data_version,
+    find_resume_state,
+    save_resumable,
+    unverified_change,
+)
 from mcibi.engine.step import DivergedError, NonFiniteLossError, build_optimizer, memory_metrics, train_step
 from mcibi.files import WriteError, atomic_open, write_json
 from mcibi.models import build_for_weights
@@ -126,11 +135,13 @@ class _Trainer:
     layout: torch.memory_format
     ckpt_dir: Path
     run: Any = None  # mcibi.tracking.RunLogger on rank 0 when tracking, else None
+    data_version: dict[str, str] | None = None  # rank 0: what the run trains on (mcibi.engine.resume.data_version)
 
     def checkpoint_extra(self, state: LoopState) -> dict[str, Any]:
         """Everything a resumable checkpoint holds besides the weights and params."""
         return {"optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler is not None else {}
+                "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+                "data_version": self.data_version,
                 } | state.to_checkpoint(self.max_iters, self.plan)
 
 
@@ -145,11 +156,13 @@ def train(
 ) -> TrainResult:
     """Train one experiment and write ``model.pt``, ``loss.csv`` and ``run.json`` to ``out_dir``.
 
-    Resumes from the newest checkpoint under ``<out_dir>/checkpoints/`` made with the same params; checkpoints of
-    other params stop the run (:class:`ResumeConflictError`). ``resume=False`` (``--restart``) moves existing
-    checkpoints to ``checkpoints.archived-<time>/`` and starts afresh: nothing is ever deleted implicitly. Under
-    ``torchrun`` every rank trains its share of each batch; rank 0 alone writes files and logs to MLflow (the run,
-    its params, tags, loss curve; a resumed run continues its MLflow run).
+    Resumes from the newest checkpoint under ``<out_dir>/checkpoints/`` made with the same params on the same
+    training data; checkpoints of other params or data stop the run (:class:`ResumeConflictError`).
+    ``resume=False`` (``--restart``) moves existing checkpoints to ``checkpoints.archived-<time>/`` and starts
+    afresh: nothing is ever deleted implicitly. Under ``torchrun`` every rank trains its share of each batch; rank
+    0 alone writes files and logs to MLflow (the run, its params, tags, loss curve, the data version; a resumed
+    run continues its MLflow run). Checkpoints, ``model.pt`` and ``run.json`` record the data version
+    (:func:`mcibi.engine.resume.data_version`).
     """
     start = time.time()
     out = Path(out_dir)
@@ -161,6 +174,11 @@ def train(
             torch.set_num_threads(threads)
         seed_everything(params.train.seed)
         t = _build(params, data_root, out, env)
+        if env.is_main:
+            ds = t.dataset
+            t.data_version = data_version(ds.root, ds.split, ds.ids, ds.manifest["image_ext"])
+            if (why := unverified_change(ds.root, t.data_version)) is not None:
+                log.warning("%s", why)
         if not resume and env.is_main:
             archive_checkpoints(t.ckpt_dir)
         state = _resume(t, resume)
@@ -239,7 +257,7 @@ def _build(params: ExperimentParams, data_root: str | Path, out: Path, env: Dist
 def _resume(t: _Trainer, resume: bool) -> LoopState:
     """Load the newest resumable checkpoint rank 0 finds (every rank loads the same one); a fresh state if none."""
     env = t.env
-    found = find_resume_state(t.ckpt_dir, t.params) if resume and env.is_main else None
+    found = find_resume_state(t.ckpt_dir, t.params, t.data_version) if resume and env.is_main else None
     if env.distributed:  # every rank continues from the checkpoint rank 0 chose
         box = [str(found[1]) if found else ""]
         dist.broadcast_object_list(box, src=0)
@@ -286,8 +304,17 @@ def _open_run(t: _Trainer, tracking_uri: str | None, state: LoopState, data_root
                    {"train": params.data.train_split, "eval": params.data.eval_split})
         state.mlflow_run_id = run.run_id
     run.tags({"batch.effective": str(plan.total), "batch.world_size": str(plan.world_size),
-              "batch.accumulation": str(plan.accumulation), "batch.micro_batch": str(plan.micro_batch)})
+              "batch.accumulation": str(plan.accumulation), "batch.micro_batch": str(plan.micro_batch)}
+             | _data_tags(t.data_version))
     return run
+
+
+def _data_tags(version: dict[str, str] | None) -> dict[str, str]:
+    """The data version as MLflow tags: ``data_fingerprint`` (the prepared folder's, as ``verified.json`` records
+    it) and ``train_data_fingerprint`` (the training files', what a resume checks)."""
+    if not version:
+        return {}
+    return {"data_fingerprint": version["fingerprint"], "train_data_fingerprint": version["train_files"]}
 
 
 def _train_epoch(t: _Trainer, state: LoopState, epoch: int, bar: tqdm) -> None:
@@ -392,7 +419,8 @@ def _final_outputs(t: _Trainer, state: LoopState, out: Path, tracking_uri: str |
     _require_finite(t, state, "model.pt")
     if t.env.is_main:
         with _say_how_to_resume(state):
-            save_checkpoint(ckpt, t.core, t.params, iteration=it, mlflow_run_id=state.mlflow_run_id)
+            save_checkpoint(ckpt, t.core, t.params, iteration=it, mlflow_run_id=state.mlflow_run_id,
+                            data_version=t.data_version)
             with atomic_open(curve) as fh:
                 writer = csv.DictWriter(fh, fieldnames=list(state.curve[0]))
                 writer.writeheader()
@@ -402,7 +430,7 @@ def _final_outputs(t: _Trainer, state: LoopState, out: Path, tracking_uri: str |
                                           "iterations": it, "seconds": round(seconds, 1),
                                           "resumed_from": state.resumed_from, "effective_batch": plan.total,
                                           "world_size": plan.world_size, "accumulation": plan.accumulation,
-                                          "micro_batch": plan.micro_batch})
+                                          "micro_batch": plan.micro_batch, "data_version": t.data_version})
         if run:
             from mcibi.evaluation.serving import log_model
 

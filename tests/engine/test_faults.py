@@ -1,6 +1,9 @@
-"""Injected faults end in a clear error and lose nothing: divergence, old or conflicting checkpoints, write errors."""
+"""Injected faults end in a clear error and lose nothing: divergence, old, conflicting or corrupted checkpoints, write
+errors."""
 
 import errno
+import re
+import zipfile
 
 import pytest
 import torch
@@ -25,6 +28,12 @@ def params(tmp_path):
 
 def _names(folder):
     return sorted(p.name for p in folder.iterdir())
+
+
+def _as_older_version(state):
+    """A checkpoint as versions before the content digest and the data version wrote it (format 1)."""
+    state = {k: v for k, v in state.items() if k not in ("digest", "data_version")}
+    return state | {"format_version": 1}
 
 
 def test_exploding_weights_with_a_finite_loss_write_no_checkpoint(data_root, params, tmp_path, monkeypatch):
@@ -53,16 +62,17 @@ def test_resume_sets_aside_a_non_finite_checkpoint_and_loads_an_old_version(data
     loop.train(params, data_root, out, threads=1)  # 4 iterations; checkpoints 2 and 4 kept
     (out / "model.pt").unlink()
     # iteration 4's checkpoint holds a NaN memory (as older versions could write); iteration 2's was written by an
-    # older version whose params lack keys added since (they take their documented LEGACY_DEFAULTS)
+    # older version whose params lack keys added since (they take their documented LEGACY_DEFAULTS). Both are
+    # written as those versions wrote them: format 1, no content digest, no data version.
     newest, older = out / "checkpoints" / "iter_00000004.pt", out / "checkpoints" / "iter_00000002.pt"
     state = load_checkpoint(newest)
     key = next(k for k in state["state_dict"] if k.endswith("memory_module.memory"))
     state["state_dict"][key][0, 0] = float("nan")
-    torch.save(state, newest)
+    torch.save(_as_older_version(state), newest)
     state = load_checkpoint(older)
     del state["params"]["data"]["train_sampling"], state["params"]["model"]["context_module"]
     del state["params"]["train"]["sampler"]
-    torch.save(state, older)
+    torch.save(_as_older_version(state), older)
     old = params_from_dict(state["params"], older)
     assert old.data.train_sampling == "image" and old.model.context_module == "ppm"
     assert (old.train.sampler.kind, old.train.sampler.replicas) == ("loader", 1)  # its N // batch iterations
@@ -70,6 +80,30 @@ def test_resume_sets_aside_a_non_finite_checkpoint_and_loads_an_old_version(data
     again = loop.train(params, data_root, out, threads=1)
     assert again.resumed_from == 2 and again.iterations == 4
     assert "iter_00000004.pt.nonfinite" in _names(out / "checkpoints")
+
+
+def test_resume_skips_a_corrupted_checkpoint_for_an_older_intact_one(data_root, params, tmp_path, caplog):
+    """Random bytes in the middle of the newest resumable checkpoint's tensor data (torch.load reads such a file
+    without complaint): its digest does not match, so the rerun warns, skips it and resumes from the older one,
+    reaching the weights of the run that was never disturbed."""
+    out = tmp_path / "run"
+    loop.train(params, data_root, out, threads=1)  # 4 iterations; checkpoints 2 and 4 kept
+    intact = load_checkpoint(out / "model.pt")["state_dict"]
+    (out / "model.pt").unlink()
+    newest = out / "checkpoints" / "iter_00000004.pt"
+    with zipfile.ZipFile(newest) as z:
+        big = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    offset = big.header_offset + 30 + len(big.filename) + len(big.extra) + big.file_size // 2
+    data = bytearray(newest.read_bytes())
+    data[offset:offset + 4096] = bytes(b ^ 0xA5 for b in data[offset:offset + 4096])
+    newest.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="mcibi.engine.resume"):
+        again = loop.train(params, data_root, out, threads=1)
+    assert again.resumed_from == 2 and again.iterations == 4
+    assert re.search(r"skipping unreadable checkpoint .*iter_00000004\.pt .*corrupted checkpoint", caplog.text)
+    resumed = load_checkpoint(out / "model.pt")["state_dict"]
+    assert all(torch.equal(intact[k], resumed[k]) for k in intact)
+    assert load_checkpoint(newest)["iteration"] == 4  # rewritten by the resumed run
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC])  # the other errors: every atomic write, below

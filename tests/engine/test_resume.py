@@ -138,3 +138,88 @@ def test_resume_ignores_execution_settings_and_refuses_other_params(data_root, t
     assert load_checkpoint(out / "checkpoints" / "iter_00000004.pt")["params"]["train"]["optimizer"]["lr"] == 0.02
     archived = [p for p in out.iterdir() if p.name.startswith("checkpoints.archived-")]
     assert len(archived) == 1 and sorted(p.name for p in archived[0].iterdir()) == before
+
+
+def _verify(folder):
+    """What `mcibi verify-data` does (the workflow reruns it when the folder's fingerprint changes): record the
+    fingerprint of the files it checked in verified.json (the tiny splits are not the documented sizes)."""
+    from mcibi.data.fingerprint import RECORD_KEY, fingerprint
+    from mcibi.data.prepare import verify_prepared
+    from mcibi.files import write_json
+
+    before = fingerprint(folder)
+    summary = verify_prepared("demo", folder, expected={"train": 16, "val": 4})
+    write_json(folder / "verified.json", summary | {RECORD_KEY: before})
+    return before
+
+
+def _repaint(folder, split):
+    """Overwrite the first image of ``split`` with other pixels of the same size (a re-prepared image)."""
+    import cv2
+    import numpy as np
+
+    image_id = (folder / "splits" / f"{split}.txt").read_text().split()[0]
+    file = folder / "images" / f"{image_id}.png"
+    shape = cv2.imread(str(file)).shape
+    cv2.imwrite(str(file), np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8))
+
+
+def test_changed_training_data_is_a_resume_conflict_and_restart_trains_afresh(data_root, tmp_path, monkeypatch):
+    """A prepared training image changes and is verified again (the workflow then reruns training): the finished
+    run's checkpoints were trained on the old data, so resuming (zero iterations, the old weights) is refused,
+    naming both data versions, and nothing is deleted; --restart trains afresh, recording the new data version
+    in its checkpoints, model.pt, run.json and a new MLflow run. A change to evaluation images only resumes."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from mcibi.engine.resume import ResumeConflictError, data_version
+    from mcibi.engine.train import train
+    from mcibi.evaluation import serving
+
+    monkeypatch.setattr(serving, "log_model", lambda *a, **k: None)  # the logged MLflow model: not needed here
+    root = tmp_path / "data"
+    shutil.copytree(data_root / "demo", root / "demo")
+    folder = root / "demo"
+    params = load_params(tiny_params(tmp_path / "params", memory="none", epochs=1))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    train_ids = (folder / "splits" / "train.txt").read_text().split()
+
+    _verify(folder)
+    first = train(params, root, tmp_path / "run", tracking_uri=uri, threads=1)
+    out = tmp_path / "run"
+    old = data_version(folder, "train", train_ids, ".png")
+    assert load_checkpoint(out / "model.pt")["data_version"] == old
+    assert load_checkpoint(out / "checkpoints" / "iter_00000004.pt")["data_version"] == old
+    assert json.loads((out / "run.json").read_text())["data_version"] == old
+    tags = MlflowClient(uri).get_run(first.run_id).data.tags
+    assert (tags["data_fingerprint"], tags["train_data_fingerprint"]) == (old["fingerprint"], old["train_files"])
+
+    _repaint(folder, "train")
+    assert _verify(folder) != old["fingerprint"]
+    new = data_version(folder, "train", train_ids, ".png")
+    assert new["train_files"] != old["train_files"]
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    weights = (out / "model.pt").read_bytes()
+    with pytest.raises(ResumeConflictError, match=(
+            rf"checkpoint\(s\) \(newest iter_00000004\.pt\) were trained on other data than demo/train holds now: "
+            rf"data version training files {old['train_files']} \(dataset fingerprint {old['fingerprint']}\) -> "
+            rf"training files {new['train_files']} \(dataset fingerprint {new['fingerprint']}\).*Nothing was "
+            r"deleted.*--restart")):
+        train(params, root, out, tracking_uri=uri, threads=1)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    assert (out / "model.pt").read_bytes() == weights
+
+    fresh = train(params, root, out, tracking_uri=uri, threads=1, resume=False)  # mcibi train --restart
+    assert fresh.resumed_from == 0 and fresh.iterations == 4 and fresh.run_id != first.run_id
+    assert load_checkpoint(out / "model.pt")["data_version"] == new
+    assert load_checkpoint(out / "checkpoints" / "iter_00000004.pt")["data_version"] == new
+    assert [p.name for p in out.iterdir() if p.name.startswith("checkpoints.archived-")]
+    tags = MlflowClient(uri).get_run(fresh.run_id).data.tags
+    assert (tags["data_fingerprint"], tags["train_data_fingerprint"]) == (new["fingerprint"], new["train_files"])
+
+    _repaint(folder, "val")  # evaluation images only: the weights stay valid, the workflow re-evaluates them
+    _verify(folder)
+    again = train(params, root, out, tracking_uri=uri, threads=1)
+    assert again.resumed_from == 4 and again.run_id == fresh.run_id
+    assert load_checkpoint(out / "model.pt")["data_version"]["train_files"] == new["train_files"]

@@ -1,11 +1,12 @@
 """`mcibi predict`, the Segmenter API and the run's MLflow model (pyfunc, pytorch flavour, registry, serving) on
-one tiny trained demo model shared by the module."""
+one tiny trained demo model shared by the module; images of any size (tiles, a memory budget, refusals)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -174,3 +175,121 @@ def test_served_model_answers_one_request(trained):
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+# ------------------------------------------------------------------------------------- images of any size
+def _whole_scores(seg, image):
+    import torch
+
+    from mcibi.evaluation.protocols import protocol_scores
+
+    batch = torch.stack([seg._tensor(image)]).contiguous(memory_format=seg.layout)
+    with torch.inference_mode():
+        return protocol_scores(seg.params, seg.model, batch, seg.protocol, seg.flip_permutation,
+                               image.shape[:2])[0].numpy()
+
+
+@pytest.mark.parametrize("protocol", ["ss", "flip", "msflip"])
+def test_tiled_class_maps_equal_the_whole_ones(trained, protocol):
+    """The tiled path forced on small images (any tile shape, up- and downsampled outputs) gives the whole
+    path's class map: its scores agree to float rounding, so a pixel may differ only where the two best classes'
+    scores are that close (none does here). Images that fit the budget take the whole path."""
+    from mcibi.evaluation.predict import Segmenter
+
+    root, run_dir, _, _ = trained
+    _, images = _val_images(root, 2)
+    images += [cv2.resize(images[0], (211, 300)), cv2.resize(images[1], (70, 90))]
+    seg = Segmenter.from_checkpoint(run_dir / "model.pt", protocol=protocol, device="cpu")
+    for image in images:
+        h, w = image.shape[:2]
+        assert seg.memory_plan(1, (h, w), outputs=True, overlays=True).tile is None
+        whole = seg.predict(image)
+        scores = np.sort(_whole_scores(seg, image), axis=0)
+        near_tie = scores[-1] - scores[-2] < 1e-5
+        for tile in ((7, 13), (1, w), (h, w), (64, 16)):
+            tiled = seg.predict_batch([image], tile=tile)[0].classes
+            assert tiled.dtype == np.uint8 and tiled.shape == (h, w)
+            assert not ((tiled != whole) & ~near_tie).any(), (protocol, (h, w), tile)
+
+
+_MEASURE = """
+import json, sys
+import numpy as np, torch
+from mcibi.evaluation.predict import Segmenter, predict_inputs
+
+def status(key):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key + ":"))
+
+checkpoint, image, out, budget = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+seg = Segmenter.from_checkpoint(checkpoint, protocol="msflip", device="cpu")
+seg.predict(np.zeros((128, 128, 3), np.uint8))  # the kernels' own buffers, before measuring
+plan = seg.memory_plan(1, (3000, 3000), outputs=True, overlays=True, budget_mb=budget)
+whole = seg.memory_plan(1, (3000, 3000), outputs=True, overlays=True, budget_mb=10**6)
+before = status("VmRSS")
+written, errors = predict_inputs(seg, [image], out, show_progress=False, max_memory_mb=budget)
+print(json.dumps({"written": written, "errors": errors, "rss_before": before, "peak": status("VmHWM"),
+                  "tile": plan.tile, "whole_need": whole.need}))
+"""
+
+
+def test_a_large_image_is_predicted_within_the_memory_budget(trained, tmp_path):
+    """3000x3000 px under a 150 MiB budget (ms+flip, overlays): the whole path would hold ~1 GB of scores, the
+    tiled one stays within the budget, measured as the child process's peak resident memory over what it held
+    before the image."""
+    root, run_dir, _, _ = trained
+    _, images = _val_images(root, 1)
+    big = tmp_path / "big.png"
+    cv2.imwrite(str(big), cv2.cvtColor(cv2.resize(images[0], (3000, 3000)), cv2.COLOR_RGB2BGR))
+    done = subprocess.run([sys.executable, "-c", _MEASURE, str(run_dir / "model.pt"), str(big), str(tmp_path / "out"),
+                           "150"], capture_output=True, text=True, env=env_one_thread(), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    assert record["written"] == 1 and not record["errors"] and record["tile"] is not None
+    assert record["whole_need"] > 400 * 2**20  # what the evaluation's path would have needed
+    assert record["peak"] - record["rss_before"] <= 150 * 2**20, (record["peak"] - record["rss_before"]) / 2**20
+    classes = cv2.imread(str(tmp_path / "out" / "big.png"), cv2.IMREAD_UNCHANGED)
+    assert classes.shape == (3000, 3000) and classes.dtype == np.uint8 and classes.max() < 8
+    assert cv2.imread(str(tmp_path / "out" / "big_overlay.png")).shape[0] == 3000
+
+
+def test_images_beyond_the_budget_or_undecodable_are_refused_by_name(trained, tmp_path, monkeypatch, caplog):
+    """A budget below even the class-index map of a 3000x3000 image: refused from its header, before decoding,
+    naming the file, its size, the need and the budget and what to do; a file whose header is fine but whose
+    pixels are truncated is named too; an allocation failure while predicting names the file; the other images
+    are still written."""
+    from mcibi.evaluation import predict
+
+    root, run_dir, _, _ = trained
+    files, images = _val_images(root, 1)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "small.png").write_bytes(Path(files[0]).read_bytes())
+    cv2.imwrite(str(folder / "huge.png"), np.zeros((3000, 3000, 3), np.uint8))
+    ok, png = cv2.imencode(".png", cv2.resize(images[0], (64, 64)))
+    (folder / "truncated.png").write_bytes(png.tobytes()[: len(png) // 2])
+    decoded = []
+    real = predict.cv2.imread
+    monkeypatch.setattr(predict.cv2, "imread", lambda f, *a: decoded.append(Path(f).name) or real(f, *a))
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO):
+        code = main(["predict", str(folder), "--run", str(run_dir), "--out", str(out), "--device", "cpu",
+                     "--max-memory-mb", "8"])
+    assert code == 1
+    assert re.search(r"huge\.png: 3000x3000 px image: predicting it needs about \d+ MiB \(decoded images: 26 MiB, "
+                     r"decoding: 26 MiB, class-index PNG: 9 MiB, overlay: \d+ MiB, .*class maps: 9 MiB\), more than "
+                     r"the memory budget of 8 MiB\. Raise the budget \(--max-memory-mb", caplog.text)
+    assert "huge.png" not in decoded  # refused before any pixel was decoded
+    assert ("truncated.png: not a readable image: its header says 64x64 px but OpenCV cannot decode the pixels "
+            "(a truncated or damaged file)") in caplog.text
+    assert sorted(p.name for p in out.glob("*.png")) == ["small.png", "small_overlay.png"]
+
+    def exhausted(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 12800000000 bytes.")
+
+    seg = predict.Segmenter.from_checkpoint(run_dir / "model.pt", device="cpu")
+    monkeypatch.setattr(seg, "_predict", exhausted)
+    written, errors = predict.predict_inputs(seg, [str(folder / "small.png")], tmp_path / "out2", show_progress=False)
+    assert written == 0 and len(errors) == 1
+    assert errors[0].startswith(f"{folder / 'small.png'}: out of memory predicting 128x128 px")
+    assert "lower --max-memory-mb" in errors[0]
