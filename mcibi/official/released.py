@@ -218,7 +218,7 @@ def convert_release(checkpoint: str | Path, params: ExperimentParams, out: str |
 def initialise_from(model: nn.Module, path: str | Path, model_params: ModelParams) -> None:
     """``model.init_from``: load every weight (memory included) from an mcibi checkpoint or an official ``.pth``
     (converted), strictly. Only the weights: the optimiser and schedule start afresh (fine-tuning)."""
-    from mcibi.models.checkpoint import CheckpointError, load_checkpoint, load_weights
+    from mcibi.models.checkpoint import CheckpointError, CorruptCheckpointError, load_checkpoint, load_weights
     from mcibi.official.checkpoints import convert_official_checkpoint, load_official_file
 
     file = Path(path)
@@ -227,6 +227,8 @@ def initialise_from(model: nn.Module, path: str | Path, model_params: ModelParam
                            "official) or fix the path.")
     try:
         state = load_checkpoint(file)
+    except CorruptCheckpointError:
+        raise  # an mcibi checkpoint whose bytes changed: never read it as an official file
     except CheckpointError:
         state = {"state_dict": convert_official_checkpoint(load_official_file(file), model_params)}
     load_weights(model, state, file)
