@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 SITE_ENV = "MCIBI_SLURM_SITE"  # another site file than profiles/slurm/site.yaml
 PREFLIGHT_ENV = "MCIBI_SLURM_PREFLIGHT"  # "off": no request check; "only": check, then stop before submitting
 PREFLIGHT_PASSED = "mcibi SLURM pre-flight passed"
+DEFAULT_SLURM_CONF = Path("/etc/slurm/slurm.conf")
 # profile keys merged one level down (rule or resource); every other key of the site file replaces the profile's
 MAPPINGS = ("default-resources", "set-threads")
 NESTED = ("set-resources",)
@@ -61,8 +62,8 @@ def _plain(value: Any) -> Any:
 
 def merge_site(profile: dict, site: dict, source: str = "site file") -> dict:
     """``profile`` with ``site`` merged over it: ``default-resources`` and ``set-threads`` key by key,
-    ``set-resources`` rule by rule and resource by resource, any other key replaced; ``partitions: {old: new}``
-    renames the partitions the profile names (``slurm_partition`` values)."""
+    ``set-resources`` rule by rule and resource by resource, any other key replaced (``null`` removes it);
+    ``partitions: {old: new}`` renames the partitions the profile names (``slurm_partition`` values)."""
     if not isinstance(site, dict):
         raise ClusterError(f"{source}: expected a mapping of profile keys, got {type(site).__name__}")
     out = copy.deepcopy(profile)
@@ -72,6 +73,9 @@ def merge_site(profile: dict, site: dict, source: str = "site file") -> dict:
         raise ClusterError(f"{source}: partitions must map the profile's partition names to this site's, "
                            f"e.g. {{cpu: short, gpu: a100}}; got {renames!r}")
     for key, value in site.items():
+        if value is None:  # `key: null` drops the profile's setting (e.g. groups)
+            out.pop(key, None)
+            continue
         if key in MAPPINGS + NESTED and not isinstance(value, dict):
             raise ClusterError(f"{source}: {key} must be a mapping, got {value!r}")
         if key in MAPPINGS:
@@ -189,6 +193,12 @@ def preflight(executor) -> None:
     jobs = [j for j in workflow.dag.needrun_jobs() if not j.is_local and not j.is_group()]
     errors, warnings = check_requests([job_request(j) for j in jobs], facts.partitions, facts.config,
                                       _overridden(workflow))
+    conf = os.environ.get("SLURM_CONF")
+    if conf and Path(conf).resolve() != DEFAULT_SLURM_CONF.resolve() and not DEFAULT_SLURM_CONF.exists():
+        warnings.append(f"SLURM_CONF={conf}, and {DEFAULT_SLURM_CONF} does not exist: the plugin's job step starts "
+                        "`srun` inside every job with SLURM_* variables removed (SLURM_CONF too), so that srun will "
+                        "not find the configuration ('Could not establish a configuration source') unless the nodes "
+                        f"have {DEFAULT_SLURM_CONF} or configless slurmd")
     dropped = dropped_profile_entries(workflow)
     if dropped:
         warnings.append("the command line's --set-resources/--set-threads replaced the profile's, so these "
@@ -198,8 +208,8 @@ def preflight(executor) -> None:
     for text in warnings:
         executor.logger.warning(f"mcibi SLURM pre-flight: {text}")
     if errors:
-        raise WorkflowError(f"mcibi SLURM pre-flight: {len(errors)} kind(s) of job request this cluster cannot "
-                            "satisfy, nothing submitted:\n" + "\n".join(f"  - {e}" for e in errors)
+        raise WorkflowError(f"mcibi SLURM pre-flight: {len(errors)} problem(s) with job requests this cluster "
+                            "cannot satisfy, nothing submitted:\n" + "\n".join(f"  - {e}" for e in errors)
                             + "\n" + facts.summary())
     executor.logger.info(f"{PREFLIGHT_PASSED}: {len(jobs)} job(s) fit their partitions\n{facts.summary()}")
     if mode == "only":

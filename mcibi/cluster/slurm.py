@@ -438,7 +438,10 @@ def cluster_facts() -> ClusterFacts | None:
 def attempt_header(command: str = "") -> str:
     """One line that starts each attempt's part of an appended log: when, where, which SLURM job and restart."""
     slurm = os.environ.get("SLURM_JOB_ID")
-    where = (f"SLURM job {slurm} restart {os.environ.get('SLURM_RESTART_COUNT', '0')}" if slurm
-             else "outside SLURM")
+    restarts = os.environ.get("SLURM_RESTART_COUNT")
+    if slurm and restarts is None:  # the executor's job step starts srun without it: ask slurmctld
+        code, out = run_command(["scontrol", "-o", "show", "job", slurm], timeout=5)
+        restarts = _fields(out).get("Restarts", "?") if code == 0 else "?"
+    where = f"SLURM job {slurm} restart {restarts}" if slurm else "outside SLURM"
     return (f"===== attempt {time.strftime('%Y-%m-%dT%H:%M:%S%z')} on {socket.gethostname()} ({where}, pid "
             f"{os.getpid()}){': ' + command if command else ''} =====")

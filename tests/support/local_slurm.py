@@ -123,6 +123,13 @@ NodeName={self.host} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.mem_mb
         raise RuntimeError(f"{name} did not start\n" + self.logs())
 
     def start(self) -> LocalSlurm:
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()  # what did start
+            raise
+
+    def _start(self) -> LocalSlurm:
         missing = missing_programs(self.accounting)
         if missing:
             raise RuntimeError(f"not installed: {', '.join(missing)} (apt-get install {PACKAGES}; .ci/cluster "
@@ -175,7 +182,8 @@ NodeName={self.host} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.mem_mb
         dbd = self.dir / "slurmdbd.conf"
         dbd.write_text(f"""AuthType=auth/munge
 AuthInfo=socket={self.dir}/munge/munge.sock
-DbdHost=127.0.0.1
+DbdHost={self.host}
+DbdAddr=127.0.0.1
 DbdPort={self.dbd_port}
 SlurmUser=root
 PidFile={self.dir}/slurmdbd.pid

@@ -28,4 +28,4 @@ if CUSTOM_DATASETS:
         conda:
             "../envs/mcibi.yaml"
         shell:
-            "mcibi prepare-custom {params.description} --out {params.out} > {log} 2>&1"
+            "mcibi prepare-custom {params.description} --out {params.out} 2>&1 | tee -a {log}.attempts > {log}"

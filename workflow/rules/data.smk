@@ -20,7 +20,8 @@ rule download:
     conda:
         "../envs/mcibi.yaml"
     shell:
-        "mcibi download {wildcards.dataset} --dest {params.dest} --record {output.record} > {log} 2>&1"
+        "mcibi download {wildcards.dataset} --dest {params.dest} --record {output.record}"
+        " 2>&1 | tee -a {log}.attempts > {log}"
 
 
 rule verify_archives:
@@ -35,7 +36,8 @@ rule verify_archives:
     conda:
         "../envs/mcibi.yaml"
     shell:
-        "mcibi verify-archives {wildcards.dataset} --dest {params.dest} --report {output} > {log} 2>&1"
+        "mcibi verify-archives {wildcards.dataset} --dest {params.dest} --report {output}"
+        " 2>&1 | tee -a {log}.attempts > {log}"
 
 
 rule prepare:
@@ -55,7 +57,7 @@ rule prepare:
         "../envs/mcibi.yaml"
     shell:
         "mcibi prepare {wildcards.dataset} --archives {params.archives} --out {params.out}"
-        " --archive-record {input} --workers {threads} > {log} 2>&1"
+        " --archive-record {input} --workers {threads} 2>&1 | tee -a {log}.attempts > {log}"
 
 
 rule verify_data:
@@ -71,7 +73,8 @@ rule verify_data:
     conda:
         "../envs/mcibi.yaml"
     shell:
-        "mcibi verify-data {wildcards.dataset} --data {params.data} --report {output} > {log} 2>&1"
+        "mcibi verify-data {wildcards.dataset} --data {params.data} --report {output}"
+        " 2>&1 | tee -a {log}.attempts > {log}"
 
 
 localrules:
@@ -88,4 +91,4 @@ rule dvc_commit:
     conda:
         "../envs/mcibi.yaml"
     shell:
-        "mcibi dvc-commit --record {output} > {log} 2>&1"
+        "mcibi dvc-commit --record {output} 2>&1 | tee -a {log}.attempts > {log}"

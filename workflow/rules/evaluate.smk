@@ -38,7 +38,7 @@ rule evaluate:
         "{params.launcher} evaluate {params.file} --checkpoint {input.checkpoint} --protocol {wildcards.protocol}"
         " --data-root {params.data} --out-json {output.metrics} --out-csv {output.per_class}"
         " --samples-out {output.samples} --samples {params.images}"
-        " --threads {params.torch_threads} --seed {params.seed} --no-mlflow > {log} 2>&1"
+        " --threads {params.torch_threads} --seed {params.seed} --no-mlflow 2>&1 | tee -a {log}.attempts > {log}"
 
 
 # Test-set predictions for an evaluation server (CityScapes: labelIds PNGs), built only on request, e.g.
@@ -67,4 +67,5 @@ rule export_test:
         "../envs/mcibi.yaml"
     shell:
         "{params.launcher} export {params.file} --checkpoint {input.checkpoint} --protocol {wildcards.protocol}"
-        " --split test --data-root {params.data} --out {output} --threads {params.torch_threads} > {log} 2>&1"
+        " --split test --data-root {params.data} --out {output} --threads {params.torch_threads}"
+        " 2>&1 | tee -a {log}.attempts > {log}"

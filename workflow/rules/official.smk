@@ -20,7 +20,7 @@ rule official_download:
         "../envs/mcibi.yaml"
     shell:
         "mcibi released download {wildcards.dataset}/{wildcards.experiment}"
-        " --release-dir $(dirname {output}) > {log} 2>&1"
+        " --release-dir $(dirname {output}) 2>&1 | tee -a {log}.attempts > {log}"
 
 
 rule official_convert:
@@ -34,7 +34,8 @@ rule official_convert:
     conda:
         "../envs/mcibi.yaml"
     shell:
-        "mcibi released convert {input.params[0]} --release-dir $(dirname {input.record}) --out {output} > {log} 2>&1"
+        "mcibi released convert {input.params[0]} --release-dir $(dirname {input.record}) --out {output}"
+        " 2>&1 | tee -a {log}.attempts > {log}"
 
 
 rule official_log:
@@ -49,7 +50,8 @@ rule official_log:
     conda:
         "../envs/mcibi.yaml"
     shell:
-        "mcibi released log {input.params[0]} --release-dir $(dirname {input.record}) --out {output} > {log} 2>&1"
+        "mcibi released log {input.params[0]} --release-dir $(dirname {input.record}) --out {output}"
+        " 2>&1 | tee -a {log}.attempts > {log}"
 
 
 rule official_evaluate:
@@ -78,7 +80,7 @@ rule official_evaluate:
     shell:
         "{params.launcher} evaluate {input.params[0]} --checkpoint {input.checkpoint} --protocol {wildcards.protocol}"
         " --data-root {params.data} --out-json {output.metrics} --out-csv {output.per_class}"
-        " --threads {params.torch_threads} > {log} 2>&1"
+        " --threads {params.torch_threads} 2>&1 | tee -a {log}.attempts > {log}"
 
 
 rule official_export:
@@ -103,7 +105,8 @@ rule official_export:
         "../envs/mcibi.yaml"
     shell:
         "{params.launcher} export {input.params[0]} --checkpoint {input.checkpoint} --protocol {wildcards.protocol}"
-        " --split test --data-root {params.data} --out {output} --threads {params.torch_threads} > {log} 2>&1"
+        " --split test --data-root {params.data} --out {output} --threads {params.torch_threads}"
+        " 2>&1 | tee -a {log}.attempts > {log}"
 
 
 rule official_table:
@@ -124,4 +127,4 @@ rule official_table:
     shell:
         "mcibi table {wildcards.dataset} --params-root {params.params_root} --runs {params.runs} --out {output}"
         " --experiments {params.experiments} --mlflow-ui {params.ui} --experiment-id-file {input.experiment_id}"
-        " > {log} 2>&1"
+        " 2>&1 | tee -a {log}.attempts > {log}"

@@ -35,7 +35,7 @@ rule figures:
         "../envs/mcibi.yaml"
     shell:
         "mcibi figures {params.file} --run-dir {params.run_dir} --data-root {params.data} --seed {params.seed}"
-        " --images {params.images} --out {output} > {log} 2>&1"
+        " --images {params.images} --out {output} 2>&1 | tee -a {log}.attempts > {log}"
 
 
 rule report:
@@ -64,4 +64,4 @@ rule report:
     shell:
         "mcibi table {wildcards.dataset} --params-root {params.params_root} --runs {params.runs}"
         " --out {output} --experiments {params.experiments} --seeds {params.seeds} --mlflow-ui {params.ui}"
-        " --experiment-id-file {input.experiment_id} > {log} 2>&1"
+        " --experiment-id-file {input.experiment_id} 2>&1 | tee -a {log}.attempts > {log}"
