@@ -70,6 +70,8 @@ class LocalSlurm:
         d = self.dir
         accounting = (f"AccountingStorageType=accounting_storage/slurmdbd\nAccountingStorageHost=127.0.0.1\n"
                       f"AccountingStoragePort={self.dbd_port}\nJobAcctGatherType=jobacct_gather/linux\n"
+                      # the munge socket for talking to slurmdbd (AuthInfo is not used for it)
+                      f"AccountingStoragePass={d}/munge/munge.sock\n"
                       if self.accounting else
                       "AccountingStorageType=accounting_storage/none\nJobAcctGatherType=jobacct_gather/none\n")
         self.conf.write_text(f"""# written by tests/support/local_slurm.py
