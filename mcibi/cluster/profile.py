@@ -30,6 +30,7 @@ from mcibi.cluster.slurm import (
     ClusterError,
     Request,
     StateTracker,
+    check_group_runtimes,
     check_requests,
     choose_status_command,
     cluster_facts,
@@ -73,8 +74,8 @@ def merge_site(profile: dict, site: dict, source: str = "site file") -> dict:
         raise ClusterError(f"{source}: partitions must map the profile's partition names to this site's, "
                            f"e.g. {{cpu: short, gpu: a100}}; got {renames!r}")
     for key, value in site.items():
-        if value is None:  # `key: null` drops the profile's setting (e.g. groups)
-            out.pop(key, None)
+        if value is None:  # `key: null` drops the profile's setting (e.g. groups): Snakemake skips null keys
+            out[key] = None
             continue
         if key in MAPPINGS + NESTED and not isinstance(value, dict):
             raise ClusterError(f"{source}: {key} must be a mapping, got {value!r}")
@@ -144,6 +145,26 @@ def job_request(job) -> Request:
                    int(runtime) if isinstance(runtime, int | float) else None, nodes, source)
 
 
+def group_members(dag, requests: dict) -> list[list[Request]]:
+    """The requests of each group job to be: jobs of one group connected by dependencies (Snakemake submits each
+    such set as one SLURM job)."""
+    parent = {job: job for job in requests if job.group}
+
+    def root(job):
+        while parent[job] is not job:
+            job = parent[job]
+        return job
+
+    for job in parent:
+        for dep in dag.dependencies.get(job, {}):
+            if dep in parent and dep.group == job.group:
+                parent[root(dep)] = root(job)
+    sets: dict = {}
+    for job in parent:
+        sets.setdefault(root(job), []).append(requests[job])
+    return [members for members in sets.values() if len(members) > 1]
+
+
 def _overridden(workflow) -> dict[str, set[str]]:
     """Rule -> the resources (and 'threads') that set-resources / set-threads entries give it."""
     settings = workflow.resource_settings
@@ -191,8 +212,9 @@ def preflight(executor) -> None:
         return
     workflow = executor.workflow
     jobs = [j for j in workflow.dag.needrun_jobs() if not j.is_local and not j.is_group()]
-    errors, warnings = check_requests([job_request(j) for j in jobs], facts.partitions, facts.config,
-                                      _overridden(workflow))
+    requests = {j: job_request(j) for j in jobs}
+    errors, warnings = check_requests(requests.values(), facts.partitions, facts.config, _overridden(workflow))
+    errors += check_group_runtimes(group_members(workflow.dag, requests), facts.partitions)
     conf = os.environ.get("SLURM_CONF")
     if conf and Path(conf).resolve() != DEFAULT_SLURM_CONF.resolve() and not DEFAULT_SLURM_CONF.exists():
         warnings.append(f"SLURM_CONF={conf}, and {DEFAULT_SLURM_CONF} does not exist: the plugin's job step starts "

@@ -392,6 +392,24 @@ def check_requests(requests: Iterable[Request], partitions: dict[str, Partition]
     return absent + lines(errors), lines(warnings)
 
 
+def check_group_runtimes(groups: Iterable[list[Request]], partitions: dict[str, Partition]) -> list[str]:
+    """Errors for group jobs (``groups:`` of the profile) whose members' runtimes, added up as Snakemake does for
+    jobs that run one after the other in one SLURM job, exceed their partition's MaxTime (each member alone may
+    fit)."""
+    default = next((p.name for p in partitions.values() if p.default), None)
+    errors = []
+    for members in groups:
+        part = partitions.get(members[0].partition or default or "")
+        total = sum(r.runtime or 0 for r in members)
+        if part is None or part.max_time is None or total <= part.max_time:
+            continue
+        rules = ", ".join(f"{r.rule} {r.runtime}" for r in members)
+        errors.append(f"group job of {members[0].label} ({rules} min) asks {total} min in total, over MaxTime="
+                      f"{part.max_time} min of partition '{part.name}': lower their runtime in {SITE_FILE} "
+                      "(set-resources), or set `groups: null` there to submit them one by one")
+    return errors
+
+
 def _labels(labels: list[str]) -> str:
     labels = [x or "no wildcards" for x in labels]
     return ", ".join(labels[:3]) + (f" and {len(labels) - 3} more" if len(labels) > 3 else "")

@@ -13,12 +13,12 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 import pytest
 import yaml
 from checkout import ROOT, copy_repo
+from local_slurm import snakemake_latencies
 
 pytestmark = pytest.mark.cluster
 
@@ -114,36 +114,6 @@ class _Watcher:
                 self.cancelled = job["id"]
 
 
-def _finished_times(log: str) -> dict[str, datetime]:
-    """Snakemake job id -> when the main process saw it finish ('[Sun Dec  6 16:23:10 2026]' then 'Finished')."""
-    out, stamp = {}, None
-    for line in log.splitlines():
-        if m := re.match(r"^\[(\w{3} \w{3} +\d+ [\d:]+ \d{4})\]$", line.strip()):
-            stamp = datetime.strptime(m.group(1), "%a %b %d %H:%M:%S %Y")
-        elif (m := re.match(r"^Finished jobid: (\d+)", line.strip())) and stamp:
-            out[m.group(1)] = stamp
-    return out
-
-
-def _latencies(log: str, jobs: dict[str, dict[str, str]]) -> dict[str, float]:
-    """SLURM job id -> seconds from its end (squeue's EndTime) to Snakemake noticing, for completed jobs."""
-    submitted = dict(re.findall(r"Job (\S+) has been submitted with SLURM jobid (\d+)", log))
-    finished = _finished_times(log)
-    out = {}
-    for snake_id, slurm_id in submitted.items():
-        job = jobs.get(slurm_id)
-        if job and job["state"] == "COMPLETED" and snake_id in finished:
-            out[slurm_id] = (finished[snake_id] - datetime.fromisoformat(job["end"])).total_seconds()
-    # a group job is reported under its group id: its members' 'Finished' lines follow the end of the SLURM job
-    for group_id, slurm_id in submitted.items():
-        if not group_id.isdigit() and slurm_id in jobs and jobs[slurm_id]["state"] == "COMPLETED":
-            end = datetime.fromisoformat(jobs[slurm_id]["end"])
-            later = [t for t in finished.values() if t >= end]
-            if later:
-                out[slurm_id] = (min(later) - end).total_seconds()
-    return out
-
-
 def test_demo_chain_through_dvc_repro_on_slurm(slurm, mlflow_server, tmp_path):
     started = time.time()
     repo = copy_repo(tmp_path / "repo")
@@ -222,7 +192,7 @@ def test_demo_chain_through_dvc_repro_on_slurm(slurm, mlflow_server, tmp_path):
     again = subprocess.run([dvc, "repro", "demo"], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "didn't change, skipping" in again.stdout + again.stderr
 
-    latency = _latencies(out, watcher.seen)
+    latency = snakemake_latencies(out, watcher.seen)
     report = {"seconds": round(seconds), "jobs": len(submissions),
               "latency_s": {"median": statistics.median(latency.values()), "max": max(latency.values()),
                             "per_job": latency}}

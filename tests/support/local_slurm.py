@@ -10,11 +10,13 @@ tests that use it (``pytest tests/cluster -m cluster``).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import time
+from datetime import datetime
 from pathlib import Path
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
@@ -280,3 +282,34 @@ StorageLoc=slurm_acct_db
 
     def scontrol(self, *args: str, check: bool = True):
         return self._run("scontrol", *args, check=check)
+
+
+# ------------------------------------------------------------------------------------- Snakemake's view of it
+def finished_times(log: str) -> dict[str, datetime]:
+    """Snakemake job id -> when the main process saw it finish ('[Sun Dec  6 16:23:10 2026]' then 'Finished')."""
+    out, stamp = {}, None
+    for line in log.splitlines():
+        if m := re.match(r"^\[(\w{3} \w{3} +\d+ [\d:]+ \d{4})\]$", line.strip()):
+            stamp = datetime.strptime(m.group(1), "%a %b %d %H:%M:%S %Y")
+        elif (m := re.match(r"^Finished jobid: (\d+)", line.strip())) and stamp:
+            out[m.group(1)] = stamp
+    return out
+
+
+def snakemake_latencies(log: str, jobs: dict[str, dict[str, str]]) -> dict[str, float]:
+    """SLURM job id -> seconds from its end (squeue's EndTime) to Snakemake noticing, for completed jobs."""
+    submitted = dict(re.findall(r"Job (\S+) has been submitted with SLURM jobid (\d+)", log))
+    finished = finished_times(log)
+    out = {}
+    for snake_id, slurm_id in submitted.items():
+        job = jobs.get(slurm_id)
+        if job and job["state"] == "COMPLETED" and snake_id in finished:
+            out[slurm_id] = (finished[snake_id] - datetime.fromisoformat(job["end"])).total_seconds()
+    # a group job is reported under its group id: its members' 'Finished' lines follow the end of the SLURM job
+    for group_id, slurm_id in submitted.items():
+        if not group_id.isdigit() and slurm_id in jobs and jobs[slurm_id]["state"] == "COMPLETED":
+            end = datetime.fromisoformat(jobs[slurm_id]["end"])
+            later = [t for t in finished.values() if t >= end]
+            if later:
+                out[slurm_id] = (min(later) - end).total_seconds()
+    return out

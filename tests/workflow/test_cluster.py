@@ -26,6 +26,8 @@ def test_slurm_profile_plans_torchrun_jobs_with_param_resources(tmp_path):
     data["train"]["resources"] = {"gpus": 4, "cpus_per_gpu": 8, "mem_mb": 64000, "runtime": 1440}
     data["evaluate"]["resources"] = {"gpus": 1, "cpus_per_gpu": 4, "mem_mb": 16000, "runtime": 120}
     defaults.write_text(yaml.safe_dump(data))
+    # a site file renames the profile's partitions (profiles/slurm/site.yaml, merged by the profile)
+    (repo / "profiles" / "slurm" / "site.yaml").write_text("partitions: {cpu: short, gpu: a100}\n")
     proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "--workflow-profile",
                            "profiles/slurm", "results/demo"], cwd=repo, capture_output=True, text=True,
                           timeout=600)
@@ -35,8 +37,10 @@ def test_slurm_profile_plans_torchrun_jobs_with_param_resources(tmp_path):
     assert "mcibi evaluate params/demo/upernet_mcibipp.yaml" in out and "torchrun" not in out.split(
         "rule evaluate:")[1].split("rule ")[0]
     train_job = out.split("rule train:")[1].split("Shell command")[0]
-    for item in ("mem_mb=64000", "runtime=1440", "gpu=4", "cpus_per_task=32", "slurm_partition=gpu"):
+    for item in ("mem_mb=64000", "runtime=1440", "gpu=4", "cpus_per_task=32", "slurm_partition=a100"):
         assert item in train_job, (item, train_job)
+    figures_job = out.split("rule figures:")[1].split("Shell command")[0]
+    assert "slurm_partition=short" in figures_job and "gpu=0" in figures_job  # no GPU partition for figures
     assert "--threads 8" in out  # torch threads per process = cpus_per_gpu
 
 
@@ -85,7 +89,14 @@ def test_cancelled_by_an_operator_and_unrequeued_preemption_read_as_failures():
 
 
 def test_requests_are_checked_against_what_the_partitions_offer():
-    from mcibi.cluster.slurm import Request, check_requests, parse_config, parse_partitions, slurm_minutes
+    from mcibi.cluster.slurm import (
+        Request,
+        check_group_runtimes,
+        check_requests,
+        parse_config,
+        parse_partitions,
+        slurm_minutes,
+    )
 
     assert [slurm_minutes(v) for v in ("UNLIMITED", "02:00:00", "1-00:00:00", "30", "5:30")] == [None, 120, 1440,
                                                                                                   30, 6]
@@ -107,6 +118,13 @@ def test_requests_are_checked_against_what_the_partitions_offer():
     assert len(errors) == 4
     assert warnings == ["rule figures (lip/upernet_r50): asks no GPU but goes to partition 'a100', whose nodes all "
                         "have GPUs; partitions without GPUs: short"]
+    # the data steps of one dataset run as one group job: their runtimes add up
+    group = [Request(rule, "lip", "short", 4, 8000, 0, minutes)
+             for rule, minutes in (("verify_archives", 30), ("prepare", 90), ("verify_data", 30))]
+    assert check_group_runtimes([group], parts) == [
+        "group job of lip (verify_archives 30, prepare 90, verify_data 30 min) asks 150 min in total, over MaxTime="
+        "120 min of partition 'short': lower their runtime in profiles/slurm/site.yaml (set-resources), or set "
+        "`groups: null` there to submit them one by one"]
     # GPUs asked of a cluster that has none configured: sbatch would refuse them, say so first
     errors, _ = check_requests([Request("train", "demo/x", "short", 1, 4000, 1, 60)], parts, parse_config(CONFIG))
     assert "no GPUs configured (GresTypes=(null))" in errors[0] and "Invalid generic resource (gres)" in errors[0]
@@ -140,6 +158,7 @@ def test_site_file_is_merged_rule_by_rule_and_resource_by_resource(tmp_path, mon
     from mcibi.cluster.profile import LOADED
 
     assert LOADED["site"].endswith("site.yaml") and LOADED["profile"]["set-resources"]["prepare"]["mem_mb"] == 16000
+    assert "groups" in merged and "groups" not in _render_profile(repo, monkeypatch, "groups: null\n")  # removed
 
 
 def test_adapters_normalise_the_states_the_plugin_reads():
