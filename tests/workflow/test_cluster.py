@@ -200,3 +200,17 @@ def test_table_links_open_the_tracking_server_the_runs_went_to(tmp_path):
     links = dict(zip(table["Experiment"], table["MLflow link"], strict=True))
     assert links["upernet_mcibipp"] == "http://10.0.0.5:5000/#/experiments/4/runs/id-upernet_mcibipp"
     assert links["upernet_baseline"] == f"{LOCAL_UI}/#/experiments/4/runs/id-upernet_baseline"
+
+
+def test_command_line_set_resources_that_replaced_the_profiles_are_named(monkeypatch):
+    from types import SimpleNamespace
+
+    from mcibi.cluster import profile
+
+    monkeypatch.setattr(profile, "LOADED", {"site": None, "profile": {"set-resources": {
+        "download": {"runtime": 720}, "train": {"slurm_partition": "gpu"}, "report": {"runtime": 30}}}})
+    # `--set-resources train:mem_mb=1000 report:runtime=30` on the command line: the profile's set-resources is gone
+    settings = SimpleNamespace(overwrite_resources={"train": {"mem_mb": 1000}, "report": {"runtime": 30}},
+                               overwrite_threads={})
+    dropped = profile.dropped_profile_entries(SimpleNamespace(resource_settings=settings))
+    assert dropped == ["download (runtime)", "train (slurm_partition)"]
