@@ -702,6 +702,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from mcibi.cluster.slurm import attempt_header  # the workflow's logs are appended: one header per attempt
+
+    if os.environ.get("RANK", "0") == "0":  # once per attempt, not once per torchrun process
+        log.info("%s", attempt_header(" ".join((sys.argv[1:] if argv is None else argv)[:1])))
     try:
         args.func(args)
     except KeyboardInterrupt:

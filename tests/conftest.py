@@ -5,12 +5,18 @@ from __future__ import annotations
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     """List each skipped test with its reason, or say that none was skipped."""
-    del exitstatus, config
+    del exitstatus
     skipped = terminalreporter.stats.get("skipped", [])
-    deselected = len(terminalreporter.stats.get("deselected", []))
+    deselected = terminalreporter.stats.get("deselected", [])
+    cluster = sum(1 for item in deselected if getattr(item, "get_closest_marker", lambda _: None)("cluster"))
     terminalreporter.section("skipped tests")
-    if deselected:
-        terminalreporter.write_line(f"{deselected} deselected (-m/-k): this is not the whole suite")
+    if "cluster" not in (config.option.markexpr or ""):  # tests/cluster/conftest.py: root and a local SLURM
+        count = f"{cluster} " if cluster else ""  # (pytest-xdist's workers deselect them: no count here then)
+        terminalreporter.write_line(f"the {count}SLURM cluster tests (tests/cluster) are deselected: CI runs them in "
+                                    "its own step, `.ci/cluster` (pytest tests/cluster -m cluster -n 0; "
+                                    "docs/scaling.md)")
+    if len(deselected) > cluster:
+        terminalreporter.write_line(f"{len(deselected) - cluster} deselected (-m/-k): this is not the whole suite")
     if not skipped:
         terminalreporter.write_line("none skipped: every selected test ran (the official toolbox parity tests "
                                     "included)")

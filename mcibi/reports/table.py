@@ -53,16 +53,33 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
 
 
+LOCAL_UI = "http://127.0.0.1:5000"  # `mlflow ui` over a local SQLite store (docs/tracking.md)
+
+
+def ui_base(mlflow_ui: str | None, tracking_uri: str | None) -> str | None:
+    """The MLflow UI a run's link opens: ``mlflow_ui`` when it names one; with ``auto``, the tracking server the
+    run was logged to (an http(s) tracking URI serves the UI too), else :data:`LOCAL_UI` for a local store."""
+    if not mlflow_ui or mlflow_ui != "auto":
+        return mlflow_ui or None
+    if tracking_uri and tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri
+    return LOCAL_UI
+
+
 def build_table(experiments: list[ExperimentParams], runs_dir: str | Path, seeds: int = 1,
                 mlflow_ui: str | None = None, experiment_id: str | None = None) -> pd.DataFrame:
     """One row per experiment with, per protocol, our mean/sd/count over the seed runs that have an evaluation
-    file ``<runs_dir>/<run>/eval/<protocol>.json``, the published value, delta, paired baseline and gain."""
+    file ``<runs_dir>/<run>/eval/<protocol>.json``, the published value, delta, paired baseline and gain.
+
+    ``mlflow_ui``: base URL of the runs' links, or ``auto`` for the tracking server each run's ``run.json``
+    names (:func:`ui_base`)."""
     from mcibi.data.lookup import get_spec
 
     runs_dir = Path(runs_dir)
     by_stem = {p.name.split("/")[-1]: p for p in experiments}
     ours: dict[str, dict[str, list[float]]] = {}
     run_ids: dict[str, list[str]] = {}
+    run_uis: dict[str, str | None] = {}  # run id -> UI base of its link
     for stem, p in by_stem.items():
         ours[stem] = {proto: [] for proto in PROTOCOL_NAMES}
         run_ids[stem] = []
@@ -73,9 +90,11 @@ def build_table(experiments: list[ExperimentParams], runs_dir: str | Path, seeds
                 if result is not None:
                     ours[stem][proto].append(100.0 * result["mIoU"])
                     run_id = run_id or result.get("mlflow_run_id") or ""
-            run_id = run_id or ((_read(runs_dir / run / "run.json") or {}).get("mlflow_run_id") or "")
+            record = _read(runs_dir / run / "run.json") or {}
+            run_id = run_id or record.get("mlflow_run_id") or ""
             if run_id:
                 run_ids[stem].append(run_id)
+                run_uis[run_id] = ui_base(mlflow_ui, record.get("tracking_uri"))
 
     rows = []
     for stem, p in by_stem.items():
@@ -121,8 +140,8 @@ def build_table(experiments: list[ExperimentParams], runs_dir: str | Path, seeds
                                   for run, _ in seed_runs(stem, p.train.seed, seeds) for proto in p.evaluate.protocols)
         row["Status"] = (f"{SERVER}: predictions exported" if exported else SERVER) if server else ""
         row["MLflow run"] = " ".join(run_ids[stem])
-        row["MLflow link"] = " ".join(f"{mlflow_ui.rstrip('/')}/#/experiments/{experiment_id}/runs/{r}"
-                                      for r in run_ids[stem]) if mlflow_ui and experiment_id else ""
+        row["MLflow link"] = " ".join(f"{run_uis[r].rstrip('/')}/#/experiments/{experiment_id}/runs/{r}"
+                                      for r in run_ids[stem] if run_uis[r]) if experiment_id else ""
         rows.append(row)
     # the model-zoo page's order: its sections, its rows, each memory row followed by its paired baseline; experiments
     # outside the catalogue (the demo, ablations) keep their file order after them

@@ -26,4 +26,4 @@ if CUSTOM_DATASETS:
             description=lambda wc: description_path(wc.dataset),
             out=dataset_data,
         shell:
-            "mcibi prepare-custom {params.description:q} --out {params.out:q} > {log:q} 2>&1"
+            "mcibi prepare-custom {params.description:q} --out {params.out:q} 2>&1 | tee -a {log:q}.attempts > {log:q}"

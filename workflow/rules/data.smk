@@ -24,7 +24,7 @@ rule download:
         checksums=lambda wc: f"{DATA}/{wc.dataset}.checksums.json",
     shell:
         "mcibi download {wildcards.dataset} --dest {params.dest:q} --record {output.record:q}"
-        " --checksums {params.checksums:q} > {log:q} 2>&1"
+        " --checksums {params.checksums:q} 2>&1 | tee -a {log:q}.attempts > {log:q}"
 
 
 rule verify_archives:
@@ -39,7 +39,7 @@ rule verify_archives:
     params:
         dest=dataset_downloads,
     shell:
-        "mcibi verify-archives {wildcards.dataset} --dest {params.dest:q} --report {output:q} > {log:q} 2>&1"
+        "mcibi verify-archives {wildcards.dataset} --dest {params.dest:q} --report {output:q} 2>&1 | tee -a {log:q}.attempts > {log:q}"
 
 
 rule prepare:
@@ -61,7 +61,7 @@ rule prepare:
         out=dataset_data,
     shell:
         "mcibi prepare {wildcards.dataset} --archives {params.archives:q} --out {params.out:q}"
-        " --archive-record {input:q} --workers {threads} > {log:q} 2>&1"
+        " --archive-record {input:q} --workers {threads} 2>&1 | tee -a {log:q}.attempts > {log:q}"
 
 
 rule verify_data:
@@ -77,7 +77,7 @@ rule verify_data:
     params:
         data=dataset_data,
     shell:
-        "mcibi verify-data {wildcards.dataset} --data {params.data:q} --report {output:q} > {log:q} 2>&1"
+        "mcibi verify-data {wildcards.dataset} --data {params.data:q} --report {output:q} 2>&1 | tee -a {log:q}.attempts > {log:q}"
 
 
 localrules:
@@ -94,4 +94,4 @@ rule dvc_commit:
     conda:
         "../envs/mcibi.yaml"
     shell:
-        "mcibi dvc-commit --record {output:q} > {log:q} 2>&1"
+        "mcibi dvc-commit --record {output:q} 2>&1 | tee -a {log:q}.attempts > {log:q}"

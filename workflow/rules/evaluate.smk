@@ -37,7 +37,7 @@ rule evaluate:
         "{params.launcher} evaluate {params.file:q} --checkpoint {input.checkpoint:q} --protocol {wildcards.protocol}"
         " --data-root {params.data:q} --out-json {output.metrics:q} --out-csv {output.per_class:q}"
         " --samples-out {output.samples:q} --samples {params.images}"
-        " --threads {params.torch_threads} --seed {params.seed} --no-mlflow > {log:q} 2>&1"
+        " --threads {params.torch_threads} --seed {params.seed} --no-mlflow 2>&1 | tee -a {log:q}.attempts > {log:q}"
 
 
 # Test-set predictions for an evaluation server (CityScapes: labelIds PNGs), built only on request, e.g.
@@ -63,4 +63,4 @@ rule export_test:
         protocol=protocol_of,
     shell:
         "{params.launcher} export {params.file:q} --checkpoint {input.checkpoint:q} --protocol {wildcards.protocol}"
-        " --split test --data-root {params.data:q} --out {output:q} --threads {params.torch_threads} > {log:q} 2>&1"
+        " --split test --data-root {params.data:q} --out {output:q} --threads {params.torch_threads} 2>&1 | tee -a {log:q}.attempts > {log:q}"

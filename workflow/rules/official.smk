@@ -22,7 +22,7 @@ rule official_download:
         release_dir=release_dir_out,
     shell:
         "mcibi released download {wildcards.dataset}/{wildcards.experiment}"
-        " --release-dir {params.release_dir:q} > {log:q} 2>&1"
+        " --release-dir {params.release_dir:q} 2>&1 | tee -a {log:q}.attempts > {log:q}"
 
 
 rule official_convert:
@@ -38,7 +38,7 @@ rule official_convert:
     params:
         release_dir=release_dir,
     shell:
-        "mcibi released convert {input.params[0]:q} --release-dir {params.release_dir:q} --out {output:q} > {log:q} 2>&1"
+        "mcibi released convert {input.params[0]:q} --release-dir {params.release_dir:q} --out {output:q} 2>&1 | tee -a {log:q}.attempts > {log:q}"
 
 
 rule official_log:
@@ -55,7 +55,7 @@ rule official_log:
     params:
         release_dir=release_dir,
     shell:
-        "mcibi released log {input.params[0]:q} --release-dir {params.release_dir:q} --out {output:q} > {log:q} 2>&1"
+        "mcibi released log {input.params[0]:q} --release-dir {params.release_dir:q} --out {output:q} 2>&1 | tee -a {log:q}.attempts > {log:q}"
 
 
 rule official_evaluate:
@@ -81,7 +81,7 @@ rule official_evaluate:
     shell:
         "{params.launcher} evaluate {input.params[0]:q} --checkpoint {input.checkpoint:q}"
         " --protocol {wildcards.protocol} --data-root {params.data:q} --out-json {output.metrics:q}"
-        " --out-csv {output.per_class:q} --threads {params.torch_threads} > {log:q} 2>&1"
+        " --out-csv {output.per_class:q} --threads {params.torch_threads} 2>&1 | tee -a {log:q}.attempts > {log:q}"
 
 
 rule official_export:
@@ -105,7 +105,7 @@ rule official_export:
     shell:
         "{params.launcher} export {input.params[0]:q} --checkpoint {input.checkpoint:q}"
         " --protocol {wildcards.protocol} --split test --data-root {params.data:q} --out {output:q}"
-        " --threads {params.torch_threads} > {log:q} 2>&1"
+        " --threads {params.torch_threads} 2>&1 | tee -a {log:q}.attempts > {log:q}"
 
 
 rule official_table:
@@ -126,4 +126,4 @@ rule official_table:
     shell:
         "mcibi table {wildcards.dataset} --params-root {params.params_root:q} --runs {params.runs:q} --out {output:q}"
         " --experiments {params.experiments:q} --mlflow-ui {params.ui:q}"
-        " --experiment-id-file {input.experiment_id:q} > {log:q} 2>&1"
+        " --experiment-id-file {input.experiment_id:q} 2>&1 | tee -a {log:q}.attempts > {log:q}"

@@ -32,7 +32,7 @@ rule figures:
         file=params_file,  # the run's params file: its protocols reach the figures through the evaluations
     shell:
         "mcibi figures {params.file:q} --run-dir {params.run_dir:q} --data-root {params.data:q} --seed {params.seed}"
-        " --images {params.images} --out {output:q} > {log:q} 2>&1"
+        " --images {params.images} --out {output:q} 2>&1 | tee -a {log:q}.attempts > {log:q}"
 
 
 rule report:
@@ -61,4 +61,4 @@ rule report:
     shell:
         "mcibi table {wildcards.dataset} --params-root {params.params_root:q} --runs {params.runs:q}"
         " --out {output:q} --experiments {params.experiments:q} --seeds {params.seeds} --mlflow-ui {params.ui:q}"
-        " --experiment-id-file {input.experiment_id:q} > {log:q} 2>&1"
+        " --experiment-id-file {input.experiment_id:q} 2>&1 | tee -a {log:q}.attempts > {log:q}"

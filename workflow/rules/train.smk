@@ -3,6 +3,8 @@
 # one GPU launches `torchrun --nproc_per_node=<gpus>`. `mcibi train` resumes from the newest checkpoint under
 # runs/<dataset>/<experiment>/checkpoints/ (not a declared output, so Snakemake never deletes it): a job cut by a
 # wall-time limit continues when it is resubmitted (the SLURM profile retries failed jobs).
+# Logs, in every rule: Snakemake deletes a job's log before each run, so {log} holds the last attempt and
+# {log}.attempts every attempt, appended (each opens with the mcibi command's "===== attempt" line).
 
 
 localrules:
@@ -17,7 +19,7 @@ rule mlflow_experiment:
     conda:
         "../envs/mcibi.yaml"
     shell:
-        "mcibi mlflow-init {wildcards.dataset} --out {output:q} > {log:q} 2>&1"
+        "mcibi mlflow-init {wildcards.dataset} --out {output:q} 2>&1 | tee -a {log:q}.attempts > {log:q}"
 
 
 rule train:
@@ -48,4 +50,4 @@ rule train:
         trajectory=trajectory_of,
     shell:
         "{params.launcher} train {params.file:q} --data-root {params.data:q} --out {params.out:q}"
-        " --threads {params.torch_threads} --seed {params.seed} >> {log:q} 2>&1"
+        " --threads {params.torch_threads} --seed {params.seed} 2>&1 | tee -a {log:q}.attempts > {log:q}"
