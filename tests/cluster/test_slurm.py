@@ -128,7 +128,7 @@ def test_demo_chain_through_dvc_repro_on_slurm(slurm, mlflow_server, tmp_path):
     log_file = tmp_path / "dvc_repro.log"
     watcher = _Watcher(slurm, repo)
     with open(log_file, "w") as log:
-        proc = subprocess.Popen([dvc, "repro", "demo"], cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([dvc, "repro", "results@demo"], cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 1500
         while proc.poll() is None and time.time() < deadline:
             watcher.poll()
@@ -188,8 +188,9 @@ def test_demo_chain_through_dvc_repro_on_slurm(slurm, mlflow_server, tmp_path):
     assert table.count(f"{uri}/#/experiments/{exp.experiment_id}/runs/") == 2, table
 
     # DVC ran it: the stage is recorded and a second repro does nothing
-    assert "demo" in yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    again = subprocess.run([dvc, "repro", "demo"], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert "results@demo" in yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    again = subprocess.run([dvc, "repro", "results@demo"], cwd=repo, env=env, capture_output=True, text=True,
+                           timeout=600)
     assert again.returncode == 0 and "didn't change, skipping" in again.stdout + again.stderr
 
     latency = snakemake_latencies(out, watcher.seen)

@@ -51,7 +51,7 @@ class LocalSlurm:
         self.accounting = accounting
         self.cpus = cpus or os.cpu_count() or 1
         self.mem_mb = mem_mb
-        self.host = socket.gethostname()
+        self.host = socket.gethostname().split(".")[0]  # the daemons compare short host names
         # one partition by default; the tests' site file maps the profile's cpu/gpu partitions onto it
         self.partitions = partitions or f"PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP"
         self.min_job_age = min_job_age
