@@ -4,7 +4,7 @@
 # runs/<dataset>/<experiment>/checkpoints/ (not a declared output, so Snakemake never deletes it): a job cut by a
 # wall-time limit continues when it is resubmitted (the SLURM profile retries failed jobs).
 # Logs, in every rule: Snakemake deletes a job's log before each run, so the log holds the last attempt and
-# <log>.attempts every attempt, appended (each opens with the mcibi command's "===== attempt" line).
+# <log>.attempts every attempt, appended (each opens with an "===== attempt" line).
 
 
 localrules:
