@@ -170,14 +170,14 @@ def check_archive(path: str | Path, archive: Archive, extra_md5: str | None = No
 
 
 # ----------------------------------------------------------------------------------------------------- transfer
-def fetch(url: str, target: Path, session: requests.Session | None = None, retries: int = 4,
+def fetch(url: str, target: Path, http: requests.Session | None = None, retries: int = 4,
           retry_delay: float = 2.0, timeout: float = 60.0) -> Path:
     """Download ``url`` to ``target.part``, resuming with a Range request; return the complete ``.part`` file.
 
     A transfer that breaks off is resumed from the bytes already on disk (also across runs). HTTP errors such as
     404 and a web page where a file was expected are not retried.
     """
-    session = session or requests.Session()
+    http = http or requests.Session()
     part = target.with_name(target.name + ".part")
     for attempt in range(retries + 1):
         have = part.stat().st_size if part.exists() else 0
@@ -185,7 +185,7 @@ def fetch(url: str, target: Path, session: requests.Session | None = None, retri
         if have:
             headers["Range"] = f"bytes={have}-"
         try:
-            with session.get(url, headers=headers, stream=True, timeout=timeout, allow_redirects=True) as resp:
+            with http.get(url, headers=headers, stream=True, timeout=timeout, allow_redirects=True) as resp:
                 if resp.status_code == 416 and have:
                     return part  # the part file already holds the whole file
                 if resp.status_code >= 400:
@@ -222,7 +222,7 @@ def fetch(url: str, target: Path, session: requests.Session | None = None, retri
     raise AssertionError("unreachable")
 
 
-def _fetch_archive(archive: Archive, dest: Path, url_map: UrlMap, session: requests.Session,
+def _fetch_archive(archive: Archive, dest: Path, url_map: UrlMap, http: requests.Session,
                    retry_delay: float) -> Path:
     """Fetch one archive from its URLs in order (joining multi-volume mirrors); return the unverified file."""
     errors = []
@@ -230,8 +230,8 @@ def _fetch_archive(archive: Archive, dest: Path, url_map: UrlMap, session: reque
         url = url_map(url)
         try:
             if not archive.parts:
-                return fetch(url, dest / archive.name, session, retry_delay=retry_delay)
-            volumes = [fetch(f"{url}.{i:03d}", dest / f"{archive.name}.{i:03d}", session, retry_delay=retry_delay)
+                return fetch(url, dest / archive.name, http, retry_delay=retry_delay)
+            volumes = [fetch(f"{url}.{i:03d}", dest / f"{archive.name}.{i:03d}", http, retry_delay=retry_delay)
                        for i in range(1, archive.parts + 1)]
             joined = dest / f"{archive.name}.part"
             with open(joined, "wb") as out:
@@ -275,15 +275,15 @@ def cityscapes_credentials() -> tuple[str, str] | None:
 
 
 def cityscapes_login(user: str, password: str, site: str = CITYSCAPES_SITE) -> requests.Session:
-    """Log in like cityscapesScripts' downloader (a redirect means success) and return the session."""
-    session = requests.Session()
-    session.get(f"{site}/login", allow_redirects=False, timeout=60).raise_for_status()
-    resp = session.post(f"{site}/login", data={"username": user, "password": password, "submit": "Login"},
+    """Log in like cityscapesScripts' downloader (a redirect means success) and return its HTTP client."""
+    http = requests.Session()
+    http.get(f"{site}/login", allow_redirects=False, timeout=60).raise_for_status()
+    resp = http.post(f"{site}/login", data={"username": user, "password": password, "submit": "Login"},
                         allow_redirects=False, timeout=60)
     resp.raise_for_status()
     if resp.status_code != 302:
         raise ArchiveError(f"{site}: login as '{user}' failed (bad credentials?).")
-    return session
+    return http
 
 
 def _fetch_cityscapes(source: Source, dest: Path, url_map: UrlMap, retry_delay: float,
@@ -293,7 +293,7 @@ def _fetch_cityscapes(source: Source, dest: Path, url_map: UrlMap, retry_delay: 
         raise ArchiveError("no CityScapes credentials (set CITYSCAPES_USERNAME and CITYSCAPES_PASSWORD, or add "
                            "'machine www.cityscapes-dataset.com login <user> password <password>' to ~/.netrc)")
     site = url_map(CITYSCAPES_SITE).rstrip("/")
-    session = cityscapes_login(*creds, site=site)
+    http = cityscapes_login(*creds, site=site)
     try:
         from cityscapesscripts.download import downloader as official
     except ImportError:
@@ -305,14 +305,14 @@ def _fetch_cityscapes(source: Source, dest: Path, url_map: UrlMap, retry_delay: 
             staging = dest / ".cityscapes-download"
             staging.mkdir(exist_ok=True)
             resume = (staging / archive.name).exists()
-            official.download_packages(session=session, package_names=[archive.name],
+            official.download_packages(session=http, package_names=[archive.name],
                                        destination_path=str(staging), resume=resume)  # checks the site's md5
             records[archive.name] = _accept(staging / archive.name, final, archive, first_seen=first_seen,
                                             source=source.name)
             continue
-        md5 = session.get(f"{site}/md5-sum/?packageID={archive.package_id}", timeout=60)
+        md5 = http.get(f"{site}/md5-sum/?packageID={archive.package_id}", timeout=60)
         md5.raise_for_status()
-        part = fetch(f"{site}/file-handling/?packageID={archive.package_id}", final, session,
+        part = fetch(f"{site}/file-handling/?packageID={archive.package_id}", final, http,
                      retry_delay=retry_delay)
         records[archive.name] = _accept(part, final, archive, extra_md5=md5.text.split()[0],
                                         first_seen=first_seen, source=source.name)
@@ -363,7 +363,7 @@ def download(dataset: str | DatasetSpec, dest_dir: str | Path, *, url_map: UrlMa
             log.info("%s: %s archives already present and verified", spec.name, source.name)
             return [dest / a.name for a in source.archives]
     failures = []
-    session = requests.Session()
+    http = requests.Session()
     for source in spec.sources:
         try:
             if source.kind == "cityscapes":
@@ -376,7 +376,7 @@ def download(dataset: str | DatasetSpec, dest_dir: str | Path, *, url_map: UrlMa
                         continue
                     if not archive.urls:
                         raise ArchiveError(f"{archive.name}: no direct download URL ({archive.note})")
-                    _accept(_fetch_archive(archive, dest, url_map, session, retry_delay), final, archive,
+                    _accept(_fetch_archive(archive, dest, url_map, http, retry_delay), final, archive,
                             first_seen=first_seen, source=source.name)
             log.info("%s: downloaded the %s archives", spec.name, source.name)
             (dest / SOURCE_FILE).write_text(source.name + "\n")
