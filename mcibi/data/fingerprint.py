@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 RECORD_KEY = "fingerprint"  # where verify-data's report stores it
@@ -37,14 +38,34 @@ def fingerprint(folder: str | Path) -> str:
                 if e.is_dir():
                     walk(e.path, name + "/")
                 elif name not in _SKIP:
-                    size = e.stat().st_size  # follows symlinks (a DVC symlink cache)
-                    small = name == "manifest.json" or name.startswith("splits/")
-                    digest = hashlib.sha256(Path(e.path).read_bytes()).hexdigest() if small else ""
-                    rows.append(f"{name}\t{size}\t{digest}")
+                    rows.append(_row(name, e.path))
 
     walk(str(root), "")
-    rows.sort()
-    return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:20]
+    return _digest(rows)
+
+
+def files_fingerprint(folder: str | Path, names: Iterable[str]) -> str:
+    """:func:`fingerprint` over the files ``names`` (relative paths) only; a missing one counts as size -1."""
+    root = Path(folder)
+    rows = []
+    for name in names:
+        try:
+            rows.append(_row(name, str(root / name)))
+        except OSError:
+            rows.append(f"{name}\t-1\t")
+    return _digest(rows)
+
+
+def _row(name: str, path: str) -> str:
+    """A file's line of the fingerprint: relative path, size and, for the manifest and split lists, content."""
+    size = os.stat(path).st_size  # follows symlinks (a DVC symlink cache)
+    small = name == "manifest.json" or name.startswith("splits/")
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest() if small else ""
+    return f"{name}\t{size}\t{digest}"
+
+
+def _digest(rows: list[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(rows)).encode()).hexdigest()[:20]
 
 
 def recorded(report: str | Path) -> str | None:

@@ -37,6 +37,13 @@ log = logging.getLogger(__name__)
 EXIF_ORIENTATION = 0x0112
 
 
+def reencode(src: Path, target: Path) -> bool:
+    """Write the image ``src`` in ``target``'s format (by its suffix) through OpenCV; False when ``src`` cannot be
+    decoded or ``target`` written."""
+    bgr = cv2.imread(str(src), cv2.IMREAD_COLOR)
+    return bgr is not None and bool(cv2.imwrite(str(target), bgr))
+
+
 def _write_sample(spec: DatasetSpec, out: Path, image_id: str, image: Path,
                   label_fn: Callable[[], np.ndarray | Path]) -> None:
     if not image.is_file():
@@ -64,8 +71,7 @@ def _write_sample(spec: DatasetSpec, out: Path, image_id: str, image: Path,
     elif image.suffix.lower() == spec.image_ext:
         os.replace(image, target)  # the scratch copy is not needed any more: move, do not re-encode
     else:
-        bgr = cv2.imread(str(image), cv2.IMREAD_COLOR)
-        if bgr is None or not cv2.imwrite(str(target), bgr):
+        if not reencode(image, target):
             raise PreparedDataError(f"{image}: could not convert to {spec.image_ext}.")
     label_file = out / "labels" / f"{image_id}.png"
     label_file.parent.mkdir(parents=True, exist_ok=True)
@@ -303,8 +309,7 @@ def prepare_custom(description: str | Path, out_dir: str | Path, show_progress: 
             if src.suffix.lower() in ((".jpg", ".jpeg") if ext == ".jpg" else (".png",)):
                 shutil.copyfile(src, target)
             else:
-                bgr = cv2.imread(str(src), cv2.IMREAD_COLOR)
-                if bgr is None or not cv2.imwrite(str(target), bgr):
+                if not reencode(src, target):
                     raise CustomDatasetError(f"{src}: could not convert to {ext}.")
             label_file = tmp / "labels" / f"{image_id}.png"
             label_file.parent.mkdir(parents=True, exist_ok=True)

@@ -12,8 +12,6 @@ other splits (evaluation images) leaves the weights valid: training resumes, and
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import re
 import time
@@ -22,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from mcibi.data.fingerprint import RECORD_KEY, fingerprint
+from mcibi.data.fingerprint import files_fingerprint, fingerprint, recorded
 from mcibi.models.build import save_checkpoint
 from mcibi.models.checkpoint import CheckpointError, load_checkpoint, non_finite_tensors
 from mcibi.spec.params import (
@@ -44,25 +42,13 @@ class ResumeConflictError(ValueError):
 
 
 def data_version(root: str | Path, split: str, ids: list[str], image_ext: str) -> dict[str, str]:
-    """The version of the prepared data a run trains on: ``dataset``, ``split``, ``train_files`` (sha256 over the
-    relative path and size of each training image and label plus the contents of ``manifest.json`` and the split
-    list, as :func:`mcibi.data.fingerprint.fingerprint` hashes them) and ``fingerprint`` (the whole folder's)."""
+    """The version of the prepared data a run trains on: ``dataset``, ``split``, ``train_files`` (the
+    :func:`~mcibi.data.fingerprint.files_fingerprint` of the manifest, the split list and each training image and
+    label) and ``fingerprint`` (the whole folder's)."""
     folder = Path(root)
-    rows = []
-    for name in ("manifest.json", f"splits/{split}.txt"):
-        file = folder / name
-        content = file.read_bytes() if file.is_file() else b""
-        rows.append(f"{name}\t{len(content)}\t{hashlib.sha256(content).hexdigest()}")
-    for image_id in ids:
-        for name in (f"images/{image_id}{image_ext}", f"labels/{image_id}.png"):
-            try:
-                size = (folder / name).stat().st_size  # follows symlinks (a DVC symlink cache)
-            except OSError:
-                size = -1
-            rows.append(f"{name}\t{size}\t")
-    rows.sort()
-    return {"dataset": folder.name, "split": split,
-            "train_files": hashlib.sha256("\n".join(rows).encode()).hexdigest()[:20],
+    names = ["manifest.json", f"splits/{split}.txt"]
+    names += [name for image_id in ids for name in (f"images/{image_id}{image_ext}", f"labels/{image_id}.png")]
+    return {"dataset": folder.name, "split": split, "train_files": files_fingerprint(folder, names),
             "fingerprint": fingerprint(folder)}
 
 
@@ -70,10 +56,7 @@ def unverified_change(root: str | Path, version: dict[str, str]) -> str | None:
     """Why the data differs from what ``verify-data`` checked (its ``verified.json``), or None when it does not
     or was never verified."""
     report = Path(root) / "verified.json"
-    try:
-        verified = json.loads(report.read_text()).get(RECORD_KEY)
-    except (OSError, ValueError, AttributeError):
-        return None
+    verified = recorded(report)
     if verified is None or verified == version["fingerprint"]:
         return None
     return (f"{Path(root)} changed since `mcibi verify-data` checked it ({report} records fingerprint {verified}, the "

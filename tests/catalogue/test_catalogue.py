@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+from checkout import ROOT
 
 from mcibi.catalogue.budget import budget, budget_markdown
 from mcibi.catalogue.generate import check_catalogue
@@ -15,9 +16,8 @@ from mcibi.catalogue.published import published, published_miou
 from mcibi.catalogue.rows import DATASET_TITLES, DATASETS, ROWS, catalogue_entry, rows_of, select
 from mcibi.spec.params import experiment_files, load_params
 
-ROOT = Path(__file__).resolve().parents[2]
 PARAMS = ROOT / "params"
-PAGES = Path(__file__).resolve().parents[1] / "fixtures"  # copies of the model-zoo page and the official one
+PAGES = ROOT / "tests" / "fixtures"  # copies of the model-zoo page and the official one
 
 
 def _all_files():

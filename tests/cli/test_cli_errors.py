@@ -6,13 +6,11 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from checkout import ROOT
 
 from mcibi import cli
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _error(caplog) -> str:

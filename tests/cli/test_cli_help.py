@@ -7,10 +7,9 @@ import re
 from pathlib import Path
 
 import pytest
+from checkout import ROOT
 
 from mcibi.cli import GROUPS, REFERENCE_BEGIN, build_parser, main, reference_markdown
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_help_lists_the_groups_with_one_line_per_command(capsys):

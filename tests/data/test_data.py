@@ -2,11 +2,11 @@
 
 import json
 import shutil
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from checkout import ROOT
 
 from mcibi.data.dataset import SegmentationDataset
 from mcibi.data.download import ArchiveError, download, verify_archives
@@ -14,7 +14,7 @@ from mcibi.data.prepare import PreparedDataError, prepare, verify_prepared
 from mcibi.data.specs import DEMO
 from mcibi.data.synthetic import CLASS, generate_archive, render_sample, sha256_file
 
-DEMO_PARAMS = Path(__file__).resolve().parents[2] / "params" / "demo"
+DEMO_PARAMS = ROOT / "params" / "demo"
 
 
 @pytest.fixture(scope="module")
@@ -167,12 +167,11 @@ def test_prepare_replaces_a_stale_folder(archive_dir, tmp_path):
 
 
 def test_dataset_reads_rgb_and_augments_reproducibly(prepared):
-    from pathlib import Path
 
     from mcibi.data.transforms import build_train_transform
     from mcibi.spec.params import load_params
 
-    params = load_params(Path(__file__).resolve().parents[2] / "params" / "demo" / "upernet_mcibipp.yaml")
+    params = load_params(ROOT / "params" / "demo" / "upernet_mcibipp.yaml")
     ds = SegmentationDataset(prepared, "train", build_train_transform(params.data, DEMO.flip_pairs), seed=3)
     a, b = ds[5], ds[5]
     assert a["image"].shape == (3, 96, 96) and a["label"].shape == (96, 96)

@@ -9,11 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from checkout import ROOT
 
 from mcibi.data.fingerprint import change_stamp, fingerprint
 from mcibi.data.versioning import commit_data
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _folder(root: Path) -> Path:

@@ -3,10 +3,10 @@ DistributedSampler + DataLoader (the official trainer's), and the official count
 
 import dataclasses
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from checkout import ROOT
 from torch.utils.data import DataLoader, DistributedSampler
 
 from mcibi.catalogue.official import load_official_configs
@@ -17,7 +17,7 @@ from mcibi.engine.order import SEED_STRIDE, epoch_batches, epoch_order
 from mcibi.spec.params import SamplerParams, experiment_files, load_params
 from mcibi.spec.sampler import epoch_steps, iterations_per_epoch, padded_order
 
-PARAMS = Path(__file__).resolve().parents[2] / "params"
+PARAMS = ROOT / "params"
 DISTRIBUTED = SamplerParams("distributed", 8)
 LOADER = SamplerParams("loader", 1)
 

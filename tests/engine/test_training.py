@@ -2,11 +2,11 @@
 
 import dataclasses
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from checkout import ROOT
 
 from mcibi.engine.losses import compute_losses
 from mcibi.engine.optim import poly_lr
@@ -15,7 +15,7 @@ from mcibi.models import build_segmentor
 from mcibi.models.segmentor import onehot_gather_logits
 from mcibi.spec.params import load_params
 
-DEMO = Path(__file__).resolve().parents[2] / "params" / "demo"
+DEMO = ROOT / "params" / "demo"
 
 
 def _params(name="upernet_mcibipp.yaml", **memory):

@@ -1,11 +1,11 @@
 """Checkpoints are written atomically and loaded strictly and safely; corrupted bytes are refused."""
 
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from checkout import ROOT
 from torch import nn
 
 from mcibi.files import atomic_path
@@ -19,7 +19,7 @@ from mcibi.models.checkpoint import (
 )
 from mcibi.spec.params import load_params
 
-PARAMS = Path(__file__).resolve().parents[2] / "params" / "demo" / "upernet_mcibipp.yaml"
+PARAMS = ROOT / "params" / "demo" / "upernet_mcibipp.yaml"
 
 
 class Tiny(nn.Module):

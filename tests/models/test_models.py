@@ -1,15 +1,15 @@
 """Segmentor shapes for every framework with and without memory, switches, and forward purity."""
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
+from checkout import ROOT
 
 from mcibi.models import build_segmentor
 from mcibi.spec.params import load_params
 
-BASE = load_params(Path(__file__).resolve().parents[2] / "params" / "demo" / "upernet_mcibipp.yaml").model
+BASE = load_params(ROOT / "params" / "demo" / "upernet_mcibipp.yaml").model
 
 
 CONTEXT = {"fcn": "none", "psnet": "ppm", "upernet": "ppm", "deeplabv3": "aspp"}

@@ -2,10 +2,10 @@
 
 import dataclasses
 import re
-from pathlib import Path
 
 import pytest
 import torch
+from checkout import ROOT
 
 import mcibi
 from mcibi.models import build_segmentor
@@ -13,8 +13,8 @@ from mcibi.models.checkpoint import CheckpointError
 from mcibi.official.keys import official_key_to_ours
 from mcibi.spec.params import ChannelParams, load_params
 
-KEYS = Path(__file__).resolve().parents[1] / "fixtures" / "official_keys"  # the official checkpoints' tensor names
-BASE = load_params(Path(__file__).resolve().parents[2] / "params" / "demo" / "upernet_mcibipp.yaml").model
+KEYS = ROOT / "tests" / "fixtures" / "official_keys"  # the official checkpoints' tensor names
+BASE = load_params(ROOT / "params" / "demo" / "upernet_mcibipp.yaml").model
 
 
 def _official(name: str) -> dict[str, tuple[int, ...]]:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from checkout import copy_repo
+from checkout import ROOT, copy_repo
 from miniature_datasets import BUILDERS, Server, local_path, mini_spec
 
 from mcibi.catalogue.official import load_official_configs
@@ -22,7 +22,6 @@ from mcibi.official.released import ReleaseError, parse_official_log, release_of
 
 ssseg = pytest.importorskip("ssseg", reason="the official sssegmentation package is not installed")
 
-ROOT = Path(__file__).resolve().parents[2]
 NAME = "mcibiplusplus_upernet_resnet50os8_voc"
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkout import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import gpu  # noqa: E402  (bench/gpu.py)

@@ -11,7 +11,8 @@ import sys
 import tomllib
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from checkout import ROOT
+
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 
 

@@ -6,23 +6,13 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import tomllib
-from pathlib import Path
 
 import pytest
+from checkout import ROOT, load_script
 from packaging.markers import Marker
 from packaging.requirements import Requirement
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _lock_module():
-    spec = importlib.util.spec_from_file_location("lock", ROOT / ".ci" / "lock.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-LOCK = _lock_module()
+LOCK = load_script(".ci/lock.py", "lock")
 PINS = LOCK.read_pins((ROOT / "requirements.lock").read_text())
 
 

@@ -3,25 +3,14 @@ docs/*.md, and a page that differs from what the files give (a new or remeasured
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
-from pathlib import Path
 
 import pytest
+from checkout import ROOT, load_script
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _pages():
-    spec = importlib.util.spec_from_file_location("bench_pages", ROOT / "bench" / "pages.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-pages = _pages()
+pages = load_script("bench/pages.py", "bench_pages")
 
 
 @pytest.fixture

@@ -5,13 +5,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from checkout import ROOT
 
 from mcibi.evaluation.protocols import write_result
 from mcibi.reports.figures import data_version, make_figures, palette, params_hash, per_class_table
 from mcibi.spec.params import load_params
 from mcibi.tracking.runs import RunLogger, log_evaluation, memory_history, metric_key
 
-PARAMS = Path(__file__).resolve().parents[2] / "params"
+PARAMS = ROOT / "params"
 
 
 def _fake_eval(run_dir: Path, proto: str, classes: list[str], seed: int) -> dict:

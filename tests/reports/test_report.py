@@ -4,12 +4,13 @@ import json
 from pathlib import Path
 
 import pandas as pd
+from checkout import ROOT
 
 from mcibi.reports.table import build_table, lr_title, to_markdown, write_tables
 from mcibi.spec.params import experiment_files, load_params
 from mcibi.spec.runs import seed_runs
 
-PARAMS = Path(__file__).resolve().parents[2] / "params"
+PARAMS = ROOT / "params"
 DEMO = PARAMS / "demo"
 
 

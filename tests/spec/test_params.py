@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from checkout import ROOT
 
 from mcibi.spec.params import ParamsError, experiment_files, load_params, params_from_dict, to_dict
 
-ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "params" / "demo"
 
 

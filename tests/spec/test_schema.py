@@ -7,6 +7,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from checkout import ROOT
 
 from mcibi.spec.params import DEFAULTS_FILE, ParamsError, load_params, merge, to_dict
 from mcibi.spec.schema import (
@@ -19,7 +20,6 @@ from mcibi.spec.schema import (
     params_schema,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
 FILES = sorted((ROOT / "params").glob("*/*.yaml"))
 DEMO = ROOT / "params" / "demo"
 

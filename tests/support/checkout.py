@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from pathlib import Path
+from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[2]
 # top-level names a copy leaves out: run outputs, caches, local data and tracking stores (mcibi/data is code)
@@ -17,3 +19,11 @@ def copy_repo(dest: Path) -> Path:
                                                          or n in ("__pycache__", ".pytest_cache")
                                                          or n.endswith(".egg-info")])
     return dest
+
+
+def load_script(relative: str, name: str) -> ModuleType:
+    """Import a script of the repository that is not part of the package (``.ci/lock.py``, ``bench/pages.py``)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / relative)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

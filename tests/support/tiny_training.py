@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import yaml
+from checkout import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 DEMO_PARAMS = ROOT / "params" / "demo"
 
 

@@ -10,14 +10,14 @@ import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
+from checkout import ROOT
 
 from mcibi.cli import main
 from mcibi.tracking.store import TrackingStoreError, check_tracking_store
 
-DEMO = Path(__file__).resolve().parents[2] / "params" / "demo" / "upernet_mcibipp.yaml"
+DEMO = ROOT / "params" / "demo" / "upernet_mcibipp.yaml"
 
 
 def _refusing_port() -> int:

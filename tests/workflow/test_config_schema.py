@@ -1,20 +1,16 @@
 """The workflow config's schema describes every key, its defaults are the shipped config's values, and the
 configuration table of docs/pipeline.md is the one generated from it (.ci/config_docs.py)."""
 
-import importlib.util
 
 import pytest
 import yaml
-from checkout import ROOT
+from checkout import ROOT, load_script
 
 SCHEMA = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
 
 
 def _config_docs():
-    spec = importlib.util.spec_from_file_location("config_docs", ROOT / ".ci" / "config_docs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(".ci/config_docs.py", "config_docs")
 
 
 def test_every_key_of_the_schema_is_described():

@@ -14,7 +14,7 @@ from pathlib import Path
 import cv2
 import pytest
 import yaml
-from checkout import ROOT, copy_repo
+from checkout import ROOT, copy_repo, load_script
 
 from mcibi.catalogue.rows import DATASETS
 from mcibi.spec.params import experiment_files, load_params
@@ -280,10 +280,7 @@ def check_reduced_demo_table(miou: dict[str, list[float]], recorded: list[dict])
 def test_recorded_demo_figures_are_for_the_locked_versions():
     """bench/results/demo*.json (the README's demo table, the reduced demo the next test checks) were made with
     the versions the lock installs: after an upgrade of the lock, they are measured again."""
-    spec = importlib.util.spec_from_file_location("lock", ROOT / ".ci" / "lock.py")
-    lock = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lock)
-    pins = lock.read_pins((ROOT / "requirements.lock").read_text())
+    pins = load_script(".ci/lock.py", "lock").read_pins((ROOT / "requirements.lock").read_text())
     runs = {p.name: json.loads(p.read_text()) for p in (ROOT / "bench" / "results").glob("demo*.json")}
     assert {"demo.json", "demo_avx2.json", "demo_reduced.json", "demo_reduced_avx2.json"} <= set(runs)
     for name, run in runs.items():
